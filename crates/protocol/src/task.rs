@@ -1,0 +1,174 @@
+//! Encoding and validation of [`ScanTask`] and [`Verdict`] as they travel through Redis.
+
+use prost::Message;
+
+pub use crate::v1::{
+    Direction, Labels, Priority, ReplyFormat, ScanTask, Verdict, VerdictStatus, scan_task::Content,
+};
+
+/// Stream entry field that carries an encoded v1 [`ScanTask`].
+pub const TASK_FIELD: &str = "v1";
+
+/// Largest identifier accepted from the wire; ids end up in Redis key names and logs.
+pub const MAX_TASK_ID_LEN: usize = 128;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TaskDecodeError {
+    #[error("task is not a valid protobuf message: {0}")]
+    Protobuf(String),
+    #[error("task id is empty or longer than {MAX_TASK_ID_LEN} bytes")]
+    BadId,
+    #[error("task id contains characters outside [A-Za-z0-9._:-]")]
+    IdCharacters,
+    #[error("task has neither a body nor a path")]
+    NoContent,
+    #[error("task sha256 has {0} bytes, expected 0 or 32")]
+    BadSha256(usize),
+    #[error("task has no reply key")]
+    NoReplyKey,
+}
+
+/// Task ids appear in Redis key names, file names and log lines: keep them boring.
+pub fn validate_task_id(id: &str) -> Result<(), TaskDecodeError> {
+    if id.is_empty() || id.len() > MAX_TASK_ID_LEN {
+        return Err(TaskDecodeError::BadId);
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+    {
+        return Err(TaskDecodeError::IdCharacters);
+    }
+    Ok(())
+}
+
+pub fn encode_task(task: &ScanTask) -> Vec<u8> {
+    task.encode_to_vec()
+}
+
+/// Decodes and validates a task taken from the queue.
+pub fn decode_task(bytes: &[u8]) -> Result<ScanTask, TaskDecodeError> {
+    let task = ScanTask::decode(bytes).map_err(|e| TaskDecodeError::Protobuf(e.to_string()))?;
+    validate_task_id(&task.id)?;
+    if task.content.is_none() {
+        return Err(TaskDecodeError::NoContent);
+    }
+    if !(task.sha256.is_empty() || task.sha256.len() == 32) {
+        return Err(TaskDecodeError::BadSha256(task.sha256.len()));
+    }
+    if task.reply_key.is_empty() {
+        return Err(TaskDecodeError::NoReplyKey);
+    }
+    Ok(task)
+}
+
+pub fn encode_verdict(verdict: &Verdict) -> Vec<u8> {
+    verdict.encode_to_vec()
+}
+
+pub fn decode_verdict(bytes: &[u8]) -> Result<Verdict, TaskDecodeError> {
+    Verdict::decode(bytes).map_err(|e| TaskDecodeError::Protobuf(e.to_string()))
+}
+
+impl VerdictStatus {
+    /// Stable lower-case name used in metrics labels, logs and JSON bodies.
+    pub fn label(self) -> &'static str {
+        match self {
+            VerdictStatus::Unspecified => "unspecified",
+            VerdictStatus::Clean => "clean",
+            VerdictStatus::Infected => "infected",
+            VerdictStatus::Unscannable => "unscannable",
+            VerdictStatus::Error => "error",
+        }
+    }
+}
+
+impl Verdict {
+    /// Only a definite scan result may be reused for other requests with the same bytes.
+    pub fn is_cacheable(&self) -> bool {
+        matches!(
+            self.status(),
+            VerdictStatus::Clean | VerdictStatus::Infected
+        )
+    }
+
+    pub fn error(task_id: &str, detail: impl Into<String>) -> Verdict {
+        Verdict {
+            task_id: task_id.to_owned(),
+            status: VerdictStatus::Error as i32,
+            detail: detail.into(),
+            ..Verdict::default()
+        }
+    }
+}
+
+impl Priority {
+    pub fn label(self) -> &'static str {
+        match self {
+            Priority::Normal => "normal",
+            Priority::High => "high",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task() -> ScanTask {
+        ScanTask {
+            id: "t-1".into(),
+            content: Some(Content::Body(b"a|b\0c".to_vec())),
+            reply_key: "r".into(),
+            sha256: vec![0; 32],
+            ..ScanTask::default()
+        }
+    }
+
+    #[test]
+    fn task_round_trips_binary_body() {
+        let t = task();
+        assert_eq!(decode_task(&encode_task(&t)), Ok(t));
+    }
+
+    #[test]
+    fn task_without_content_is_refused() {
+        let mut t = task();
+        t.content = None;
+        assert_eq!(decode_task(&encode_task(&t)), Err(TaskDecodeError::NoContent));
+    }
+
+    #[test]
+    fn task_id_with_key_separators_or_paths_is_refused() {
+        for id in ["", "a/b", "a b", "x\n", &"x".repeat(129)] {
+            let mut t = task();
+            t.id = id.to_string();
+            assert!(decode_task(&encode_task(&t)).is_err(), "{id:?}");
+        }
+    }
+
+    #[test]
+    fn short_sha256_is_refused() {
+        let mut t = task();
+        t.sha256 = vec![1; 5];
+        assert_eq!(decode_task(&encode_task(&t)), Err(TaskDecodeError::BadSha256(5)));
+    }
+
+    #[test]
+    fn garbage_is_a_decode_error() {
+        assert!(matches!(
+            decode_task(&[0xff, 0xff, 0xff]),
+            Err(TaskDecodeError::Protobuf(_))
+        ));
+    }
+
+    #[test]
+    fn only_clean_and_infected_are_cacheable() {
+        let mut v = Verdict::error("t", "x");
+        assert!(!v.is_cacheable());
+        v.set_status(VerdictStatus::Unscannable);
+        assert!(!v.is_cacheable());
+        v.set_status(VerdictStatus::Clean);
+        assert!(v.is_cacheable());
+    }
+}
