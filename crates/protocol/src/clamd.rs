@@ -70,7 +70,9 @@ pub fn strip_session_id(bytes: &[u8], expected: u32) -> Result<&[u8], ReplyError
 pub fn parse_scan_reply(bytes: &[u8]) -> Result<ScanReply, ReplyError> {
     let text = reply_text(bytes)?;
     if text.starts_with("INSTREAM size limit exceeded") {
-        return Ok(ScanReply::Unscannable("clamd StreamMaxLength exceeded".into()));
+        return Ok(ScanReply::Unscannable(
+            "clamd StreamMaxLength exceeded".into(),
+        ));
     }
     let Some(rest) = text.strip_prefix("stream: ") else {
         if let Some(msg) = text.strip_suffix(" ERROR") {
@@ -85,7 +87,8 @@ pub fn parse_scan_reply(bytes: &[u8]) -> Result<ScanReply, ReplyError> {
         if name.is_empty() {
             return Err(ReplyError::Unexpected(text.to_owned()));
         }
-        if name.starts_with("Heuristics.Limits.Exceeded") || name.starts_with("Heuristics.Encrypted")
+        if name.starts_with("Heuristics.Limits.Exceeded")
+            || name.starts_with("Heuristics.Encrypted")
         {
             return Ok(ScanReply::Unscannable(name.to_owned()));
         }
@@ -124,7 +127,9 @@ pub fn parse_version_reply(bytes: &[u8]) -> Result<EngineVersion, ReplyError> {
     if !engine.starts_with("ClamAV ") {
         return Err(ReplyError::Unexpected(text.to_owned()));
     }
-    let database = parts.next().filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()));
+    let database = parts
+        .next()
+        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()));
     Ok(EngineVersion {
         engine: engine.to_owned(),
         database: database.map(str::to_owned),
@@ -199,7 +204,10 @@ mod tests {
 
     #[test]
     fn session_prefix_is_checked_and_stripped() {
-        assert_eq!(strip_session_id(b"3: stream: OK\0", 3), Ok(&b"stream: OK\0"[..]));
+        assert_eq!(
+            strip_session_id(b"3: stream: OK\0", 3),
+            Ok(&b"stream: OK\0"[..])
+        );
         assert_eq!(
             strip_session_id(b"2: PONG\0", 3),
             Err(ReplyError::WrongSessionId {

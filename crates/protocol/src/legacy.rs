@@ -113,7 +113,10 @@ mod tests {
             parse(b"i|BODY|99999999999999999999999|x"),
             Err(LegacyParseError::BadTimestamp)
         );
-        assert!(matches!(parse(b"a/b|BODY|1|x"), Err(LegacyParseError::BadId(_))));
+        assert!(matches!(
+            parse(b"a/b|BODY|1|x"),
+            Err(LegacyParseError::BadId(_))
+        ));
         assert_eq!(parse(b"i|PATH|1|\xff"), Err(LegacyParseError::PathNotUtf8));
     }
 

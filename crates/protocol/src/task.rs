@@ -135,7 +135,10 @@ mod tests {
     fn task_without_content_is_refused() {
         let mut t = task();
         t.content = None;
-        assert_eq!(decode_task(&encode_task(&t)), Err(TaskDecodeError::NoContent));
+        assert_eq!(
+            decode_task(&encode_task(&t)),
+            Err(TaskDecodeError::NoContent)
+        );
     }
 
     #[test]
@@ -151,7 +154,10 @@ mod tests {
     fn short_sha256_is_refused() {
         let mut t = task();
         t.sha256 = vec![1; 5];
-        assert_eq!(decode_task(&encode_task(&t)), Err(TaskDecodeError::BadSha256(5)));
+        assert_eq!(
+            decode_task(&encode_task(&t)),
+            Err(TaskDecodeError::BadSha256(5))
+        );
     }
 
     #[test]

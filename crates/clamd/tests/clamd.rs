@@ -1,0 +1,111 @@
+//! The client against a real clamd with the repository's test signatures.
+
+use std::io::Write;
+
+use virus_scanner_clamd::{ClamdClient, ClamdConfig, ScanInput, ScanReply};
+use virus_scanner_test_support::{
+    Clamd, ClamdOptions, EICAR, EICAR_BODY_SIGNATURE, HASH_SAMPLE_SIGNATURE, clean_bytes,
+    hash_signature_sample,
+};
+
+fn client(clamd: &Clamd) -> ClamdClient {
+    ClamdClient::new(ClamdConfig::new(clamd.address().parse().unwrap()))
+}
+
+#[tokio::test]
+async fn eicar_is_found_and_clean_bytes_pass() {
+    let clamd = Clamd::start();
+    let client = client(&clamd);
+    let mut body = clean_bytes(300_000, 1);
+    body.extend_from_slice(EICAR);
+    assert_eq!(
+        client.scan(ScanInput::Bytes(&body)).await.unwrap(),
+        ScanReply::Infected(EICAR_BODY_SIGNATURE.into())
+    );
+    let clean = clean_bytes(1 << 20, 2);
+    assert_eq!(
+        client.scan(ScanInput::Bytes(&clean)).await.unwrap(),
+        ScanReply::Clean
+    );
+    assert_eq!(
+        client.scan(ScanInput::Bytes(b"")).await.unwrap(),
+        ScanReply::Clean
+    );
+}
+
+#[tokio::test]
+async fn hash_signature_matches_the_whole_file_from_disk() {
+    let clamd = Clamd::start();
+    let client = client(&clamd);
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(&hash_signature_sample()).unwrap();
+    let mut f = tokio::fs::File::open(file.path()).await.unwrap();
+    assert_eq!(
+        client.scan(ScanInput::File(&mut f)).await.unwrap(),
+        ScanReply::Infected(HASH_SAMPLE_SIGNATURE.into())
+    );
+    // The same bytes with one more byte are a different file.
+    let mut longer = hash_signature_sample();
+    longer.push(0);
+    assert_eq!(
+        client.scan(ScanInput::Bytes(&longer)).await.unwrap(),
+        ScanReply::Clean
+    );
+}
+
+#[tokio::test]
+async fn version_reports_engine_and_database() {
+    let clamd = Clamd::start_with(ClamdOptions {
+        db_version: 4242,
+        ..ClamdOptions::default()
+    });
+    let client = client(&clamd);
+    client.ping().await.unwrap();
+    let version = client.version().await.unwrap();
+    assert!(version.engine.starts_with("ClamAV "), "{version:?}");
+    assert_eq!(version.database.as_deref(), Some("4242"));
+}
+
+#[tokio::test]
+async fn stream_over_clamd_limit_is_unscannable_not_clean() {
+    let clamd = Clamd::start_with(ClamdOptions {
+        stream_max_length: "1M".into(),
+        ..ClamdOptions::default()
+    });
+    let client = client(&clamd);
+    let body = clean_bytes(3 << 20, 3);
+    assert!(matches!(
+        client.scan(ScanInput::Bytes(&body)).await.unwrap(),
+        ScanReply::Unscannable(_)
+    ));
+    // The client recovers on a new session.
+    assert_eq!(
+        client.scan(ScanInput::Bytes(b"x")).await.unwrap(),
+        ScanReply::Clean
+    );
+}
+
+#[tokio::test]
+async fn pooled_session_survives_a_clamd_restart() {
+    let mut clamd = Clamd::start();
+    let client = client(&clamd);
+    assert_eq!(
+        client.scan(ScanInput::Bytes(b"a")).await.unwrap(),
+        ScanReply::Clean
+    );
+    clamd.restart();
+    assert_eq!(
+        client.scan(ScanInput::Bytes(EICAR)).await.unwrap(),
+        ScanReply::Infected(EICAR_BODY_SIGNATURE.into())
+    );
+}
+
+#[tokio::test]
+async fn unreachable_clamd_is_a_connect_error() {
+    let port = virus_scanner_test_support::free_port();
+    let client = ClamdClient::new(ClamdConfig::new(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+    ));
+    let err = client.scan(ScanInput::Bytes(b"x")).await.unwrap_err();
+    assert_eq!(err.kind(), "connect");
+}

@@ -1,0 +1,127 @@
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use crate::process::{free_port, log_tail, port_open, require_binary, spawn, stop, wait_for};
+
+#[derive(Debug, Clone, Default)]
+pub struct RedisOptions {
+    pub password: Option<String>,
+    /// Append-only file with fsync on every write, so that a restart keeps the queue.
+    pub persistent: bool,
+}
+
+/// A private `redis-server` on 127.0.0.1.
+pub struct Redis {
+    child: Option<Child>,
+    port: u16,
+    options: RedisOptions,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Redis::start_with(RedisOptions::default())
+    }
+
+    pub fn start_with(options: RedisOptions) -> Redis {
+        require_binary("redis-server", "redis-server");
+        let dir = tempfile::Builder::new()
+            .prefix("vs-redis-")
+            .tempdir()
+            .expect("temp dir");
+        let mut redis = Redis {
+            child: None,
+            port: 0,
+            options,
+            dir,
+        };
+        for _ in 0..5 {
+            redis.port = free_port();
+            if redis.launch() {
+                return redis;
+            }
+        }
+        panic!(
+            "redis-server did not start:\n{}",
+            log_tail(&redis.log_path())
+        );
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("redis.log")
+    }
+
+    fn launch(&mut self) -> bool {
+        let mut cmd = Command::new("redis-server");
+        cmd.arg("--port")
+            .arg(self.port.to_string())
+            .args(["--bind", "127.0.0.1", "--save", "", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(self.log_path());
+        if self.options.persistent {
+            cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
+        } else {
+            cmd.args(["--appendonly", "no"]);
+        }
+        if let Some(password) = &self.options.password {
+            cmd.arg("--requirepass").arg(password);
+        }
+        let mut child = spawn(&mut cmd, "redis-server");
+        let port = self.port;
+        let up = wait_for(Duration::from_secs(10), || {
+            matches!(child.try_wait(), Ok(None)) && port_open(port)
+        });
+        if !up {
+            stop(&mut child, Duration::from_secs(1));
+            return false;
+        }
+        self.child = Some(child);
+        true
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn host(&self) -> &'static str {
+        "127.0.0.1"
+    }
+
+    /// `redis://[:password@]127.0.0.1:port/`
+    pub fn url(&self) -> String {
+        match &self.options.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}/", self.port),
+            None => format!("redis://127.0.0.1:{}/", self.port),
+        }
+    }
+
+    /// Stops the server (SIGTERM; with persistence the queue is kept on disk).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop(&mut child, Duration::from_secs(5));
+        }
+    }
+
+    /// Starts the server again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        assert!(
+            wait_for(Duration::from_secs(5), || !port_open(self.port)),
+            "redis port still open"
+        );
+        assert!(
+            self.launch(),
+            "redis-server did not restart:\n{}",
+            log_tail(&self.log_path())
+        );
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
