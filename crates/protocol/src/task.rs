@@ -24,8 +24,6 @@ pub enum TaskDecodeError {
     NoContent,
     #[error("task sha256 has {0} bytes, expected 0 or 32")]
     BadSha256(usize),
-    #[error("task has no reply key")]
-    NoReplyKey,
 }
 
 /// Task ids appear in Redis key names, file names and log lines: keep them boring.
@@ -55,9 +53,6 @@ pub fn decode_task(bytes: &[u8]) -> Result<ScanTask, TaskDecodeError> {
     }
     if !(task.sha256.is_empty() || task.sha256.len() == 32) {
         return Err(TaskDecodeError::BadSha256(task.sha256.len()));
-    }
-    if task.reply_key.is_empty() {
-        return Err(TaskDecodeError::NoReplyKey);
     }
     Ok(task)
 }
@@ -119,7 +114,6 @@ mod tests {
         ScanTask {
             id: "t-1".into(),
             content: Some(Content::Body(b"a|b\0c".to_vec())),
-            reply_key: "r".into(),
             sha256: vec![0; 32],
             ..ScanTask::default()
         }

@@ -1,0 +1,102 @@
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::QueueError;
+
+/// How to reach Redis.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `redis://host:port/db` or `rediss://host:port/db` (TLS).
+    pub url: String,
+    /// Overrides a password in the URL; kept out of the URL so that it can come from a secret.
+    pub password: Option<String>,
+    /// PEM file with the CA that signed the server's certificate (TLS), instead of the
+    /// system's trust store.
+    pub ca_file: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    /// Longest wait for a reply to a non-blocking command.
+    pub response_timeout: Duration,
+}
+
+impl RedisConfig {
+    pub fn from_host_port(host: &str, port: u16, tls: bool) -> RedisConfig {
+        let scheme = if tls { "rediss" } else { "redis" };
+        let host = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]")
+        } else {
+            host.to_owned()
+        };
+        RedisConfig {
+            url: format!("{scheme}://{host}:{port}/"),
+            password: None,
+            ca_file: None,
+            connect_timeout: Duration::from_secs(3),
+            response_timeout: Duration::from_secs(5),
+        }
+    }
+
+    pub(crate) fn client(&self) -> Result<redis::Client, QueueError> {
+        use redis::IntoConnectionInfo;
+        let mut info = self
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| QueueError::Config(format!("invalid Redis URL: {e}")))?;
+        if let Some(password) = &self.password {
+            let settings = info.redis_settings().clone().set_password(password.clone());
+            info = info.set_redis_settings(settings);
+        }
+        match &self.ca_file {
+            None => Ok(redis::Client::open(info)?),
+            Some(path) => {
+                let root_cert = std::fs::read(path).map_err(|e| {
+                    QueueError::Config(format!("cannot read Redis CA file {}: {e}", path.display()))
+                })?;
+                Ok(redis::Client::build_with_tls(
+                    info,
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(root_cert),
+                    },
+                )?)
+            }
+        }
+    }
+}
+
+/// Queue behaviour shared by producers and consumers.
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    pub redis: RedisConfig,
+    /// Hash tag and prefix of every key.
+    pub prefix: String,
+    pub group: String,
+    /// A task held this long by a consumer that stopped heart-beating is redelivered.
+    pub visibility_timeout: Duration,
+    /// After this many deliveries a task is answered with an error verdict (poison).
+    pub max_deliveries: u32,
+    /// How long a verdict waits for its producer.
+    pub verdict_ttl: Duration,
+    /// How long a cached verdict is reused (within one signature-database version).
+    pub cache_ttl: Duration,
+    /// The seed's task list (`taskID|MODE|TIMESTAMP|CONTENT`).
+    pub legacy_queue: String,
+    /// Legacy verdicts are pushed to `<prefix><taskID>`.
+    pub legacy_result_prefix: String,
+}
+
+impl QueueConfig {
+    pub fn new(redis: RedisConfig) -> QueueConfig {
+        QueueConfig {
+            redis,
+            prefix: "virus-scanner".into(),
+            group: "scanners".into(),
+            visibility_timeout: Duration::from_secs(30),
+            max_deliveries: 3,
+            verdict_ttl: Duration::from_secs(300),
+            cache_ttl: Duration::from_secs(24 * 3600),
+            legacy_queue: "scan_queue".into(),
+            legacy_result_prefix: "scan_result:".into(),
+        }
+    }
+}

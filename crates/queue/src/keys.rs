@@ -1,0 +1,57 @@
+use virus_scanner_protocol::task::Priority;
+
+/// Redis key names. All carry the hash tag `{prefix}` so that they live in one cluster slot.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    tag: String,
+    pub high: String,
+    pub normal: String,
+    pub db_version: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Keys {
+        let tag = format!("{{{prefix}}}");
+        Keys {
+            high: format!("{tag}:tasks:high"),
+            normal: format!("{tag}:tasks:normal"),
+            db_version: format!("{tag}:db-version"),
+            tag,
+        }
+    }
+
+    pub fn stream(&self, priority: Priority) -> &str {
+        match priority {
+            Priority::High => &self.high,
+            Priority::Normal => &self.normal,
+        }
+    }
+
+    pub fn verdict(&self, task_id: &str) -> String {
+        format!("{}:verdict:{task_id}", self.tag)
+    }
+
+    pub fn cache(&self, db_version: &str, sha256: &[u8]) -> String {
+        format!("{}:cache:{db_version}:{}", self.tag, hex::encode(sha256))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_share_one_hash_tag() {
+        let k = Keys::new("vs");
+        for key in [
+            k.high.clone(),
+            k.normal.clone(),
+            k.db_version.clone(),
+            k.verdict("t1"),
+            k.cache("27000", &[0xab; 32]),
+        ] {
+            assert!(key.starts_with("{vs}:"), "{key}");
+        }
+        assert_eq!(k.cache("1", &[0xab, 0x01]), "{vs}:cache:1:ab01");
+    }
+}

@@ -1,0 +1,39 @@
+//! The scan queue on Redis.
+//!
+//! * Tasks are entries in two streams, `{p}:tasks:high` and `{p}:tasks:normal`, read through
+//!   one consumer group. Consumers always look at the high stream first.
+//! * An entry stays in the group's pending list until the consumer that holds it writes the
+//!   verdict; the verdict, `XACK` and `XDEL` happen in one script that first checks that the
+//!   caller still owns the entry, so a task gets exactly one verdict.
+//! * An entry held longer than the visibility timeout by a consumer that stopped heart-beating
+//!   (crashed, killed) is claimed by another consumer. After `max_deliveries` deliveries it is
+//!   answered with an error verdict instead of being scanned again (poison task).
+//! * The producer waits for the verdict on the per-task list `{p}:verdict:<id>` with `BLPOP`
+//!   and a deadline. A task whose deadline passed is answered without a scan.
+//! * Verdict cache: `{p}:cache:<db-version>:<sha256>`, written only by consumers, from a hash
+//!   they computed themselves over the bytes they scanned.
+//!
+//! Every key shares the hash tag `{p}`, so multi-key scripts also run on Redis Cluster.
+#![forbid(unsafe_code)]
+
+mod config;
+mod consumer;
+mod error;
+mod keys;
+mod legacy;
+mod producer;
+
+pub use config::{QueueConfig, RedisConfig};
+pub use consumer::{Consumer, Delivery};
+pub use error::QueueError;
+pub use keys::Keys;
+pub use legacy::LegacyBridge;
+pub use producer::Producer;
+
+/// Nanoseconds since the Unix epoch.
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}

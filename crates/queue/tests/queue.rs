@@ -1,0 +1,346 @@
+//! Queue semantics against a real redis-server.
+
+use std::time::{Duration, Instant};
+
+use virus_scanner_protocol::task::{
+    Content, Priority, ReplyFormat, ScanTask, Verdict, VerdictStatus,
+};
+use virus_scanner_queue::{Consumer, LegacyBridge, Producer, QueueConfig, QueueError, RedisConfig};
+use virus_scanner_test_support::{Redis, RedisOptions};
+
+fn config(redis: &Redis) -> QueueConfig {
+    let mut c = QueueConfig::new(RedisConfig::from_host_port(
+        redis.host(),
+        redis.port(),
+        false,
+    ));
+    c.visibility_timeout = Duration::from_millis(400);
+    c.max_deliveries = 3;
+    c
+}
+
+fn task(id: &str, priority: Priority) -> ScanTask {
+    ScanTask {
+        id: id.into(),
+        content: Some(Content::Body(id.as_bytes().to_vec())),
+        priority: priority as i32,
+        ..ScanTask::default()
+    }
+}
+
+fn clean(id: &str) -> Verdict {
+    Verdict {
+        task_id: id.into(),
+        status: VerdictStatus::Clean as i32,
+        ..Verdict::default()
+    }
+}
+
+async fn claim_one(c: &mut Consumer) -> virus_scanner_queue::Delivery {
+    let start = Instant::now();
+    loop {
+        let mut got = c.claim(Duration::from_millis(100)).await.unwrap();
+        if !got.is_empty() {
+            return got.remove(0);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "nothing to claim"
+        );
+    }
+}
+
+#[tokio::test]
+async fn verdict_reaches_the_waiting_producer() {
+    let redis = Redis::start();
+    let producer = Producer::connect(config(&redis)).await.unwrap();
+    let mut consumer = Consumer::connect(config(&redis), "c1").await.unwrap();
+    let t = task("t1", Priority::Normal);
+    let wait = {
+        let t = t.clone();
+        tokio::spawn(async move {
+            producer
+                .scan(&t, Instant::now() + Duration::from_secs(10))
+                .await
+        })
+    };
+    let d = claim_one(&mut consumer).await;
+    assert_eq!(d.task.as_ref().unwrap(), &t);
+    assert_eq!(d.deliveries, 1);
+    assert!(consumer.complete(&d, &clean("t1"), None).await.unwrap());
+    let v = wait.await.unwrap().unwrap();
+    assert_eq!(v.status(), VerdictStatus::Clean);
+    assert_eq!(
+        consumer.depth().await.unwrap(),
+        (0, 0),
+        "completed entries are deleted"
+    );
+}
+
+#[tokio::test]
+async fn high_priority_is_claimed_before_a_normal_backlog() {
+    let redis = Redis::start();
+    let producer = Producer::connect(config(&redis)).await.unwrap();
+    for i in 0..20 {
+        producer
+            .enqueue(&task(&format!("n{i}"), Priority::Normal))
+            .await
+            .unwrap();
+    }
+    producer.enqueue(&task("h1", Priority::High)).await.unwrap();
+    producer.enqueue(&task("h2", Priority::High)).await.unwrap();
+    let mut consumer = Consumer::connect(config(&redis), "c1").await.unwrap();
+    let first = claim_one(&mut consumer).await;
+    let second = claim_one(&mut consumer).await;
+    let third = claim_one(&mut consumer).await;
+    assert_eq!(first.task.unwrap().id, "h1");
+    assert_eq!(second.task.unwrap().id, "h2");
+    assert_eq!(third.task.unwrap().id, "n0");
+}
+
+#[tokio::test]
+async fn abandoned_task_is_redelivered_and_the_old_owner_cannot_answer() {
+    let redis = Redis::start();
+    let producer = Producer::connect(config(&redis)).await.unwrap();
+    producer
+        .enqueue(&task("t1", Priority::Normal))
+        .await
+        .unwrap();
+    let mut dead = Consumer::connect(config(&redis), "dead").await.unwrap();
+    let held = claim_one(&mut dead).await;
+
+    let mut alive = Consumer::connect(config(&redis), "alive").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let again = claim_one(&mut alive).await;
+    assert_eq!(again.entry_id, held.entry_id);
+    assert_eq!(again.deliveries, 2);
+
+    assert!(
+        !dead.complete(&held, &clean("t1"), None).await.unwrap(),
+        "stale owner refused"
+    );
+    assert!(alive.complete(&again, &clean("t1"), None).await.unwrap());
+    let v = producer
+        .wait_verdict("t1", Instant::now() + Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(v.status(), VerdictStatus::Clean);
+    assert!(
+        matches!(
+            producer
+                .wait_verdict("t1", Instant::now() + Duration::from_millis(200))
+                .await,
+            Err(QueueError::DeadlineExceeded)
+        ),
+        "exactly one verdict"
+    );
+}
+
+#[tokio::test]
+async fn heartbeat_keeps_a_long_scan_from_being_reclaimed() {
+    let redis = Redis::start();
+    let producer = Producer::connect(config(&redis)).await.unwrap();
+    producer
+        .enqueue(&task("t1", Priority::Normal))
+        .await
+        .unwrap();
+    let mut busy = Consumer::connect(config(&redis), "busy").await.unwrap();
+    let held = claim_one(&mut busy).await;
+    let mut other = Consumer::connect(config(&redis), "other").await.unwrap();
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        busy.heartbeat(&held).await.unwrap();
+        assert!(
+            other
+                .claim(Duration::from_millis(10))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    assert!(busy.complete(&held, &clean("t1"), None).await.unwrap());
+}
+
+#[tokio::test]
+async fn poison_task_gets_an_error_verdict_after_bounded_deliveries() {
+    let redis = Redis::start();
+    let producer = Producer::connect(config(&redis)).await.unwrap();
+    producer
+        .enqueue(&task("poison", Priority::High))
+        .await
+        .unwrap();
+    // Three consumers take it in turn and die holding it.
+    for n in 0..3 {
+        let mut c = Consumer::connect(config(&redis), format!("crash-{n}"))
+            .await
+            .unwrap();
+        let d = claim_one(&mut c).await;
+        assert_eq!(d.deliveries, n + 1);
+        tokio::time::sleep(Duration::from_millis(450)).await;
+    }
+    let mut last = Consumer::connect(config(&redis), "last").await.unwrap();
+    assert!(
+        last.claim(Duration::from_millis(50))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let v = producer
+        .wait_verdict("poison", Instant::now() + Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(v.status(), VerdictStatus::Error);
+    assert_eq!(v.deliveries, 4);
+    assert!(v.detail.contains("delivered 4 times"), "{}", v.detail);
+    assert_eq!(last.depth().await.unwrap(), (0, 0));
+}
+
+#[tokio::test]
+async fn waiting_without_a_verdict_ends_at_the_deadline() {
+    let redis = Redis::start();
+    let producer = Producer::connect(config(&redis)).await.unwrap();
+    let start = Instant::now();
+    let r = producer
+        .wait_verdict("nobody", Instant::now() + Duration::from_millis(300))
+        .await;
+    assert!(matches!(r, Err(QueueError::DeadlineExceeded)));
+    assert!(start.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn cached_verdict_is_found_only_for_its_database_version() {
+    let redis = Redis::start();
+    let producer = Producer::connect(config(&redis)).await.unwrap();
+    producer
+        .enqueue(&task("t1", Priority::Normal))
+        .await
+        .unwrap();
+    let mut consumer = Consumer::connect(config(&redis), "c").await.unwrap();
+    let d = claim_one(&mut consumer).await;
+    let sha = [7u8; 32];
+    consumer.publish_db_version("100").await.unwrap();
+    assert!(
+        consumer
+            .complete(&d, &clean("t1"), Some(("100", &sha)))
+            .await
+            .unwrap()
+    );
+    let hit = producer.cached_verdict(&sha).await.unwrap().unwrap();
+    assert!(hit.cached);
+    assert_eq!(hit.status(), VerdictStatus::Clean);
+    assert!(
+        consumer
+            .cached_verdict("101", &sha)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(producer.cached_verdict(&[8u8; 32]).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn errors_are_never_cached() {
+    let redis = Redis::start();
+    let producer = Producer::connect(config(&redis)).await.unwrap();
+    producer
+        .enqueue(&task("t1", Priority::Normal))
+        .await
+        .unwrap();
+    let mut consumer = Consumer::connect(config(&redis), "c").await.unwrap();
+    let d = claim_one(&mut consumer).await;
+    let sha = [9u8; 32];
+    assert!(
+        consumer
+            .complete(&d, &Verdict::error("t1", "clamd down"), Some(("1", &sha)))
+            .await
+            .unwrap()
+    );
+    assert!(consumer.cached_verdict("1", &sha).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn password_protected_redis_works_and_a_wrong_password_fails() {
+    let redis = Redis::start_with(RedisOptions {
+        password: Some("s3cr:t@/x".into()),
+        ..RedisOptions::default()
+    });
+    let mut c = config(&redis);
+    c.redis.password = Some("s3cr:t@/x".into());
+    Producer::connect(c.clone())
+        .await
+        .unwrap()
+        .ping()
+        .await
+        .unwrap();
+    c.redis.password = Some("wrong".into());
+    let denied = match Producer::connect(c).await {
+        Err(e) => e.to_string(),
+        Ok(p) => p.ping().await.unwrap_err().to_string(),
+    };
+    assert!(
+        denied.to_lowercase().contains("pass") || denied.contains("WRONGPASS"),
+        "{denied}"
+    );
+}
+
+#[tokio::test]
+async fn legacy_task_is_bridged_and_answered_in_text() {
+    let redis = Redis::start();
+    let cfg = config(&redis);
+    let client = cfg.redis.url.clone();
+    let mut raw = redis_conn(&client).await;
+    let _: () = redis::cmd("LPUSH")
+        .arg("scan_queue")
+        .arg(&b"legacy-1|BODY|1700000000000000000|a|b\0c"[..])
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let mut bridge = LegacyBridge::connect(cfg.clone()).await.unwrap();
+    assert_eq!(
+        bridge.forward(Duration::from_secs(1)).await.unwrap(),
+        Some(Ok("legacy-1".to_string()))
+    );
+    let mut consumer = Consumer::connect(cfg, "c").await.unwrap();
+    let d = claim_one(&mut consumer).await;
+    let t = d.task.clone().unwrap();
+    assert_eq!(t.reply_format(), ReplyFormat::LegacyText);
+    assert_eq!(t.content, Some(Content::Body(b"a|b\0c".to_vec())));
+    let mut v = clean("legacy-1");
+    v.set_status(VerdictStatus::Infected);
+    v.signature = "Eicar".into();
+    assert!(consumer.complete(&d, &v, None).await.unwrap());
+    let (_, text): (String, String) = redis::cmd("BLPOP")
+        .arg("scan_result:legacy-1")
+        .arg(1)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(text, "INFECTED|Eicar");
+
+    // A malformed legacy task with a usable id is answered with an error.
+    let _: () = redis::cmd("LPUSH")
+        .arg("scan_queue")
+        .arg("bad-1|NOPE|1|x")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert!(matches!(
+        bridge.forward(Duration::from_secs(1)).await.unwrap(),
+        Some(Err(_))
+    ));
+    let (_, text): (String, String) = redis::cmd("BLPOP")
+        .arg("scan_result:bad-1")
+        .arg(1)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert!(text.starts_with("ERROR|"), "{text}");
+}
+
+async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
