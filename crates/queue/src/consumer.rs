@@ -98,7 +98,7 @@ impl Consumer {
 
     /// Creates the streams and the group if they do not exist (first start, or a Redis that
     /// restarted without persistence).
-    async fn ensure_group(&mut self) -> Result<(), QueueError> {
+    pub async fn ensure_group(&mut self) -> Result<(), QueueError> {
         for stream in [&self.keys.high, &self.keys.normal] {
             let created: Result<String, _> = redis::cmd("XGROUP")
                 .arg("CREATE")

@@ -7,10 +7,12 @@
 mod clamd;
 mod process;
 mod redis;
+mod service;
 
 pub use clamd::{Clamd, ClamdOptions};
 pub use process::{free_port, wait_for};
 pub use redis::{Redis, RedisOptions};
+pub use service::{ServiceProcess, http_get};
 
 /// The EICAR anti-virus test file.
 pub const EICAR: &[u8] = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";

@@ -1,0 +1,213 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use virus_scanner_clamd::ClamdAddress;
+use virus_scanner_queue::{QueueConfig, RedisConfig};
+use virus_scanner_runtime::LogFormat;
+
+/// The consumer: claims scan tasks from Redis, scans them with clamd and writes verdicts.
+///
+/// Every flag can also be set through the environment variable named in its help.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "virus-scanner-handler", version)]
+pub struct HandlerArgs {
+    /// Redis host.
+    #[arg(long, env = "REDIS_HOST", default_value = "localhost")]
+    pub redis_host: String,
+    /// Redis port.
+    #[arg(long, env = "REDIS_PORT", default_value_t = 6379)]
+    pub redis_port: u16,
+    /// Full Redis URL (`redis://` or `rediss://` for TLS); overrides host and port.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Redis password (AUTH).
+    #[arg(long, env = "REDIS_PASSWORD", hide_env_values = true)]
+    pub redis_password: Option<String>,
+    /// Connect to Redis with TLS.
+    #[arg(long, env = "REDIS_TLS", default_value_t = false)]
+    pub redis_tls: bool,
+    /// PEM CA certificate that signed Redis's TLS certificate (default: system roots).
+    #[arg(long, env = "REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+    /// Prefix (and cluster hash tag) of every queue key.
+    #[arg(long, env = "QUEUE_PREFIX", default_value = "virus-scanner")]
+    pub queue_prefix: String,
+    /// clamd address: host:port, tcp://host:port or unix:///path.
+    #[arg(long, env = "CLAMD_ADDRESS", default_value = "127.0.0.1:3310")]
+    pub clamd_address: String,
+    /// Scans run at the same time (each holds one task and one clamd session).
+    #[arg(long, env = "SCAN_CONCURRENCY", default_value_t = 4)]
+    pub concurrency: usize,
+    /// Shared directory of spilled bodies; PATH tasks are read only inside it.
+    #[arg(long, env = "SCAN_TMP_DIR", default_value = "/tmp/virusscan")]
+    pub scan_tmp_dir: PathBuf,
+    /// Largest body handed to clamd, in MiB. Keep it at or below clamd's MaxFileSize and
+    /// StreamMaxLength: larger bodies get an `unscannable` verdict instead of clamd's OK.
+    #[arg(long, env = "MAX_SCAN_SIZE_MB", default_value_t = 100)]
+    pub max_scan_size_mb: u64,
+    /// Longest clamd scan, in seconds.
+    #[arg(long, env = "SCAN_TIMEOUT_SECONDS", default_value_t = 60)]
+    pub scan_timeout_seconds: u64,
+    /// A task held this long by a consumer that stopped heart-beating is redelivered.
+    #[arg(long, env = "VISIBILITY_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub visibility_timeout_seconds: u64,
+    /// Deliveries after which a task gets an error verdict instead of another scan.
+    #[arg(long, env = "MAX_DELIVERIES", default_value_t = 3)]
+    pub max_deliveries: u32,
+    /// How long a verdict is reused for the same bytes and database version; 0 disables
+    /// the cache.
+    #[arg(long, env = "CACHE_TTL_SECONDS", default_value_t = 86400)]
+    pub cache_ttl_seconds: u64,
+    /// The seed's task list (`taskID|MODE|TIMESTAMP|CONTENT`); empty disables it.
+    #[arg(long, env = "LEGACY_QUEUE", default_value = "scan_queue")]
+    pub legacy_queue: String,
+    /// Legacy verdicts are pushed to the list `<prefix><taskID>`.
+    #[arg(long, env = "LEGACY_RESULT_PREFIX", default_value = "scan_result:")]
+    pub legacy_result_prefix: String,
+    /// Address of /health, /ready and /metrics.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    pub metrics_addr: SocketAddr,
+    /// Name of this consumer in the Redis group (default: hostname-pid).
+    #[arg(long, env = "CONSUMER_NAME")]
+    pub consumer_name: Option<String>,
+    /// Log format: json or text.
+    #[arg(long, env = "LOG_FORMAT", default_value = "json")]
+    pub log_format: LogFormat,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct HandlerConfig {
+    pub queue: QueueConfig,
+    pub clamd: ClamdAddress,
+    pub concurrency: usize,
+    pub scan_tmp_dir: PathBuf,
+    pub max_scan_bytes: u64,
+    pub scan_timeout: Duration,
+    pub cache_enabled: bool,
+    pub legacy_enabled: bool,
+    pub metrics_addr: SocketAddr,
+    pub consumer_name: String,
+    pub log_format: LogFormat,
+}
+
+impl HandlerArgs {
+    pub fn validate(self) -> Result<HandlerConfig, String> {
+        let clamd = self
+            .clamd_address
+            .parse::<ClamdAddress>()
+            .map_err(|e| format!("CLAMD_ADDRESS: {e}"))?;
+        if self.concurrency == 0 || self.concurrency > 256 {
+            return Err("SCAN_CONCURRENCY must be between 1 and 256".into());
+        }
+        if self.max_scan_size_mb == 0 {
+            return Err("MAX_SCAN_SIZE_MB must be positive".into());
+        }
+        if self.scan_timeout_seconds == 0 {
+            return Err("SCAN_TIMEOUT_SECONDS must be positive".into());
+        }
+        if self.visibility_timeout_seconds == 0 {
+            return Err("VISIBILITY_TIMEOUT_SECONDS must be positive".into());
+        }
+        if self.max_deliveries == 0 {
+            return Err("MAX_DELIVERIES must be at least 1".into());
+        }
+        if self.queue_prefix.is_empty() || self.queue_prefix.contains(['{', '}']) {
+            return Err("QUEUE_PREFIX must be non-empty and contain no braces".into());
+        }
+        let mut redis = match &self.redis_url {
+            Some(url) => {
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    return Err("REDIS_URL must start with redis:// or rediss://".into());
+                }
+                let mut r = RedisConfig::from_host_port("localhost", 6379, false);
+                r.url = url.clone();
+                r
+            }
+            None => RedisConfig::from_host_port(&self.redis_host, self.redis_port, self.redis_tls),
+        };
+        redis.password = self.redis_password.filter(|p| !p.is_empty());
+        if let Some(ca) = &self.redis_ca_file {
+            if !ca.is_file() {
+                return Err(format!(
+                    "REDIS_CA_FILE {} is not a readable file",
+                    ca.display()
+                ));
+            }
+        }
+        redis.ca_file = self.redis_ca_file;
+        let mut queue = QueueConfig::new(redis);
+        queue.prefix = self.queue_prefix;
+        queue.visibility_timeout = Duration::from_secs(self.visibility_timeout_seconds);
+        queue.max_deliveries = self.max_deliveries;
+        queue.cache_ttl = Duration::from_secs(self.cache_ttl_seconds.max(1));
+        queue.legacy_queue = self.legacy_queue.clone();
+        queue.legacy_result_prefix = self.legacy_result_prefix;
+        let consumer_name = self.consumer_name.unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "consumer".into());
+            format!("{host}-{}", std::process::id())
+        });
+        Ok(HandlerConfig {
+            queue,
+            clamd,
+            concurrency: self.concurrency,
+            scan_tmp_dir: self.scan_tmp_dir,
+            max_scan_bytes: self.max_scan_size_mb * 1024 * 1024,
+            scan_timeout: Duration::from_secs(self.scan_timeout_seconds),
+            cache_enabled: self.cache_ttl_seconds > 0,
+            legacy_enabled: !self.legacy_queue.is_empty(),
+            metrics_addr: self.metrics_addr,
+            consumer_name,
+            log_format: self.log_format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Result<HandlerConfig, String> {
+        let mut argv = vec!["virus-scanner-handler"];
+        argv.extend_from_slice(extra);
+        HandlerArgs::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .validate()
+    }
+
+    #[test]
+    fn seed_flag_and_defaults() {
+        let c = args(&["--redis-host", "redis"]).unwrap();
+        assert_eq!(c.queue.redis.url, "redis://redis:6379/");
+        assert_eq!(c.scan_tmp_dir, PathBuf::from("/tmp/virusscan"));
+        assert_eq!(c.max_scan_bytes, 100 << 20);
+        assert!(c.cache_enabled && c.legacy_enabled);
+    }
+
+    #[test]
+    fn tls_and_url() {
+        let c = args(&["--redis-host", "r", "--redis-tls"]).unwrap();
+        assert_eq!(c.queue.redis.url, "rediss://r:6379/");
+        let c = args(&["--redis-url", "rediss://x:1/2"]).unwrap();
+        assert_eq!(c.queue.redis.url, "rediss://x:1/2");
+    }
+
+    #[test]
+    fn bad_settings_name_the_setting() {
+        for (argv, name) in [
+            (vec!["--clamd-address", "nope"], "CLAMD_ADDRESS"),
+            (vec!["--concurrency", "0"], "SCAN_CONCURRENCY"),
+            (vec!["--redis-url", "http://x"], "REDIS_URL"),
+            (vec!["--queue-prefix", "{a}"], "QUEUE_PREFIX"),
+            (vec!["--max-deliveries", "0"], "MAX_DELIVERIES"),
+            (vec!["--redis-ca-file", "/nonexistent.pem"], "REDIS_CA_FILE"),
+        ] {
+            let err = args(&argv).unwrap_err();
+            assert!(err.contains(name), "{err}");
+        }
+    }
+}
