@@ -1,5 +1,7 @@
 //! The client against a real clamd with the repository's test signatures.
 
+#![allow(clippy::unwrap_used)]
+
 use std::io::Write;
 
 use virus_scanner_clamd::{ClamdClient, ClamdConfig, ScanInput, ScanReply};

@@ -129,13 +129,13 @@ impl HandlerArgs {
             None => RedisConfig::from_host_port(&self.redis_host, self.redis_port, self.redis_tls),
         };
         redis.password = self.redis_password.filter(|p| !p.is_empty());
-        if let Some(ca) = &self.redis_ca_file {
-            if !ca.is_file() {
-                return Err(format!(
-                    "REDIS_CA_FILE {} is not a readable file",
-                    ca.display()
-                ));
-            }
+        if let Some(ca) = &self.redis_ca_file
+            && !ca.is_file()
+        {
+            return Err(format!(
+                "REDIS_CA_FILE {} is not a readable file",
+                ca.display()
+            ));
         }
         redis.ca_file = self.redis_ca_file;
         let mut queue = QueueConfig::new(redis);

@@ -194,12 +194,12 @@ async fn watch_engine(
                          the verdict cache is off"
                     );
                 }
-                if let Some(db) = &version.database {
-                    if published.as_ref() != Some(db) || rounds % 30 == 0 {
-                        match control.publish_db_version(db).await {
-                            Ok(()) => published = Some(db.clone()),
-                            Err(e) => tracing::debug!(error = %e, "cannot publish db version"),
-                        }
+                if let Some(db) = &version.database
+                    && (published.as_ref() != Some(db) || rounds.is_multiple_of(30))
+                {
+                    match control.publish_db_version(db).await {
+                        Ok(()) => published = Some(db.clone()),
+                        Err(e) => tracing::debug!(error = %e, "cannot publish db version"),
                     }
                 }
                 *shared.engine.write().unwrap_or_else(|e| e.into_inner()) = Some(version);

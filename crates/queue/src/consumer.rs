@@ -321,16 +321,14 @@ impl Consumer {
             .arg(self.config.cache_ttl.as_secs().max(1))
             .invoke_async(&mut self.conn.clone())
             .await?;
-        if owned == 1 && legacy {
-            if let Some(task) = task {
-                crate::legacy::push_result(
-                    &mut self.conn.clone(),
-                    &self.config,
-                    &task.id,
-                    &legacy::result_text(verdict),
-                )
-                .await?;
-            }
+        if let (1, true, Some(task)) = (owned, legacy, task) {
+            crate::legacy::push_result(
+                &mut self.conn.clone(),
+                &self.config,
+                &task.id,
+                &legacy::result_text(verdict),
+            )
+            .await?;
         }
         Ok(owned == 1)
     }

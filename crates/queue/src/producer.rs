@@ -145,10 +145,10 @@ impl Producer {
 
     /// The signature-database version the consumers currently scan with, if they know one.
     pub async fn db_version(&self) -> Result<Option<String>, QueueError> {
-        if let Some((version, at)) = &*self.db_version.lock().unwrap_or_else(|e| e.into_inner()) {
-            if at.elapsed() < DB_VERSION_REFRESH {
-                return Ok(version.clone());
-            }
+        if let Some((version, at)) = &*self.db_version.lock().unwrap_or_else(|e| e.into_inner())
+            && at.elapsed() < DB_VERSION_REFRESH
+        {
+            return Ok(version.clone());
         }
         let version: Option<String> = redis::cmd("GET")
             .arg(&self.keys.db_version)

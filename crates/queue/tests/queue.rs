@@ -1,5 +1,7 @@
 //! Queue semantics against a real redis-server.
 
+#![allow(clippy::unwrap_used)]
+
 use std::time::{Duration, Instant};
 
 use virus_scanner_protocol::task::{
