@@ -161,42 +161,19 @@ impl Drop for Clamd {
     }
 }
 
-/// Packs `testdata/clamav/daily.*` into `<db>/daily.cud` with `sigtool`.
+/// Packs `testdata/clamav/daily.*` into `<db>/daily.cud` (hack/build-test-db.sh).
 fn build_database(db: &Path, version: u32) {
-    let source = crate::testdata_dir().join("clamav");
-    let build = tempfile::Builder::new()
-        .prefix("vs-sigbuild-")
-        .tempdir()
-        .expect("temp dir");
-    for entry in std::fs::read_dir(&source).expect("testdata/clamav") {
-        let entry = entry.expect("dir entry");
-        std::fs::copy(entry.path(), build.path().join(entry.file_name())).expect("copy sigs");
-    }
-    let mut child = Command::new("sigtool")
-        .current_dir(build.path())
-        .arg("--build=daily.cud")
-        .arg("--unsigned")
-        .arg(format!("--cvd-version={version}"))
-        .arg(format!("--datadir={}", build.path().display()))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run sigtool");
-    // sigtool asks for the builder's name.
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(b"virus-scanner\n");
-    }
-    let out = child.wait_with_output().expect("sigtool");
-    let built = build.path().join("daily.cud");
+    let script = crate::testdata_dir().join("../hack/build-test-db.sh");
+    let out = Command::new(&script)
+        .arg(db)
+        .arg(version.to_string())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
     assert!(
-        built.is_file(),
-        "sigtool did not build daily.cud: {}",
+        out.status.success(),
+        "building the test signature database failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let tmp = db.join(".daily.cud.new");
-    std::fs::copy(&built, &tmp).expect("copy daily.cud");
-    std::fs::rename(&tmp, db.join("daily.cud")).expect("install daily.cud");
 }
 
 /// One clamd command on a fresh connection; the reply without its NUL.

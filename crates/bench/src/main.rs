@@ -1,0 +1,224 @@
+//! `make bench`: scans per second through Redis and the consumer against raw clamd INSTREAM
+//! of the same bytes on the same clamd, in one run, as a ratio.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use virus_scanner_clamd::{ClamdClient, ClamdConfig, ScanInput};
+use virus_scanner_protocol::task::{Content, ScanTask, VerdictStatus};
+use virus_scanner_queue::{Producer, QueueConfig, RedisConfig, now_ns};
+use virus_scanner_test_support::{Clamd, Redis, clean_bytes, free_port};
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Body sizes, e.g. 1K,1M,10M.
+    #[arg(long, default_value = "1K,1M,10M", value_delimiter = ',')]
+    sizes: Vec<String>,
+    /// Scans in flight at once (and consumer concurrency).
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Alternating rounds per path; the median is reported. clamd speeds up over its first
+    /// seconds of load, so one discarded warm-up round comes first.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+}
+
+fn parse_size(s: &str) -> anyhow::Result<usize> {
+    let (num, mult) = match s.chars().last() {
+        Some('K') | Some('k') => (&s[..s.len() - 1], 1024),
+        Some('M') | Some('m') => (&s[..s.len() - 1], 1024 * 1024),
+        _ => (s, 1),
+    };
+    Ok(num.parse::<usize>()? * mult)
+}
+
+struct Cell {
+    scans: u64,
+    elapsed: Duration,
+}
+
+impl Cell {
+    fn per_second(&self) -> f64 {
+        self.scans as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// Runs `concurrency` loops of `one` for `seconds`; each call gets a distinct counter value.
+async fn measure<F, Fut>(concurrency: usize, seconds: f64, one: F) -> anyhow::Result<Cell>
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let one = Arc::new(one);
+    let counter = Arc::new(AtomicU64::new(0));
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let start = Instant::now();
+    let mut loops = Vec::new();
+    for _ in 0..concurrency {
+        let one = one.clone();
+        let counter = counter.clone();
+        loops.push(tokio::spawn(async move {
+            let mut done = 0u64;
+            while Instant::now() < end {
+                one(counter.fetch_add(1, Ordering::Relaxed)).await?;
+                done += 1;
+            }
+            Ok::<u64, anyhow::Error>(done)
+        }));
+    }
+    let mut scans = 0;
+    for l in loops {
+        scans += l.await??;
+    }
+    Ok(Cell {
+        scans,
+        elapsed: start.elapsed(),
+    })
+}
+
+/// The body with its first bytes replaced by `n`, so that no two scans share a hash.
+fn unique(body: &[u8], n: u64) -> Vec<u8> {
+    let mut b = body.to_vec();
+    let tag = n.to_le_bytes();
+    let k = tag.len().min(b.len());
+    b[..k].copy_from_slice(&tag[..k]);
+    b
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    virus_scanner_runtime::init_tracing(virus_scanner_runtime::LogFormat::Text);
+    let redis = Redis::start();
+    let clamd = Clamd::start();
+    let scan_dir = tempfile_dir()?;
+
+    let mut config = virus_scanner_consumer::HandlerArgs::parse_from([
+        "virus-scanner-handler",
+        "--redis-host",
+        "127.0.0.1",
+        "--redis-port",
+        &redis.port().to_string(),
+        "--clamd-address",
+        &clamd.address(),
+        "--scan-tmp-dir",
+        &scan_dir.display().to_string(),
+        "--metrics-addr",
+        &format!("127.0.0.1:{}", free_port()),
+        "--concurrency",
+        &args.concurrency.to_string(),
+        "--cache-ttl-seconds",
+        "0",
+        "--log-format",
+        "text",
+    ])
+    .validate()
+    .map_err(|e| anyhow::anyhow!(e))?;
+    config.legacy_enabled = false;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let consumer = tokio::spawn(virus_scanner_consumer::run(config, async move {
+        let _ = stop_rx.await;
+    }));
+
+    let producer = Arc::new(
+        Producer::connect(QueueConfig::new(RedisConfig::from_host_port(
+            "127.0.0.1",
+            redis.port(),
+            false,
+        )))
+        .await?,
+    );
+    let mut raw_config = ClamdConfig::new(clamd.address().parse().map_err(anyhow::Error::msg)?);
+    raw_config.max_idle_sessions = args.concurrency;
+    let raw = Arc::new(ClamdClient::new(raw_config));
+
+    // Warm up both paths (and wait for the consumer to see clamd).
+    let warm = ScanTask {
+        id: "warm".into(),
+        content: Some(Content::Body(b"warm".to_vec())),
+        ..ScanTask::default()
+    };
+    producer
+        .scan(&warm, Instant::now() + Duration::from_secs(30))
+        .await?;
+
+    println!(
+        "| body | raw clamd scans/s | raw MB/s | queue+consumer scans/s | MB/s | ratio |\n\
+         |---|---|---|---|---|---|"
+    );
+    for size_text in &args.sizes {
+        let size = parse_size(size_text)?;
+        let body = Arc::new(clean_bytes(size, 1));
+        let raw_round = || {
+            let raw = raw.clone();
+            let body = body.clone();
+            measure(args.concurrency, args.seconds, move |n| {
+                let raw = raw.clone();
+                let bytes = unique(&body, n);
+                async move {
+                    raw.scan(ScanInput::Bytes(&bytes)).await?;
+                    Ok(())
+                }
+            })
+        };
+        let queue_round = || {
+            let producer = producer.clone();
+            let body = body.clone();
+            measure(args.concurrency, args.seconds, move |n| {
+                let producer = producer.clone();
+                let task = ScanTask {
+                    id: format!("bench-{size}-{n}"),
+                    content: Some(Content::Body(unique(&body, n))),
+                    enqueued_at_ns: now_ns(),
+                    ..ScanTask::default()
+                };
+                async move {
+                    let v = producer
+                        .scan(&task, Instant::now() + Duration::from_secs(60))
+                        .await?;
+                    anyhow::ensure!(v.status() == VerdictStatus::Clean, "unexpected verdict {v:?}");
+                    Ok(())
+                }
+            })
+        };
+        raw_round().await?;
+        queue_round().await?;
+        let mut raws = Vec::new();
+        let mut queues = Vec::new();
+        for _ in 0..args.rounds.max(1) {
+            raws.push(raw_round().await?);
+            queues.push(queue_round().await?);
+        }
+        let raw_cell = median(raws);
+        let queue_cell = median(queues);
+        let mb = |c: &Cell| c.per_second() * size as f64 / 1e6;
+        println!(
+            "| {size_text} | {:.0} | {:.1} | {:.0} | {:.1} | {:.2} |",
+            raw_cell.per_second(),
+            mb(&raw_cell),
+            queue_cell.per_second(),
+            mb(&queue_cell),
+            queue_cell.per_second() / raw_cell.per_second()
+        );
+    }
+    let _ = stop_tx.send(());
+    consumer.await??;
+    let _ = std::fs::remove_dir_all(&scan_dir);
+    Ok(())
+}
+
+fn median(mut cells: Vec<Cell>) -> Cell {
+    cells.sort_by(|a, b| a.per_second().total_cmp(&b.per_second()));
+    cells.swap_remove(cells.len() / 2)
+}
+
+fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("vs-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
