@@ -181,7 +181,10 @@ async fn main() -> anyhow::Result<()> {
                     let v = producer
                         .scan(&task, Instant::now() + Duration::from_secs(60))
                         .await?;
-                    anyhow::ensure!(v.status() == VerdictStatus::Clean, "unexpected verdict {v:?}");
+                    anyhow::ensure!(
+                        v.status() == VerdictStatus::Clean,
+                        "unexpected verdict {v:?}"
+                    );
                     Ok(())
                 }
             })
