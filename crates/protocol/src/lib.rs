@@ -5,6 +5,7 @@
 
 pub mod clamd;
 pub mod legacy;
+pub mod multipart;
 pub mod task;
 
 /// Generated from `proto/virusscanner/v1/scan.proto`.

@@ -1,0 +1,230 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use virus_scanner_queue::{QueueConfig, RedisConfig};
+use virus_scanner_runtime::LogFormat;
+
+/// The gateway sidecar: Envoy ext_proc (and ICAP) in front of the scan queue.
+///
+/// Every flag can also be set through the environment variable named in its help.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "virus-scanner-producer", version)]
+pub struct ProducerArgs {
+    /// Redis host.
+    #[arg(long, env = "REDIS_HOST", default_value = "localhost")]
+    pub redis_host: String,
+    /// Redis port.
+    #[arg(long, env = "REDIS_PORT", default_value_t = 6379)]
+    pub redis_port: u16,
+    /// Full Redis URL (`redis://` or `rediss://`); overrides host and port.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Redis password (AUTH).
+    #[arg(long, env = "REDIS_PASSWORD", hide_env_values = true)]
+    pub redis_password: Option<String>,
+    /// Connect to Redis with TLS.
+    #[arg(long, env = "REDIS_TLS", default_value_t = false)]
+    pub redis_tls: bool,
+    /// PEM CA certificate that signed Redis's TLS certificate (default: system roots).
+    #[arg(long, env = "REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+    /// Prefix (and cluster hash tag) of every queue key; the same as the consumers'.
+    #[arg(long, env = "QUEUE_PREFIX", default_value = "virus-scanner")]
+    pub queue_prefix: String,
+    /// ext_proc gRPC listen address.
+    #[arg(long, env = "GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    pub grpc_addr: SocketAddr,
+    /// Also serve ext_proc on this Unix socket (for gateways that refuse loopback backends).
+    #[arg(long, env = "GRPC_SOCKET")]
+    pub grpc_socket: Option<PathBuf>,
+    /// /health, /ready and /metrics listen address.
+    #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+    /// Shared directory for bodies above the threshold (the consumers read them there).
+    #[arg(long, env = "SCAN_TMP_DIR", default_value = "/tmp/virusscan")]
+    pub scan_tmp_dir: PathBuf,
+    /// Bodies above this many MiB are spilled to SCAN_TMP_DIR and queued by path.
+    #[arg(long, env = "SCAN_FILE_THRESHOLD_MB", default_value_t = 10)]
+    pub scan_file_threshold_mb: u64,
+    /// Largest body accepted for scanning, in MiB; larger ones are `unscannable`.
+    #[arg(long, env = "MAX_BODY_MB", default_value_t = 100)]
+    pub max_body_mb: u64,
+    /// Largest decoded size of a Content-Encoding'd body, in MiB (decompression bombs).
+    #[arg(long, env = "MAX_DECODED_MB", default_value_t = 200)]
+    pub max_decoded_mb: u64,
+    /// Time from a complete body to its verdict, in seconds.
+    #[arg(long, env = "SCAN_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub scan_timeout_seconds: u64,
+    /// Let bodies through when the scan fails or times out (never for infected bodies).
+    #[arg(long, env = "FAIL_OPEN", default_value_t = false)]
+    pub fail_open: bool,
+    /// Let bodies through that could not be scanned completely (too large, encrypted).
+    #[arg(long, env = "ALLOW_UNSCANNABLE", default_value_t = false)]
+    pub allow_unscannable: bool,
+    /// HTTP status for an infected body.
+    #[arg(long, env = "INFECTED_STATUS", default_value_t = 406)]
+    pub infected_status: u16,
+    /// HTTP status when the scan failed or timed out.
+    #[arg(long, env = "ERROR_STATUS", default_value_t = 503)]
+    pub error_status: u16,
+    /// HTTP status for a body that could not be scanned completely.
+    #[arg(long, env = "UNSCANNABLE_STATUS", default_value_t = 413)]
+    pub unscannable_status: u16,
+    /// Request header whose value `high` puts the scan in the high-priority queue.
+    #[arg(long, env = "PRIORITY_HEADER", default_value = "x-priority")]
+    pub priority_header: String,
+    /// Tenant label for metrics and the audit log.
+    #[arg(long, env = "TENANT", default_value = "")]
+    pub tenant: String,
+    /// Policy label for the audit log.
+    #[arg(long, env = "POLICY", default_value = "")]
+    pub policy: String,
+    /// Log format: json or text.
+    #[arg(long, env = "LOG_FORMAT", default_value = "json")]
+    pub log_format: LogFormat,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct ProducerConfig {
+    pub queue: QueueConfig,
+    pub grpc_addr: SocketAddr,
+    pub grpc_socket: Option<PathBuf>,
+    pub http_addr: SocketAddr,
+    pub scan_tmp_dir: PathBuf,
+    pub spill_threshold: usize,
+    pub max_body: u64,
+    pub max_decoded: u64,
+    pub scan_timeout: Duration,
+    pub fail_open: bool,
+    pub allow_unscannable: bool,
+    pub infected_status: u16,
+    pub error_status: u16,
+    pub unscannable_status: u16,
+    pub priority_header: String,
+    pub tenant: String,
+    pub policy: String,
+    pub log_format: LogFormat,
+}
+
+fn http_status(name: &str, code: u16) -> Result<u16, String> {
+    if (400..=599).contains(&code) {
+        Ok(code)
+    } else {
+        Err(format!(
+            "{name} must be an HTTP status between 400 and 599, got {code}"
+        ))
+    }
+}
+
+impl ProducerArgs {
+    pub fn validate(self) -> Result<ProducerConfig, String> {
+        if self.scan_file_threshold_mb == 0 {
+            return Err("SCAN_FILE_THRESHOLD_MB must be positive".into());
+        }
+        if self.max_body_mb == 0 || self.max_body_mb > 64 * 1024 {
+            return Err("MAX_BODY_MB must be between 1 and 65536".into());
+        }
+        if self.scan_file_threshold_mb > self.max_body_mb {
+            return Err("SCAN_FILE_THRESHOLD_MB must not exceed MAX_BODY_MB".into());
+        }
+        if self.max_decoded_mb == 0 {
+            return Err("MAX_DECODED_MB must be positive".into());
+        }
+        if self.scan_timeout_seconds == 0 {
+            return Err("SCAN_TIMEOUT_SECONDS must be positive".into());
+        }
+        if self.queue_prefix.is_empty() || self.queue_prefix.contains(['{', '}']) {
+            return Err("QUEUE_PREFIX must be non-empty and contain no braces".into());
+        }
+        if self.priority_header.is_empty() {
+            return Err("PRIORITY_HEADER must not be empty".into());
+        }
+        let mut redis = match &self.redis_url {
+            Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
+                let mut r = RedisConfig::from_host_port("localhost", 6379, false);
+                r.url = url.clone();
+                r
+            }
+            Some(_) => return Err("REDIS_URL must start with redis:// or rediss://".into()),
+            None => RedisConfig::from_host_port(&self.redis_host, self.redis_port, self.redis_tls),
+        };
+        redis.password = self.redis_password.filter(|p| !p.is_empty());
+        if let Some(ca) = &self.redis_ca_file
+            && !ca.is_file()
+        {
+            return Err(format!(
+                "REDIS_CA_FILE {} is not a readable file",
+                ca.display()
+            ));
+        }
+        redis.ca_file = self.redis_ca_file;
+        let mut queue = QueueConfig::new(redis);
+        queue.prefix = self.queue_prefix;
+        Ok(ProducerConfig {
+            queue,
+            grpc_addr: self.grpc_addr,
+            grpc_socket: self.grpc_socket,
+            http_addr: self.http_addr,
+            scan_tmp_dir: self.scan_tmp_dir,
+            spill_threshold: (self.scan_file_threshold_mb * 1024 * 1024) as usize,
+            max_body: self.max_body_mb * 1024 * 1024,
+            max_decoded: self.max_decoded_mb * 1024 * 1024,
+            scan_timeout: Duration::from_secs(self.scan_timeout_seconds),
+            fail_open: self.fail_open,
+            allow_unscannable: self.allow_unscannable,
+            infected_status: http_status("INFECTED_STATUS", self.infected_status)?,
+            error_status: http_status("ERROR_STATUS", self.error_status)?,
+            unscannable_status: http_status("UNSCANNABLE_STATUS", self.unscannable_status)?,
+            priority_header: self.priority_header.to_ascii_lowercase(),
+            tenant: self.tenant,
+            policy: self.policy,
+            log_format: self.log_format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Result<ProducerConfig, String> {
+        let mut argv = vec!["virus-scanner-producer"];
+        argv.extend_from_slice(extra);
+        ProducerArgs::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .validate()
+    }
+
+    #[test]
+    fn seed_defaults() {
+        let c = args(&[]).unwrap();
+        assert_eq!(c.queue.redis.url, "redis://localhost:6379/");
+        assert_eq!(c.spill_threshold, 10 << 20);
+        assert_eq!(c.scan_tmp_dir, PathBuf::from("/tmp/virusscan"));
+        assert_eq!((c.infected_status, c.error_status), (406, 503));
+        assert!(!c.fail_open);
+    }
+
+    #[test]
+    fn bad_settings_name_the_setting() {
+        for (argv, name) in [
+            (vec!["--infected-status", "700"], "INFECTED_STATUS"),
+            (
+                vec!["--scan-file-threshold-mb", "0"],
+                "SCAN_FILE_THRESHOLD_MB",
+            ),
+            (
+                vec!["--scan-file-threshold-mb", "200"],
+                "SCAN_FILE_THRESHOLD_MB",
+            ),
+            (vec!["--redis-url", "tcp://x"], "REDIS_URL"),
+            (vec!["--scan-timeout-seconds", "0"], "SCAN_TIMEOUT_SECONDS"),
+        ] {
+            let err = args(&argv).unwrap_err();
+            assert!(err.contains(name), "{err}");
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! The producer (`virus-scanner-producer`): the per-gateway sidecar that Envoy calls over
+//! ext_proc. It holds each body, has it scanned through the queue, and lets it through or
+//! answers for it.
+#![forbid(unsafe_code)]
+
+pub mod body;
+pub mod config;
+pub mod ext_proc;
+pub mod metrics;
+pub mod scan;
+pub mod unpack;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
+use prometheus_client::registry::Registry;
+use virus_scanner_queue::Producer;
+
+pub use config::{ProducerArgs, ProducerConfig};
+
+/// Room for protobuf framing around the largest body in one ext_proc message.
+const GRPC_OVERHEAD: usize = 1 << 20;
+
+/// Runs the producer until `shutdown` resolves.
+pub async fn run(
+    config: ProducerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.scan_tmp_dir)
+        .map_err(|e| anyhow::anyhow!("SCAN_TMP_DIR {}: {e}", config.scan_tmp_dir.display()))?;
+    let leftover_age = (config.scan_timeout * 2).max(Duration::from_secs(60));
+    match body::remove_leftovers(&config.scan_tmp_dir, leftover_age) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(files = n, "removed spilled bodies left by an earlier run"),
+        Err(e) => tracing::warn!(error = %e, "cannot clean SCAN_TMP_DIR"),
+    }
+
+    let mut registry = Registry::default();
+    let metrics = metrics::Metrics::register(&mut registry);
+    let producer = connect(&config).await?;
+    let service = Arc::new(scan::ScanService::new(config.clone(), producer, metrics));
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let ready: virus_scanner_runtime::ReadinessCheck = {
+        let service = service.clone();
+        Arc::new(move || {
+            let service = service.clone();
+            Box::pin(async move {
+                service
+                    .producer
+                    .ping()
+                    .await
+                    .map_err(|e| format!("redis: {e}"))
+            })
+        })
+    };
+    let router = virus_scanner_runtime::ops_router(Arc::new(registry), ready);
+    let (http_addr, ops) =
+        virus_scanner_runtime::bind_ops(config.http_addr, router, stopped(stop_rx.clone()))
+            .await
+            .map_err(|e| anyhow::anyhow!("HTTP_ADDR {}: {e}", config.http_addr))?;
+    let ops = tokio::spawn(ops);
+
+    let max_message = config.max_body as usize + GRPC_OVERHEAD;
+    let grpc = || {
+        ExternalProcessorServer::new(ext_proc::ExtProcService::new(service.clone()))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message)
+    };
+    let tcp = tokio::net::TcpListener::bind(config.grpc_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("GRPC_ADDR {}: {e}", config.grpc_addr))?;
+    let grpc_addr = tcp.local_addr()?;
+    let mut servers = Vec::new();
+    servers.push(tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(grpc())
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(tcp),
+                stopped(stop_rx.clone()),
+            ),
+    ));
+    if let Some(path) = &config.grpc_socket {
+        let _ = std::fs::remove_file(path);
+        let unix = tokio::net::UnixListener::bind(path)
+            .map_err(|e| anyhow::anyhow!("GRPC_SOCKET {}: {e}", path.display()))?;
+        servers.push(tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(grpc())
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::UnixListenerStream::new(unix),
+                    stopped(stop_rx.clone()),
+                ),
+        ));
+    }
+    tokio::spawn(janitor(config.clone(), leftover_age, stop_rx.clone()));
+    tracing::info!(
+        grpc = %grpc_addr,
+        grpc_socket = ?config.grpc_socket,
+        http = %http_addr,
+        scan_dir = %config.scan_tmp_dir.display(),
+        "producer started"
+    );
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    for s in servers {
+        if let Ok(Err(e)) = s.await {
+            tracing::warn!(error = %e, "gRPC server");
+        }
+    }
+    let _ = ops.await;
+    if let Some(path) = &config.grpc_socket {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
+/// Connects to Redis, retrying while it is unreachable at start-up.
+async fn connect(config: &ProducerConfig) -> anyhow::Result<Producer> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match Producer::connect(config.queue.clone()).await {
+            Ok(p) => return Ok(p),
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(error = %e, "cannot reach redis; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(anyhow::anyhow!("redis: {e}")),
+        }
+    }
+}
+
+/// Removes spilled files left by killed processes, now and then.
+async fn janitor(
+    config: ProducerConfig,
+    min_age: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if let Err(e) = body::remove_leftovers(&config.scan_tmp_dir, min_age) {
+            tracing::warn!(error = %e, "cannot clean SCAN_TMP_DIR");
+        }
+    }
+}

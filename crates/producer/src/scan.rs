@@ -1,0 +1,300 @@
+//! The scan path every front end shares (ext_proc, ICAP): unpack the body, look each file up
+//! in the verdict cache, queue the rest, wait for the verdicts, decide.
+
+use std::time::{Duration, Instant};
+
+use virus_scanner_protocol::task::{
+    Content, Direction, Labels, Priority, ScanTask, Verdict, VerdictStatus,
+};
+use virus_scanner_queue::{Producer, QueueError, now_ns};
+
+use crate::body::{Body, BodyData, BodyLimits};
+use crate::config::ProducerConfig;
+use crate::metrics::{DirectionLabels, Metrics, RequestLabels};
+use crate::unpack::{BodyHeaders, Unpacked, unpack};
+
+/// Who is asking, for the task labels and the audit log.
+#[derive(Debug, Clone, Default)]
+pub struct ScanContext {
+    pub direction: Direction,
+    pub priority: Priority,
+    pub route: String,
+    pub client_address: String,
+    pub request_id: String,
+    /// `buffered`, `full_duplex`, `icap`: metrics label.
+    pub mode: &'static str,
+}
+
+/// What the gateway does with the body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    Block { status: u16 },
+}
+
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub verdict: Verdict,
+    pub decision: Decision,
+    /// SHA-256 (hex) of the file the verdict is about.
+    pub sha256: String,
+    /// Id of the task whose verdict decided.
+    pub task_id: String,
+}
+
+pub struct ScanService {
+    pub config: ProducerConfig,
+    pub producer: Producer,
+    pub metrics: Metrics,
+    pub limits: BodyLimits,
+}
+
+impl ScanService {
+    pub fn new(config: ProducerConfig, producer: Producer, metrics: Metrics) -> ScanService {
+        let limits = BodyLimits {
+            spill_dir: config.scan_tmp_dir.clone(),
+            spill_threshold: config.spill_threshold,
+            max: config.max_body,
+        };
+        ScanService {
+            config,
+            producer,
+            metrics,
+            limits,
+        }
+    }
+
+    /// Decides on a complete body. Never fails: every problem becomes a verdict, which the
+    /// policy turns into a block unless it says otherwise.
+    pub async fn scan(&self, body: &Body, headers: &BodyHeaders, ctx: &ScanContext) -> Outcome {
+        let started = Instant::now();
+        let deadline = started + self.config.scan_timeout;
+        self.metrics.in_flight.inc();
+        if let BodyData::Spilled(_) = body.data {
+            self.metrics.spilled_bytes.inc_by(body.len);
+        }
+        self.metrics
+            .bytes
+            .get_or_create(&DirectionLabels {
+                direction: direction_label(ctx.direction),
+            })
+            .inc_by(body.len);
+        let outcome = self.scan_inner(body, headers, ctx, deadline).await;
+        self.metrics.in_flight.dec();
+        self.metrics
+            .scan_latency
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                direction: direction_label(ctx.direction),
+                verdict: outcome.verdict.status().label(),
+                mode: ctx.mode,
+            })
+            .inc();
+        match outcome.verdict.status() {
+            VerdictStatus::Infected => self.log_detection(&outcome, ctx),
+            VerdictStatus::Error | VerdictStatus::Unscannable => tracing::warn!(
+                task_id = %outcome.task_id,
+                verdict = outcome.verdict.status().label(),
+                detail = %outcome.verdict.detail,
+                route = %ctx.route,
+                direction = direction_label(ctx.direction),
+                allowed = outcome.decision == Decision::Allow,
+                "body not scanned clean"
+            ),
+            _ => {}
+        }
+        outcome
+    }
+
+    async fn scan_inner(
+        &self,
+        body: &Body,
+        headers: &BodyHeaders,
+        ctx: &ScanContext,
+        deadline: Instant,
+    ) -> Outcome {
+        let sha = hex::encode(body.sha256);
+        let unpacked = if headers.needs_unpacking() {
+            // Decoding and splitting are CPU and disk work on this request's own thread.
+            match tokio::task::block_in_place(|| {
+                unpack(body, headers, &self.limits, self.config.max_decoded)
+            }) {
+                Ok(u) => u,
+                Err(e) => {
+                    self.metrics.error("spill");
+                    return self.decide(Verdict::error("", e.to_string()), sha, String::new());
+                }
+            }
+        } else {
+            Unpacked::Original
+        };
+        let files: Vec<&Body> = match &unpacked {
+            Unpacked::Original => vec![body],
+            Unpacked::Files(files) => files.iter().collect(),
+            Unpacked::Unscannable(why) => {
+                return self.decide(unscannable(why), sha, String::new());
+            }
+        };
+        if files.is_empty() {
+            return self.decide(clean(), sha, String::new());
+        }
+        // Scan the files at once; the body passes only if all are clean.
+        let results = futures_util::future::join_all(
+            files.into_iter().map(|f| self.scan_file(f, ctx, deadline)),
+        )
+        .await;
+        let (verdict, file_sha, task_id) = results
+            .into_iter()
+            .max_by_key(|(v, _, _)| severity(v.status()))
+            .unwrap_or_else(|| (clean(), sha, String::new()));
+        self.decide(verdict, file_sha, task_id)
+    }
+
+    /// Scans one file: cache, then queue. The spilled file lives until the verdict.
+    async fn scan_file(
+        &self,
+        file: &Body,
+        ctx: &ScanContext,
+        deadline: Instant,
+    ) -> (Verdict, String, String) {
+        let sha = hex::encode(file.sha256);
+        if file.len == 0 {
+            return (clean(), sha, String::new());
+        }
+        match self.producer.cached_verdict(&file.sha256).await {
+            Ok(Some(v)) => {
+                self.metrics.cache_hits.inc();
+                return (v, sha, String::new());
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "verdict cache lookup failed"),
+        }
+        let task_id = uuid::Uuid::new_v4().simple().to_string();
+        let content = match &file.data {
+            BodyData::Memory(bytes) => Content::Body(bytes.clone()),
+            // The file stays until this function returns: its owner outlives the scan.
+            BodyData::Spilled(spill) => Content::Path(spill.path().display().to_string()),
+        };
+        let deadline_ns = now_ns()
+            + deadline
+                .saturating_duration_since(Instant::now())
+                .as_nanos() as u64;
+        let task = ScanTask {
+            id: task_id.clone(),
+            content: Some(content),
+            priority: ctx.priority as i32,
+            enqueued_at_ns: now_ns(),
+            deadline_ns,
+            sha256: file.sha256.to_vec(),
+            labels: Some(Labels {
+                tenant: self.config.tenant.clone(),
+                policy: self.config.policy.clone(),
+                route: ctx.route.clone(),
+                direction: ctx.direction as i32,
+                client_address: ctx.client_address.clone(),
+            }),
+            size: file.len,
+            ..ScanTask::default()
+        };
+        let enqueued = Instant::now();
+        let verdict = match self.producer.scan(&task, deadline).await {
+            Ok(v) => {
+                let waited = enqueued
+                    .elapsed()
+                    .saturating_sub(Duration::from_micros(v.scan_time_us));
+                self.metrics.queue_wait.observe(waited.as_secs_f64());
+                v
+            }
+            Err(QueueError::DeadlineExceeded) => {
+                self.metrics.error("timeout");
+                Verdict::error(&task_id, "no verdict before the scan deadline")
+            }
+            Err(e) => {
+                self.metrics.error(e.kind());
+                Verdict::error(&task_id, format!("scan queue unavailable: {e}"))
+            }
+        };
+        (verdict, sha, task_id)
+    }
+
+    /// Turns a verdict into what the gateway does, following the policy.
+    pub fn decide(&self, verdict: Verdict, sha256: String, task_id: String) -> Outcome {
+        let decision = match verdict.status() {
+            VerdictStatus::Clean => Decision::Allow,
+            VerdictStatus::Infected => Decision::Block {
+                status: self.config.infected_status,
+            },
+            VerdictStatus::Unscannable if self.config.allow_unscannable => Decision::Allow,
+            VerdictStatus::Unscannable => Decision::Block {
+                status: self.config.unscannable_status,
+            },
+            VerdictStatus::Error | VerdictStatus::Unspecified if self.config.fail_open => {
+                self.metrics.fail_open.inc();
+                Decision::Allow
+            }
+            VerdictStatus::Error | VerdictStatus::Unspecified => Decision::Block {
+                status: self.config.error_status,
+            },
+        };
+        Outcome {
+            verdict,
+            decision,
+            sha256,
+            task_id,
+        }
+    }
+
+    /// One JSON line per detection, for a SIEM.
+    fn log_detection(&self, outcome: &Outcome, ctx: &ScanContext) {
+        tracing::warn!(
+            event = "detection",
+            task_id = %outcome.task_id,
+            signature = %outcome.verdict.signature,
+            sha256 = %outcome.sha256,
+            tenant = %self.config.tenant,
+            policy = %self.config.policy,
+            route = %ctx.route,
+            direction = direction_label(ctx.direction),
+            client_address = %ctx.client_address,
+            request_id = %ctx.request_id,
+            mode = ctx.mode,
+            cached = outcome.verdict.cached,
+            "infected content blocked"
+        );
+    }
+}
+
+fn clean() -> Verdict {
+    Verdict {
+        status: VerdictStatus::Clean as i32,
+        ..Verdict::default()
+    }
+}
+
+fn unscannable(why: &str) -> Verdict {
+    Verdict {
+        status: VerdictStatus::Unscannable as i32,
+        detail: why.to_owned(),
+        ..Verdict::default()
+    }
+}
+
+/// Which verdict of several files decides: infected over error over unscannable over clean.
+fn severity(status: VerdictStatus) -> u8 {
+    match status {
+        VerdictStatus::Clean => 0,
+        VerdictStatus::Unscannable => 1,
+        VerdictStatus::Error | VerdictStatus::Unspecified => 2,
+        VerdictStatus::Infected => 3,
+    }
+}
+
+pub fn direction_label(d: Direction) -> &'static str {
+    match d {
+        Direction::Request => "request",
+        Direction::Response => "response",
+        Direction::Unspecified => "unspecified",
+    }
+}
