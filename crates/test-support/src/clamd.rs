@@ -21,6 +21,8 @@ pub struct ClamdOptions {
     pub db_version: u32,
     /// clamd's StreamMaxLength, e.g. `120M`.
     pub stream_max_length: String,
+    /// clamd's MaxFileSize and MaxScanSize.
+    pub max_file_size: String,
 }
 
 impl Default for ClamdOptions {
@@ -28,6 +30,7 @@ impl Default for ClamdOptions {
         ClamdOptions {
             db_version: 1000,
             stream_max_length: "120M".into(),
+            max_file_size: "100M".into(),
         }
     }
 }
@@ -81,12 +84,13 @@ impl Clamd {
                  LogTime yes\n\
                  MaxThreads 8\n\
                  StreamMaxLength {max}\n\
-                 MaxFileSize 100M\n\
-                 MaxScanSize 400M\n\
+                 MaxFileSize {file}\n\
+                 MaxScanSize {file}\n\
                  AlertExceedsMax yes\n\
                  SelfCheck 3600\n",
                 port = self.port,
                 max = self.options.stream_max_length,
+                file = self.options.max_file_size,
             ),
         )
         .expect("write clamd.conf");

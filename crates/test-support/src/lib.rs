@@ -5,14 +5,18 @@
 #![forbid(unsafe_code)]
 
 mod clamd;
+mod envoy;
 mod process;
 mod redis;
 mod service;
+mod upstream;
 
 pub use clamd::{Clamd, ClamdOptions};
+pub use envoy::{BodyMode, Envoy, EnvoyOptions, Processor, config_yaml, envoy_binary};
 pub use process::{free_port, wait_for};
 pub use redis::{Redis, RedisOptions};
 pub use service::{ServiceProcess, http_get};
+pub use upstream::{Received, Upstream};
 
 /// The EICAR anti-virus test file.
 pub const EICAR: &[u8] = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";

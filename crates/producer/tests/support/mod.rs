@@ -1,0 +1,270 @@
+//! The whole stack for the producer's tests: redis-server, clamd, the consumer (in
+//! process), the producer binary, an upstream and a real Envoy, all on loopback.
+#![allow(clippy::unwrap_used, dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use virus_scanner_test_support::{
+    BodyMode, Clamd, ClamdOptions, Envoy, EnvoyOptions, Processor, Redis, RedisOptions,
+    ServiceProcess, Upstream, free_port, http_get, wait_for,
+};
+
+pub struct StackOptions {
+    pub mode: BodyMode,
+    pub producer_args: Vec<String>,
+    pub consumer_args: Vec<String>,
+    pub clamd: ClamdOptions,
+    pub unix_socket: bool,
+}
+
+impl StackOptions {
+    pub fn new(mode: BodyMode) -> StackOptions {
+        StackOptions {
+            mode,
+            producer_args: Vec::new(),
+            consumer_args: Vec::new(),
+            clamd: ClamdOptions::default(),
+            unix_socket: false,
+        }
+    }
+}
+
+pub struct Consumer {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+pub struct Stack {
+    pub rt: tokio::runtime::Runtime,
+    pub redis: Redis,
+    pub clamd: Clamd,
+    pub scan_dir: tempfile::TempDir,
+    pub upstream: Upstream,
+    pub producer: ServiceProcess,
+    pub producer_http: u16,
+    pub envoy: Envoy,
+    pub consumer: Option<Consumer>,
+    consumer_args: Vec<String>,
+}
+
+impl Stack {
+    pub fn start(options: StackOptions) -> Stack {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let redis = Redis::start_with(RedisOptions {
+            persistent: true,
+            ..RedisOptions::default()
+        });
+        let clamd = Clamd::start_with(options.clamd.clone());
+        let scan_dir = tempfile::Builder::new().prefix("vs-scan-").tempdir().unwrap();
+        let upstream = Upstream::start();
+        let grpc = free_port();
+        let http = free_port();
+        let socket = scan_dir.path().join("../").join(format!("vs-grpc-{grpc}.sock"));
+        let mut args: Vec<String> = [
+            "--redis-host", "127.0.0.1",
+            "--redis-port", &redis.port().to_string(),
+            "--grpc-addr", &format!("127.0.0.1:{grpc}"),
+            "--http-addr", &format!("127.0.0.1:{http}"),
+            "--scan-tmp-dir", &scan_dir.path().display().to_string(),
+            "--log-format", "text",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if options.unix_socket {
+            args.push("--grpc-socket".into());
+            args.push(socket.display().to_string());
+        }
+        args.extend(options.producer_args.iter().cloned());
+        let producer = ServiceProcess::spawn(
+            Path::new(env!("CARGO_BIN_EXE_virus-scanner-producer")),
+            &args,
+            &[],
+        );
+        assert!(
+            wait_for(Duration::from_secs(20), || {
+                http_get(http, "/ready").is_some_and(|(s, _)| s == 200)
+            }),
+            "producer not ready\n{}",
+            producer.log_tail()
+        );
+        let processor = if options.unix_socket {
+            Processor::Unix(socket)
+        } else {
+            Processor::Tcp(grpc)
+        };
+        let envoy = Envoy::start(&EnvoyOptions::new(processor, upstream.port(), options.mode));
+        let mut stack = Stack {
+            rt,
+            redis,
+            clamd,
+            scan_dir,
+            upstream,
+            producer,
+            producer_http: http,
+            envoy,
+            consumer: None,
+            consumer_args: options.consumer_args,
+        };
+        stack.start_consumer();
+        stack
+    }
+
+    pub fn start_consumer(&mut self) {
+        let mut argv: Vec<String> = [
+            "virus-scanner-handler",
+            "--redis-host", "127.0.0.1",
+            "--redis-port", &self.redis.port().to_string(),
+            "--clamd-address", &self.clamd.address(),
+            "--scan-tmp-dir", &self.scan_dir.path().display().to_string(),
+            "--metrics-addr", &format!("127.0.0.1:{}", free_port()),
+            "--visibility-timeout-seconds", "5",
+            "--log-format", "text",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        argv.extend(self.consumer_args.iter().cloned());
+        let config = <virus_scanner_consumer::HandlerArgs as clap::Parser>::parse_from(argv)
+            .validate()
+            .unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = self.rt.spawn(virus_scanner_consumer::run(config, async move {
+            let _ = rx.await;
+        }));
+        self.consumer = Some(Consumer {
+            stop: Some(tx),
+            task: Some(task),
+        });
+    }
+
+    pub fn stop_consumer(&mut self) {
+        if let Some(mut c) = self.consumer.take() {
+            if let Some(tx) = c.stop.take() {
+                let _ = tx.send(());
+            }
+            if let Some(task) = c.task.take() {
+                self.rt.block_on(task).unwrap().unwrap();
+            }
+        }
+    }
+
+    /// Files the producer left in the scan directory.
+    pub fn leftovers(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.scan_dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect()
+    }
+
+    pub fn producer_metric(&self, name: &str) -> f64 {
+        let (_, body) = http_get(self.producer_http, "/metrics").expect("metrics");
+        body.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Peak resident memory of the producer process, in bytes.
+    pub fn producer_peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.producer.pid())).unwrap();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .unwrap()
+            * 1024
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        self.envoy.url(path)
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.stop_consumer();
+        if std::thread::panicking() {
+            eprintln!("{}\n--- envoy log ---\n{}", self.producer.log_tail(), self.envoy.log_tail());
+        }
+    }
+}
+
+/// What curl saw.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    /// Header lines, names in lower case.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// Runs curl with `args`; returns status, headers and body.
+pub fn curl(args: &[&str]) -> Reply {
+    let dir = tempfile::tempdir().unwrap();
+    let body = dir.path().join("body");
+    let headers = dir.path().join("headers");
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "300", "-o"])
+        .arg(&body)
+        .arg("-D")
+        .arg(&headers)
+        .args(["-w", "%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl is installed by make test");
+    let status = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
+    let headers = std::fs::read_to_string(&headers)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Reply {
+        status,
+        headers,
+        body: std::fs::read(&body).unwrap_or_default(),
+    }
+}
+
+/// POSTs the file's bytes.
+pub fn post_file(url: &str, file: &Path, extra: &[&str]) -> Reply {
+    let data = format!("@{}", file.display());
+    let mut args = vec!["-X", "POST", "--data-binary", &data, "-H", "Content-Type: application/octet-stream"];
+    args.extend_from_slice(extra);
+    args.push(url);
+    curl(&args)
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Writes `bytes` to a temp file for curl.
+pub fn temp_file(dir: &tempfile::TempDir, name: &str, bytes: &[u8]) -> PathBuf {
+    let p = dir.path().join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}

