@@ -23,7 +23,6 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
     TrailersResponse, body_mutation, processing_request, processing_response,
 };
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
-use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -305,12 +304,15 @@ impl ExtProcStream {
                 }
             }
             BodyData::Spilled(spill) => {
-                let mut file = tokio::fs::File::open(spill.path()).await.map_err(io)?;
+                // Plain reads: the file was just written and sits in the page cache, and
+                // tokio::fs would add a thread hop and a copy per chunk.
+                use std::io::Read;
+                let mut file = std::fs::File::open(spill.path()).map_err(io)?;
                 let mut left = body.len;
                 loop {
                     let want = (left as usize).min(RELEASE_CHUNK);
                     let mut chunk = vec![0u8; want];
-                    file.read_exact(&mut chunk).await.map_err(io)?;
+                    file.read_exact(&mut chunk).map_err(io)?;
                     left -= want as u64;
                     self.send(streamed_body(d, chunk, left == 0 && end_of_stream))
                         .await?;

