@@ -37,4 +37,6 @@ run: deps
 
 ## Throughput against raw clamd INSTREAM on the same clamd; figures as a markdown table.
 bench: deps
-	$(CARGO) run --release -p virus-scanner-bench -- $(BENCH_ARGS)
+	$(CARGO) build --release --bins
+	$(CARGO_TARGET_DIR)/release/virus-scanner-bench queue $(BENCH_ARGS)
+	$(CARGO_TARGET_DIR)/release/virus-scanner-bench envoy --sizes 1K,1M $(BENCH_ARGS)

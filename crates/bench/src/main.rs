@@ -11,8 +11,13 @@ use virus_scanner_protocol::task::{Content, ScanTask, VerdictStatus};
 use virus_scanner_queue::{Producer, QueueConfig, RedisConfig, now_ns};
 use virus_scanner_test_support::{Clamd, Redis, clean_bytes, free_port};
 
+mod envoy;
+
 #[derive(Parser, Debug)]
-struct Args {
+pub struct Args {
+    /// `queue`: Redis + consumer against raw clamd; `envoy`: wrk through Envoy + ext_proc.
+    #[arg(default_value = "queue")]
+    what: String,
     /// Body sizes, e.g. 1K,1M,10M.
     #[arg(long, default_value = "1K,1M,10M", value_delimiter = ',')]
     sizes: Vec<String>,
@@ -28,7 +33,7 @@ struct Args {
     rounds: usize,
 }
 
-fn parse_size(s: &str) -> anyhow::Result<usize> {
+pub fn parse_size(s: &str) -> anyhow::Result<usize> {
     let (num, mult) = match s.chars().last() {
         Some('K') | Some('k') => (&s[..s.len() - 1], 1024),
         Some('M') | Some('m') => (&s[..s.len() - 1], 1024 * 1024),
@@ -37,19 +42,19 @@ fn parse_size(s: &str) -> anyhow::Result<usize> {
     Ok(num.parse::<usize>()? * mult)
 }
 
-struct Cell {
+pub struct Cell {
     scans: u64,
     elapsed: Duration,
 }
 
 impl Cell {
-    fn per_second(&self) -> f64 {
+    pub fn per_second(&self) -> f64 {
         self.scans as f64 / self.elapsed.as_secs_f64()
     }
 }
 
 /// Runs `concurrency` loops of `one` for `seconds`; each call gets a distinct counter value.
-async fn measure<F, Fut>(concurrency: usize, seconds: f64, one: F) -> anyhow::Result<Cell>
+pub async fn measure<F, Fut>(concurrency: usize, seconds: f64, one: F) -> anyhow::Result<Cell>
 where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
@@ -82,7 +87,7 @@ where
 }
 
 /// The body with its first bytes replaced by `n`, so that no two scans share a hash.
-fn unique(body: &[u8], n: u64) -> Vec<u8> {
+pub fn unique(body: &[u8], n: u64) -> Vec<u8> {
     let mut b = body.to_vec();
     let tag = n.to_le_bytes();
     let k = tag.len().min(b.len());
@@ -90,14 +95,17 @@ fn unique(body: &[u8], n: u64) -> Vec<u8> {
     b
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    virus_scanner_runtime::init_tracing(virus_scanner_runtime::LogFormat::Text);
-    let redis = Redis::start();
-    let clamd = Clamd::start();
-    let scan_dir = tempfile_dir()?;
-
+/// Runs the consumer in this process; send on the returned channel to stop it.
+pub fn start_consumer(
+    redis: &Redis,
+    clamd: &Clamd,
+    scan_dir: &std::path::Path,
+    concurrency: usize,
+    cache: bool,
+) -> anyhow::Result<(
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+)> {
     let mut config = virus_scanner_consumer::HandlerArgs::parse_from([
         "virus-scanner-handler",
         "--redis-host",
@@ -111,9 +119,9 @@ async fn main() -> anyhow::Result<()> {
         "--metrics-addr",
         &format!("127.0.0.1:{}", free_port()),
         "--concurrency",
-        &args.concurrency.to_string(),
+        &concurrency.to_string(),
         "--cache-ttl-seconds",
-        "0",
+        if cache { "3600" } else { "0" },
         "--log-format",
         "text",
     ])
@@ -121,9 +129,29 @@ async fn main() -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!(e))?;
     config.legacy_enabled = false;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let consumer = tokio::spawn(virus_scanner_consumer::run(config, async move {
+    let task = tokio::spawn(virus_scanner_consumer::run(config, async move {
         let _ = stop_rx.await;
     }));
+    Ok((stop_tx, task))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    virus_scanner_runtime::init_tracing(virus_scanner_runtime::LogFormat::Text);
+    match args.what.as_str() {
+        "queue" => queue(&args).await,
+        "envoy" => envoy::run(&args).await,
+        other => anyhow::bail!("unknown benchmark {other:?}: queue or envoy"),
+    }
+}
+
+/// Scans per second through Redis and the consumer against raw clamd INSTREAM.
+async fn queue(args: &Args) -> anyhow::Result<()> {
+    let redis = Redis::start();
+    let clamd = Clamd::start();
+    let scan_dir = envoy::tempfile_dir("vs-bench")?;
+    let (stop_tx, consumer) = start_consumer(&redis, &clamd, &scan_dir, args.concurrency, false)?;
 
     let producer = Arc::new(
         Producer::connect(QueueConfig::new(RedisConfig::from_host_port(
@@ -215,13 +243,7 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn median(mut cells: Vec<Cell>) -> Cell {
+pub fn median(mut cells: Vec<Cell>) -> Cell {
     cells.sort_by(|a, b| a.per_second().total_cmp(&b.per_second()));
     cells.swap_remove(cells.len() / 2)
-}
-
-fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("vs-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
 }

@@ -82,7 +82,16 @@ pub async fn run(
         tonic::transport::Server::builder()
             .add_service(grpc())
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(tcp),
+                // Each ext_proc answer is a small message Envoy waits for: no Nagle delay.
+                tokio_stream::StreamExt::map(
+                    tokio_stream::wrappers::TcpListenerStream::new(tcp),
+                    |conn| {
+                        if let Ok(c) = &conn {
+                            let _ = c.set_nodelay(true);
+                        }
+                        conn
+                    },
+                ),
                 stopped(stop_rx.clone()),
             ),
     ));

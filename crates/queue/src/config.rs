@@ -42,6 +42,8 @@ impl RedisConfig {
             .as_str()
             .into_connection_info()
             .map_err(|e| QueueError::Config(format!("invalid Redis URL: {e}")))?;
+        // Verdict waits are latency-bound: no Nagle delay on small commands.
+        info = info.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
         if let Some(password) = &self.password {
             let settings = info.redis_settings().clone().set_password(password.clone());
             info = info.set_redis_settings(settings);
