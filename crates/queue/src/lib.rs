@@ -16,6 +16,9 @@
 //! Every key shares the hash tag `{p}`, so multi-key scripts also run on Redis Cluster.
 #![forbid(unsafe_code)]
 
+// Linked for its `ring` feature: the crypto provider of `rediss://` connections.
+use rustls as _;
+
 mod config;
 mod consumer;
 mod error;

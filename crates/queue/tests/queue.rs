@@ -346,3 +346,37 @@ async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
         .await
         .unwrap()
 }
+
+#[tokio::test]
+async fn tls_redis_with_a_private_ca_works_and_an_unknown_ca_is_refused() {
+    let redis = Redis::start_with(RedisOptions {
+        tls: true,
+        ..RedisOptions::default()
+    });
+    let mut redis_config = RedisConfig::from_host_port("127.0.0.1", redis.port(), true);
+    assert!(redis_config.url.starts_with("rediss://"));
+    redis_config.ca_file = Some(redis.ca_file());
+    let mut cfg = QueueConfig::new(redis_config.clone());
+    cfg.visibility_timeout = Duration::from_millis(400);
+    let producer = Producer::connect(cfg.clone()).await.unwrap();
+    let mut consumer = Consumer::connect(cfg, "tls").await.unwrap();
+    producer
+        .enqueue(&task("t1", Priority::Normal))
+        .await
+        .unwrap();
+    let d = claim_one(&mut consumer).await;
+    assert!(consumer.complete(&d, &clean("t1"), None).await.unwrap());
+    let v = producer
+        .wait_verdict("t1", Instant::now() + Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(v.status(), VerdictStatus::Clean);
+
+    // Without the private CA the server certificate is not trusted.
+    redis_config.ca_file = None;
+    let refused = match Producer::connect(QueueConfig::new(redis_config)).await {
+        Err(_) => true,
+        Ok(p) => p.ping().await.is_err(),
+    };
+    assert!(refused, "an untrusted certificate was accepted");
+}

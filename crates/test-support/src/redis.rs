@@ -9,6 +9,8 @@ pub struct RedisOptions {
     pub password: Option<String>,
     /// Append-only file with fsync on every write, so that a restart keeps the queue.
     pub persistent: bool,
+    /// Serve TLS only, with a certificate for 127.0.0.1 from a CA made for the test.
+    pub tls: bool,
 }
 
 /// A private `redis-server` on 127.0.0.1.
@@ -54,9 +56,22 @@ impl Redis {
 
     fn launch(&mut self) -> bool {
         let mut cmd = Command::new("redis-server");
-        cmd.arg("--port")
-            .arg(self.port.to_string())
-            .args(["--bind", "127.0.0.1", "--save", "", "--daemonize", "no"])
+        if self.options.tls {
+            self.make_certificates();
+            let d = self.dir.path();
+            cmd.args(["--port", "0", "--tls-port"])
+                .arg(self.port.to_string())
+                .arg("--tls-cert-file")
+                .arg(d.join("server.crt"))
+                .arg("--tls-key-file")
+                .arg(d.join("server.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(d.join("ca.crt"))
+                .args(["--tls-auth-clients", "no"]);
+        } else {
+            cmd.arg("--port").arg(self.port.to_string());
+        }
+        cmd.args(["--bind", "127.0.0.1", "--save", "", "--daemonize", "no"])
             .arg("--dir")
             .arg(self.dir.path())
             .arg("--logfile")
@@ -90,12 +105,83 @@ impl Redis {
         "127.0.0.1"
     }
 
-    /// `redis://[:password@]127.0.0.1:port/`
+    /// `redis[s]://[:password@]127.0.0.1:port/`
     pub fn url(&self) -> String {
+        let scheme = if self.options.tls { "rediss" } else { "redis" };
         match &self.options.password {
-            Some(p) => format!("redis://:{p}@127.0.0.1:{}/", self.port),
-            None => format!("redis://127.0.0.1:{}/", self.port),
+            Some(p) => format!("{scheme}://:{p}@127.0.0.1:{}/", self.port),
+            None => format!("{scheme}://127.0.0.1:{}/", self.port),
         }
+    }
+
+    /// The CA that signed the server certificate (TLS only).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+
+    /// A CA and a server certificate for 127.0.0.1, made with the openssl command.
+    fn make_certificates(&self) {
+        let d = self.dir.path();
+        if d.join("server.crt").is_file() {
+            return;
+        }
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .current_dir(d)
+                .args(args)
+                .output()
+                .expect("openssl is installed");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ]);
+        std::fs::write(d.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("san.ext");
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.crt",
+        ]);
     }
 
     /// Stops the server (SIGTERM; with persistence the queue is kept on disk).
