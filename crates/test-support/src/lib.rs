@@ -4,6 +4,7 @@
 //! A missing binary is a test failure with a message that names the package, never a skip.
 #![forbid(unsafe_code)]
 
+pub mod certs;
 mod clamd;
 mod envoy;
 mod process;

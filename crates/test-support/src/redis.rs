@@ -119,69 +119,12 @@ impl Redis {
         self.dir.path().join("ca.crt")
     }
 
-    /// A CA and a server certificate for 127.0.0.1, made with the openssl command.
+    /// A CA and a server certificate for 127.0.0.1.
     fn make_certificates(&self) {
         let d = self.dir.path();
-        if d.join("server.crt").is_file() {
-            return;
+        if !d.join("server.crt").is_file() {
+            crate::certs::issue(d, "server", "/CN=127.0.0.1", Some("127.0.0.1"));
         }
-        let run = |args: &[&str]| {
-            let out = Command::new("openssl")
-                .current_dir(d)
-                .args(args)
-                .output()
-                .expect("openssl is installed");
-            assert!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        run(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=test-ca",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-        ]);
-        run(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-        ]);
-        std::fs::write(d.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("san.ext");
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
-            "-out",
-            "server.crt",
-        ]);
     }
 
     /// Stops the server (SIGTERM; with persistence the queue is kept on disk).
