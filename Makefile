@@ -6,7 +6,11 @@ CARGO ?= cargo
 # Integration tests start real services; two test threads keep a 2-core machine responsive.
 TEST_THREADS ?= 2
 
-.PHONY: all build deps test test-unit lint fmt run bench clean-run
+.PHONY: all build deps k8s-bin test test-unit lint fmt run bench
+
+## kube-apiserver, kubectl, kube-controller-manager, helm, kubeconform and etcd, cached.
+k8s-bin:
+	hack/k8s-bin.sh
 
 all: build
 
@@ -16,16 +20,20 @@ build:
 deps:
 	hack/install-deps.sh
 
-## Every test tier: unit tests, then integration tests against real redis-server and clamd.
+## Every test tier: unit tests; integration tests against real redis-server, clamd and Envoy;
+## the Kubernetes tier against a real etcd and kube-apiserver (binaries built from Go modules
+## once, cached in ~/.cache/virus-scanner/k8s).
 test: deps
-	$(CARGO) test --workspace --no-fail-fast -- --test-threads $(TEST_THREADS)
+	K8S_BIN_DIR=$$(hack/k8s-bin.sh) && export K8S_BIN_DIR && \
+	$(CARGO) test --workspace --features virus-scanner-test-support/kube --no-fail-fast \
+		-- --test-threads $(TEST_THREADS)
 
 test-unit:
 	$(CARGO) test --workspace --lib --bins
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all

@@ -12,7 +12,8 @@ HELM_VERSION=${HELM_VERSION:-v3.22.0}
 KUBECONFORM_VERSION=${KUBECONFORM_VERSION:-v0.7.0}
 ETCD_CRATE_VERSION=${ETCD_CRATE_VERSION:-3.7.2}
 
-cache=${VIRUS_SCANNER_CACHE:-$HOME/.cache/virus-scanner}/k8s/$K8S_VERSION
+# The directory name carries a recipe number: a change to how binaries are built rebuilds.
+cache=${VIRUS_SCANNER_CACHE:-$HOME/.cache/virus-scanner}/k8s/$K8S_VERSION-r2
 bin=$cache/bin
 mkdir -p "$bin"
 export GOFLAGS=-mod=mod
@@ -52,9 +53,17 @@ build_kube() {
   go get "k8s.io/kubernetes/cmd/kube-apiserver@v$K8S_VERSION" \
          "k8s.io/kubernetes/cmd/kubectl@v$K8S_VERSION" \
          "k8s.io/kubernetes/cmd/kube-controller-manager@v$K8S_VERSION" >&2
+  # Release builds stamp the version; without it kubectl and clients see v0.0.0-master.
+  local minor=${K8S_VERSION#*.}
+  minor=${minor%%.*}
+  local stamp=""
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    stamp+=" -X $pkg.gitVersion=v$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    stamp+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
   for cmd in kube-apiserver kubectl kube-controller-manager; do
     [ -x "$bin/$cmd" ] && continue
-    go build -trimpath -ldflags="-s -w" -o "$bin/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd" >&2
+    go build -trimpath -ldflags="-s -w$stamp" -o "$bin/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd" >&2
     mv "$bin/$cmd.tmp" "$bin/$cmd"
   done
 }

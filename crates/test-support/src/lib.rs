@@ -7,6 +7,8 @@
 pub mod certs;
 mod clamd;
 mod envoy;
+#[cfg(feature = "kube")]
+pub mod kube;
 mod process;
 mod redis;
 mod service;
