@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use virus_scanner_clamd::ClamdAddress;
-use virus_scanner_queue::{QueueConfig, RedisConfig};
+use virus_scanner_queue::{QueueConfig, RedisArgs};
 use virus_scanner_runtime::LogFormat;
 
 /// The consumer: claims scan tasks from Redis, scans them with clamd and writes verdicts.
@@ -13,27 +13,8 @@ use virus_scanner_runtime::LogFormat;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "virus-scanner-handler", version)]
 pub struct HandlerArgs {
-    /// Redis host.
-    #[arg(long, env = "REDIS_HOST", default_value = "localhost")]
-    pub redis_host: String,
-    /// Redis port.
-    #[arg(long, env = "REDIS_PORT", default_value_t = 6379)]
-    pub redis_port: u16,
-    /// Full Redis URL (`redis://` or `rediss://` for TLS); overrides host and port.
-    #[arg(long, env = "REDIS_URL")]
-    pub redis_url: Option<String>,
-    /// Redis password (AUTH).
-    #[arg(long, env = "REDIS_PASSWORD", hide_env_values = true)]
-    pub redis_password: Option<String>,
-    /// Connect to Redis with TLS.
-    #[arg(long, env = "REDIS_TLS", default_value_t = false)]
-    pub redis_tls: bool,
-    /// PEM CA certificate that signed Redis's TLS certificate (default: system roots).
-    #[arg(long, env = "REDIS_CA_FILE")]
-    pub redis_ca_file: Option<PathBuf>,
-    /// Prefix (and cluster hash tag) of every queue key.
-    #[arg(long, env = "QUEUE_PREFIX", default_value = "virus-scanner")]
-    pub queue_prefix: String,
+    #[command(flatten)]
+    pub redis: RedisArgs,
     /// clamd address: host:port, tcp://host:port or unix:///path.
     #[arg(long, env = "CLAMD_ADDRESS", default_value = "127.0.0.1:3310")]
     pub clamd_address: String,
@@ -114,32 +95,7 @@ impl HandlerArgs {
         if self.max_deliveries == 0 {
             return Err("MAX_DELIVERIES must be at least 1".into());
         }
-        if self.queue_prefix.is_empty() || self.queue_prefix.contains(['{', '}']) {
-            return Err("QUEUE_PREFIX must be non-empty and contain no braces".into());
-        }
-        let mut redis = match &self.redis_url {
-            Some(url) => {
-                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                    return Err("REDIS_URL must start with redis:// or rediss://".into());
-                }
-                let mut r = RedisConfig::from_host_port("localhost", 6379, false);
-                r.url = url.clone();
-                r
-            }
-            None => RedisConfig::from_host_port(&self.redis_host, self.redis_port, self.redis_tls),
-        };
-        redis.password = self.redis_password.filter(|p| !p.is_empty());
-        if let Some(ca) = &self.redis_ca_file
-            && !ca.is_file()
-        {
-            return Err(format!(
-                "REDIS_CA_FILE {} is not a readable file",
-                ca.display()
-            ));
-        }
-        redis.ca_file = self.redis_ca_file;
-        let mut queue = QueueConfig::new(redis);
-        queue.prefix = self.queue_prefix;
+        let mut queue = self.redis.to_queue_config()?;
         queue.visibility_timeout = Duration::from_secs(self.visibility_timeout_seconds);
         queue.max_deliveries = self.max_deliveries;
         queue.cache_ttl = Duration::from_secs(self.cache_ttl_seconds.max(1));

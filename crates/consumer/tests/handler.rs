@@ -9,7 +9,7 @@ use virus_scanner_protocol::task::{Content, Priority, ScanTask, Verdict, Verdict
 use virus_scanner_queue::{Producer, QueueConfig, RedisConfig, now_ns};
 use virus_scanner_test_support::{
     Clamd, ClamdOptions, EICAR, EICAR_BODY_SIGNATURE, HASH_SAMPLE_SIGNATURE, Redis, RedisOptions,
-    ServiceProcess, clean_bytes, free_port, hash_signature_sample, http_get, wait_for,
+    ServiceProcess, clean_bytes, free_port, hash_signature_sample, http_get, metric, wait_for,
 };
 
 struct Stack {
@@ -115,14 +115,6 @@ fn deadline(secs: u64) -> Instant {
 
 async fn scan(p: &Producer, task: ScanTask) -> Verdict {
     p.scan(&task, deadline(30)).await.unwrap()
-}
-
-fn metric(port: u16, name: &str) -> f64 {
-    let (_, body) = http_get(port, "/metrics").expect("metrics");
-    body.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

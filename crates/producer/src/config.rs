@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use virus_scanner_queue::{QueueConfig, RedisConfig};
+use virus_scanner_queue::{QueueConfig, RedisArgs};
 use virus_scanner_runtime::LogFormat;
 
 /// The gateway sidecar: Envoy ext_proc (and ICAP) in front of the scan queue.
@@ -12,27 +12,8 @@ use virus_scanner_runtime::LogFormat;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "virus-scanner-producer", version)]
 pub struct ProducerArgs {
-    /// Redis host.
-    #[arg(long, env = "REDIS_HOST", default_value = "localhost")]
-    pub redis_host: String,
-    /// Redis port.
-    #[arg(long, env = "REDIS_PORT", default_value_t = 6379)]
-    pub redis_port: u16,
-    /// Full Redis URL (`redis://` or `rediss://`); overrides host and port.
-    #[arg(long, env = "REDIS_URL")]
-    pub redis_url: Option<String>,
-    /// Redis password (AUTH).
-    #[arg(long, env = "REDIS_PASSWORD", hide_env_values = true)]
-    pub redis_password: Option<String>,
-    /// Connect to Redis with TLS.
-    #[arg(long, env = "REDIS_TLS", default_value_t = false)]
-    pub redis_tls: bool,
-    /// PEM CA certificate that signed Redis's TLS certificate (default: system roots).
-    #[arg(long, env = "REDIS_CA_FILE")]
-    pub redis_ca_file: Option<PathBuf>,
-    /// Prefix (and cluster hash tag) of every queue key; the same as the consumers'.
-    #[arg(long, env = "QUEUE_PREFIX", default_value = "virus-scanner")]
-    pub queue_prefix: String,
+    #[command(flatten)]
+    pub redis: RedisArgs,
     /// ext_proc gRPC listen address.
     #[arg(long, env = "GRPC_ADDR", default_value = "0.0.0.0:50051")]
     pub grpc_addr: SocketAddr,
@@ -136,33 +117,10 @@ impl ProducerArgs {
         if self.scan_timeout_seconds == 0 {
             return Err("SCAN_TIMEOUT_SECONDS must be positive".into());
         }
-        if self.queue_prefix.is_empty() || self.queue_prefix.contains(['{', '}']) {
-            return Err("QUEUE_PREFIX must be non-empty and contain no braces".into());
-        }
         if self.priority_header.is_empty() {
             return Err("PRIORITY_HEADER must not be empty".into());
         }
-        let mut redis = match &self.redis_url {
-            Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
-                let mut r = RedisConfig::from_host_port("localhost", 6379, false);
-                r.url = url.clone();
-                r
-            }
-            Some(_) => return Err("REDIS_URL must start with redis:// or rediss://".into()),
-            None => RedisConfig::from_host_port(&self.redis_host, self.redis_port, self.redis_tls),
-        };
-        redis.password = self.redis_password.filter(|p| !p.is_empty());
-        if let Some(ca) = &self.redis_ca_file
-            && !ca.is_file()
-        {
-            return Err(format!(
-                "REDIS_CA_FILE {} is not a readable file",
-                ca.display()
-            ));
-        }
-        redis.ca_file = self.redis_ca_file;
-        let mut queue = QueueConfig::new(redis);
-        queue.prefix = self.queue_prefix;
+        let queue = self.redis.to_queue_config()?;
         Ok(ProducerConfig {
             queue,
             grpc_addr: self.grpc_addr,

@@ -35,6 +35,28 @@ impl RedisConfig {
         }
     }
 
+    /// A reconnecting connection. `blocking` leaves room in the reply timeout for commands
+    /// that wait on the server (`XREADGROUP BLOCK`, `BLMOVE`) for up to 5 seconds.
+    pub(crate) async fn connection_manager(
+        &self,
+        blocking: bool,
+    ) -> Result<redis::aio::ConnectionManager, QueueError> {
+        let extra = if blocking {
+            Duration::from_secs(5)
+        } else {
+            Duration::ZERO
+        };
+        let manager_config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.response_timeout + extra))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        Ok(self
+            .client()?
+            .get_connection_manager_with_config(manager_config)
+            .await?)
+    }
+
     pub(crate) fn client(&self) -> Result<redis::Client, QueueError> {
         use redis::IntoConnectionInfo;
         let mut info = self

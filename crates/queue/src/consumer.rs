@@ -1,6 +1,6 @@
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use redis::streams::{StreamClaimReply, StreamId, StreamPendingCountReply, StreamReadReply};
 use virus_scanner_protocol::legacy;
 use virus_scanner_protocol::task::{
@@ -56,16 +56,7 @@ impl Consumer {
         config: QueueConfig,
         name: impl Into<String>,
     ) -> Result<Consumer, QueueError> {
-        let client = config.redis.client()?;
-        // Blocking reads last up to `block`; give replies that long plus the usual margin.
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.redis.connect_timeout))
-            .set_response_timeout(Some(config.redis.response_timeout + Duration::from_secs(5)))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(1));
-        let conn = client
-            .get_connection_manager_with_config(manager_config)
-            .await?;
+        let conn = config.redis.connection_manager(true).await?;
         Ok(Consumer {
             conn,
             name: name.into(),

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use virus_scanner_protocol::legacy::{self, LegacyContent};
 use virus_scanner_protocol::task::{
     Content, Priority, ReplyFormat, ScanTask, TASK_FIELD, encode_task,
@@ -22,15 +22,7 @@ pub struct LegacyBridge {
 
 impl LegacyBridge {
     pub async fn connect(config: QueueConfig) -> Result<LegacyBridge, QueueError> {
-        let client = config.redis.client()?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.redis.connect_timeout))
-            .set_response_timeout(Some(config.redis.response_timeout + Duration::from_secs(5)))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(1));
-        let conn = client
-            .get_connection_manager_with_config(manager_config)
-            .await?;
+        let conn = config.redis.connection_manager(true).await?;
         // Same hash slot as the legacy list itself, so LMOVE works on Redis Cluster.
         let processing = format!("{{{}}}:processing", config.legacy_queue);
         Ok(LegacyBridge {

@@ -19,6 +19,7 @@
 // Linked for its `ring` feature: the crypto provider of `rediss://` connections.
 use rustls as _;
 
+mod args;
 mod config;
 mod consumer;
 mod error;
@@ -26,6 +27,7 @@ mod keys;
 mod legacy;
 mod producer;
 
+pub use args::RedisArgs;
 pub use config::{QueueConfig, RedisConfig};
 pub use consumer::{Consumer, Delivery};
 pub use error::QueueError;

@@ -1,7 +1,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::aio::{ConnectionManager, MultiplexedConnection};
 use virus_scanner_protocol::task::{
     Priority, ScanTask, TASK_FIELD, Verdict, decode_verdict, encode_task,
 };
@@ -27,14 +27,7 @@ pub struct Producer {
 impl Producer {
     pub async fn connect(config: QueueConfig) -> Result<Producer, QueueError> {
         let client = config.redis.client()?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.redis.connect_timeout))
-            .set_response_timeout(Some(config.redis.response_timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(1));
-        let conn = client
-            .get_connection_manager_with_config(manager_config)
-            .await?;
+        let conn = config.redis.connection_manager(false).await?;
         Ok(Producer {
             client,
             conn,

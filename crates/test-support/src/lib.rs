@@ -18,7 +18,7 @@ pub use clamd::{Clamd, ClamdOptions};
 pub use envoy::{BodyMode, Envoy, EnvoyOptions, Processor, config_yaml, envoy_binary};
 pub use process::{free_port, wait_for};
 pub use redis::{Redis, RedisOptions};
-pub use service::{ServiceProcess, http_get};
+pub use service::{ServiceProcess, http_get, metric};
 pub use upstream::{Received, Upstream};
 
 /// The EICAR anti-virus test file.

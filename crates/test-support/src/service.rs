@@ -126,3 +126,13 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
     Some((status, body))
 }
+
+/// Sum of the samples whose line starts with `name` (labels included) on a Prometheus
+/// `/metrics` page.
+pub fn metric(port: u16, name: &str) -> f64 {
+    let (_, body) = http_get(port, "/metrics").expect("metrics endpoint answers");
+    body.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

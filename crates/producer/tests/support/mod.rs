@@ -185,11 +185,7 @@ impl Stack {
     }
 
     pub fn producer_metric(&self, name: &str) -> f64 {
-        let (_, body) = http_get(self.producer_http, "/metrics").expect("metrics");
-        body.lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        virus_scanner_test_support::metric(self.producer_http, name)
     }
 
     /// Peak resident memory of the producer process, in bytes.
