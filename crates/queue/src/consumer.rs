@@ -138,41 +138,43 @@ impl Consumer {
             }
         }
         for priority in [Priority::High, Priority::Normal] {
-            let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg(&self.config.group)
-                .arg(&self.name)
-                .arg("COUNT")
-                .arg(1)
-                .arg("STREAMS")
-                .arg(self.keys.stream(priority))
-                .arg(">")
-                .query_async(&mut self.conn)
-                .await?;
-            let found = self.deliveries(reply);
+            let found = self.read_new(&[priority], None).await?;
             if !found.is_empty() {
                 return Ok(found);
             }
         }
-        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(&self.config.group)
-            .arg(&self.name)
-            .arg("COUNT")
-            .arg(1)
-            .arg("BLOCK")
-            .arg(block.as_millis().max(1) as u64)
-            .arg("STREAMS")
-            .arg(&self.keys.high)
-            .arg(&self.keys.normal)
-            .arg(">")
-            .arg(">")
-            .query_async(&mut self.conn)
+        let mut found = self
+            .read_new(&[Priority::High, Priority::Normal], Some(block))
             .await?;
-        let mut found = self.deliveries(reply);
         // A read on both streams can return one of each: high first.
         found.sort_by_key(|d| d.priority != Priority::High);
         Ok(found)
+    }
+
+    /// `XREADGROUP` of new entries (one per stream), waiting up to `block` if given.
+    async fn read_new(
+        &mut self,
+        priorities: &[Priority],
+        block: Option<Duration>,
+    ) -> Result<Vec<Delivery>, QueueError> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&self.config.group)
+            .arg(&self.name)
+            .arg("COUNT")
+            .arg(1);
+        if let Some(block) = block {
+            cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+        }
+        cmd.arg("STREAMS");
+        for &p in priorities {
+            cmd.arg(self.keys.stream(p));
+        }
+        for _ in priorities {
+            cmd.arg(">");
+        }
+        let reply: Option<StreamReadReply> = cmd.query_async(&mut self.conn).await?;
+        Ok(self.deliveries(reply))
     }
 
     fn deliveries(&self, reply: Option<StreamReadReply>) -> Vec<Delivery> {
