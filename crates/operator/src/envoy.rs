@@ -1,0 +1,298 @@
+//! The Envoy pieces a policy stands for: the ext_proc http filter, the producer cluster,
+//! the per-route opt-outs and an example bootstrap that holds them all. Pure functions of
+//! the policy spec; the controller and `virus-scan-operator envoy-config` both use them.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+
+use crate::crd::{
+    Direction, FailureMode, ProcessingMode, RouteOptOut, Transport, VirusScanPolicySpec,
+};
+
+pub const EXT_PROC_FILTER: &str = "envoy.filters.http.ext_proc";
+pub const EXT_PROC_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor";
+pub const EXT_PROC_PER_ROUTE_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute";
+pub const PRODUCER_CLUSTER: &str = "virus_scanner_producer";
+/// Where the injector mounts the socket directory when the transport is a Unix socket.
+pub const SOCKET_DIR: &str = "/var/run/virus-scanner";
+pub const SOCKET_PATH: &str = "/var/run/virus-scanner/producer.sock";
+
+/// ConfigMap keys of the generated configuration.
+pub const KEY_FILTER: &str = "ext-proc-filter.yaml";
+pub const KEY_CLUSTER: &str = "producer-cluster.yaml";
+pub const KEY_ROUTES: &str = "route-overrides.yaml";
+pub const KEY_BOOTSTRAP: &str = "bootstrap.yaml";
+
+/// Envoy's own margin over the producer's deadline: the producer answers 503 itself at
+/// `timeoutSeconds`, Envoy's message timeout is only the backstop for a producer that hangs.
+const ENVOY_TIMEOUT_MARGIN_SECONDS: u32 = 5;
+
+/// The ext_proc http filter, to be placed before the router.
+pub fn ext_proc_filter(spec: &VirusScanPolicySpec) -> Value {
+    let scan = &spec.scan;
+    let full_duplex = scan.mode == ProcessingMode::FullDuplexStreamed;
+    let body_mode = if full_duplex {
+        "FULL_DUPLEX_STREAMED"
+    } else {
+        "BUFFERED"
+    };
+    // FULL_DUPLEX_STREAMED must see trailers, or the processor cannot tell where a body
+    // without a length ends.
+    let trailer_mode = if full_duplex { "SEND" } else { "SKIP" };
+    let direction = |d: Direction| {
+        if scan.directions.contains(&d) {
+            (body_mode, trailer_mode)
+        } else {
+            ("NONE", "SKIP")
+        }
+    };
+    let (request_body, request_trailer) = direction(Direction::Request);
+    let (response_body, response_trailer) = direction(Direction::Response);
+    let message_timeout = format!("{}s", scan.timeout_seconds + ENVOY_TIMEOUT_MARGIN_SECONDS);
+    json!({
+        "name": EXT_PROC_FILTER,
+        "typed_config": {
+            "@type": EXT_PROC_TYPE,
+            "grpc_service": {
+                "envoy_grpc": { "cluster_name": PRODUCER_CLUSTER },
+                // The whole ext_proc stream lives as long as the HTTP exchange, large
+                // uploads included; the per-message deadline is message_timeout.
+                "timeout": "3600s"
+            },
+            // A security control fails closed: with false, a producer that is down or
+            // answers with an error makes Envoy refuse the request.
+            "failure_mode_allow": scan.failure_mode == FailureMode::FailOpen,
+            "status_on_error": { "code": "ServiceUnavailable" },
+            "message_timeout": message_timeout,
+            "max_message_timeout": message_timeout,
+            "allow_mode_override": false,
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "response_header_mode": "SEND",
+                "request_body_mode": request_body,
+                "response_body_mode": response_body,
+                "request_trailer_mode": request_trailer,
+                "response_trailer_mode": response_trailer
+            }
+        }
+    })
+}
+
+/// The cluster that reaches the producer sidecar in the same pod.
+pub fn producer_cluster(spec: &VirusScanPolicySpec) -> Value {
+    let address = match spec.producer.transport {
+        Transport::Tcp => json!({
+            "socket_address": { "address": "127.0.0.1", "port_value": spec.producer.port }
+        }),
+        Transport::UnixSocket => json!({ "pipe": { "path": SOCKET_PATH } }),
+    };
+    json!({
+        "name": PRODUCER_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": { "http2_protocol_options": {} }
+            }
+        },
+        "load_assignment": {
+            "cluster_name": PRODUCER_CLUSTER,
+            "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": address } }] }]
+        }
+    })
+}
+
+/// `typed_per_filter_config` that turns scanning off on one route.
+pub fn disabled_override() -> Value {
+    json!({
+        EXT_PROC_FILTER: { "@type": EXT_PROC_PER_ROUTE_TYPE, "disabled": true }
+    })
+}
+
+/// Envoy's route match for an opted-out route.
+pub fn route_match(route: &RouteOptOut) -> Value {
+    if let Some(prefix) = &route.path_prefix {
+        json!({ "prefix": prefix })
+    } else if let Some(path) = &route.path {
+        json!({ "path": path })
+    } else {
+        json!({ "safe_regex": { "regex": route.regex.clone().unwrap_or_default() } })
+    }
+}
+
+/// Per opted-out route: its match and the override to merge into the tenant's route.
+pub fn route_overrides(spec: &VirusScanPolicySpec) -> BTreeMap<String, Value> {
+    spec.routes
+        .iter()
+        .map(|r| {
+            (
+                r.name.clone(),
+                json!({ "match": route_match(r), "typed_per_filter_config": disabled_override() }),
+            )
+        })
+        .collect()
+}
+
+/// Envoy buffers a BUFFERED body up to the connection's buffer limit (1 MiB by default,
+/// then 413): the limit must cover the largest body the policy scans.
+pub fn buffer_limit_bytes(spec: &VirusScanPolicySpec) -> Option<u64> {
+    (spec.scan.mode == ProcessingMode::Buffered)
+        .then(|| u64::from(spec.scan.max_body_mb) * 1024 * 1024 + 64 * 1024)
+}
+
+/// A complete bootstrap: one listener with the filter in front of an `upstream` cluster
+/// (replace its address with the gateway's backend), the opted-out routes first.
+pub fn example_bootstrap(spec: &VirusScanPolicySpec) -> Value {
+    let mut routes: Vec<Value> = spec
+        .routes
+        .iter()
+        .map(|r| {
+            json!({
+                "name": r.name,
+                "match": route_match(r),
+                "route": { "cluster": "upstream", "timeout": "0s" },
+                "typed_per_filter_config": disabled_override()
+            })
+        })
+        .collect();
+    routes.push(json!({
+        "name": "default",
+        "match": { "prefix": "/" },
+        "route": { "cluster": "upstream", "timeout": "0s" }
+    }));
+    let mut listener = json!({
+        "name": "gateway",
+        "address": { "socket_address": { "address": "0.0.0.0", "port_value": 8000 } },
+        "filter_chains": [{ "filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "gateway",
+                "codec_type": "AUTO",
+                "route_config": {
+                    "name": "gateway",
+                    "virtual_hosts": [{ "name": "all", "domains": ["*"], "routes": routes }]
+                },
+                "http_filters": [
+                    ext_proc_filter(spec),
+                    {
+                        "name": "envoy.filters.http.router",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                        }
+                    }
+                ]
+            }
+        }]}]
+    });
+    let mut upstream = json!({
+        "name": "upstream",
+        "type": "STRICT_DNS",
+        "connect_timeout": "2s",
+        "load_assignment": {
+            "cluster_name": "upstream",
+            "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": {
+                "socket_address": { "address": "backend", "port_value": 8080 }
+            }}}]}]
+        }
+    });
+    if let Some(limit) = buffer_limit_bytes(spec) {
+        listener["per_connection_buffer_limit_bytes"] = json!(limit);
+        upstream["per_connection_buffer_limit_bytes"] = json!(limit);
+    }
+    json!({
+        "static_resources": {
+            "listeners": [listener],
+            "clusters": [upstream, producer_cluster(spec)]
+        }
+    })
+}
+
+/// Every generated piece as ConfigMap data (YAML values).
+pub fn config_map_data(spec: &VirusScanPolicySpec) -> BTreeMap<String, String> {
+    let mut data = BTreeMap::new();
+    data.insert(KEY_FILTER.to_owned(), to_yaml(&ext_proc_filter(spec)));
+    data.insert(KEY_CLUSTER.to_owned(), to_yaml(&producer_cluster(spec)));
+    data.insert(
+        KEY_ROUTES.to_owned(),
+        to_yaml(&json!(route_overrides(spec))),
+    );
+    data.insert(KEY_BOOTSTRAP.to_owned(), to_yaml(&example_bootstrap(spec)));
+    data
+}
+
+pub fn to_yaml(value: &Value) -> String {
+    // A serde_json::Value always has a YAML form.
+    serde_saphyr::to_string(value).unwrap_or_else(|e| panic!("YAML rendering failed: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::ScanSettings;
+
+    fn spec(json: Value) -> VirusScanPolicySpec {
+        serde_json::from_value(json).expect("spec")
+    }
+
+    #[test]
+    fn default_policy_buffers_both_directions_and_fails_closed() {
+        let f = ext_proc_filter(&spec(json!({"selector": {}})));
+        let c = &f["typed_config"];
+        assert_eq!(c["failure_mode_allow"], json!(false));
+        assert_eq!(c["processing_mode"]["request_body_mode"], "BUFFERED");
+        assert_eq!(c["processing_mode"]["response_body_mode"], "BUFFERED");
+        assert_eq!(c["message_timeout"], "35s");
+    }
+
+    #[test]
+    fn full_duplex_sends_trailers_and_skipped_direction_sends_no_body() {
+        let s = VirusScanPolicySpec {
+            scan: ScanSettings {
+                mode: ProcessingMode::FullDuplexStreamed,
+                directions: vec![Direction::Request],
+                ..ScanSettings::default()
+            },
+            ..spec(json!({"selector": {}}))
+        };
+        let m = &ext_proc_filter(&s)["typed_config"]["processing_mode"];
+        assert_eq!(m["request_body_mode"], "FULL_DUPLEX_STREAMED");
+        assert_eq!(m["request_trailer_mode"], "SEND");
+        assert_eq!(m["response_body_mode"], "NONE");
+        assert_eq!(m["response_trailer_mode"], "SKIP");
+        assert_eq!(buffer_limit_bytes(&s), None);
+    }
+
+    #[test]
+    fn unix_socket_transport_uses_a_pipe() {
+        let s = spec(json!({"selector": {}, "producer": {"transport": "UnixSocket"}}));
+        let c = producer_cluster(&s);
+        assert_eq!(
+            c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["pipe"]
+                ["path"],
+            SOCKET_PATH
+        );
+    }
+
+    #[test]
+    fn opted_out_routes_come_first_in_the_example() {
+        let s = spec(json!({"selector": {}, "routes": [
+            {"name": "health", "path": "/healthz"},
+            {"name": "static", "regex": "^/static/.*"}
+        ]}));
+        let b = example_bootstrap(&s);
+        let routes = &b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+            ["route_config"]["virtual_hosts"][0]["routes"];
+        assert_eq!(routes[0]["match"]["path"], "/healthz");
+        assert_eq!(routes[1]["match"]["safe_regex"]["regex"], "^/static/.*");
+        assert_eq!(
+            routes[1]["typed_per_filter_config"][EXT_PROC_FILTER]["disabled"],
+            true
+        );
+        assert!(routes[2].get("typed_per_filter_config").is_none());
+    }
+}

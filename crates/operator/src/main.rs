@@ -1,0 +1,21 @@
+use clap::Parser;
+use virus_scan_operator::{Cli, Command};
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Crd) => {
+            print!("{}", virus_scan_operator::crd::crd_yaml());
+            Ok(())
+        }
+        Some(Command::EnvoyConfig(args)) => {
+            print!("{}", virus_scan_operator::envoy_config(&args)?);
+            Ok(())
+        }
+        Some(Command::Run) | None => {
+            virus_scanner_runtime::init_tracing(cli.run.log_format);
+            virus_scan_operator::run(cli.run).await
+        }
+    }
+}
