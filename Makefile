@@ -6,7 +6,7 @@ CARGO ?= cargo
 # Integration tests start real services; two test threads keep a 2-core machine responsive.
 TEST_THREADS ?= 2
 
-.PHONY: all build deps k8s-bin test test-unit lint fmt run bench
+.PHONY: all build deps k8s-bin test test-unit lint fmt run bench crds
 
 ## kube-apiserver, kubectl, kube-controller-manager, helm, kubeconform and etcd, cached.
 k8s-bin:
@@ -37,6 +37,11 @@ lint:
 
 fmt:
 	$(CARGO) fmt --all
+
+## The CRD YAML in crds/, generated from the Rust types (a unit test fails when it is stale).
+CRD_FILE := crds/virusscanpolicies.virusscan.aether-platform.io.yaml
+crds:
+	$(CARGO) run -q -p virus-scan-operator -- crd > $(CRD_FILE).tmp && mv $(CRD_FILE).tmp $(CRD_FILE)
 
 ## The local stack on loopback ports, in ./.run (stopped with Ctrl-C).
 run: deps

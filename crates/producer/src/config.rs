@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use virus_scanner_protocol::task::Priority;
 use virus_scanner_queue::{QueueConfig, RedisArgs};
 use virus_scanner_runtime::LogFormat;
 
@@ -56,6 +57,9 @@ pub struct ProducerArgs {
     /// Request header whose value `high` puts the scan in the high-priority queue.
     #[arg(long, env = "PRIORITY_HEADER", default_value = "x-priority")]
     pub priority_header: String,
+    /// Queue for requests without the priority header: normal or high.
+    #[arg(long, env = "DEFAULT_PRIORITY", default_value = "normal")]
+    pub default_priority: String,
     /// Tenant label for metrics and the audit log.
     #[arg(long, env = "TENANT", default_value = "")]
     pub tenant: String,
@@ -85,6 +89,7 @@ pub struct ProducerConfig {
     pub error_status: u16,
     pub unscannable_status: u16,
     pub priority_header: String,
+    pub default_priority: Priority,
     pub tenant: String,
     pub policy: String,
     pub log_format: LogFormat,
@@ -120,6 +125,15 @@ impl ProducerArgs {
         if self.priority_header.is_empty() {
             return Err("PRIORITY_HEADER must not be empty".into());
         }
+        let default_priority = match self.default_priority.to_ascii_lowercase().as_str() {
+            "normal" => Priority::Normal,
+            "high" => Priority::High,
+            other => {
+                return Err(format!(
+                    "DEFAULT_PRIORITY must be normal or high, got {other:?}"
+                ));
+            }
+        };
         let queue = self.redis.to_queue_config()?;
         Ok(ProducerConfig {
             queue,
@@ -137,6 +151,7 @@ impl ProducerArgs {
             error_status: http_status("ERROR_STATUS", self.error_status)?,
             unscannable_status: http_status("UNSCANNABLE_STATUS", self.unscannable_status)?,
             priority_header: self.priority_header.to_ascii_lowercase(),
+            default_priority,
             tenant: self.tenant,
             policy: self.policy,
             log_format: self.log_format,

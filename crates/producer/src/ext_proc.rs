@@ -183,7 +183,8 @@ impl ExtProcStream {
             self.ctx.request_id = headers.get("x-request-id").cloned().unwrap_or_default();
             self.ctx.priority = match headers.get(self.scan.config.priority_header.as_str()) {
                 Some(v) if v.trim().eq_ignore_ascii_case("high") => Priority::High,
-                _ => Priority::Normal,
+                Some(v) if v.trim().eq_ignore_ascii_case("normal") => Priority::Normal,
+                _ => self.scan.config.default_priority,
             };
         }
         let limits = self.scan.limits.clone();

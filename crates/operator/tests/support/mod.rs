@@ -1,0 +1,116 @@
+//! The operator binary against a real kube-apiserver.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use virus_scanner_test_support::kube::ControlPlane;
+use virus_scanner_test_support::{ServiceProcess, free_port, http_get, metric, wait_for};
+
+pub const CRD_FILE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../crds/virusscanpolicies.virusscan.aether-platform.io.yaml"
+);
+pub const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../manifests/examples");
+
+pub fn operator_binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_virus-scan-operator"))
+}
+
+/// A control plane with the CRD installed and established.
+pub fn plane_with_crd() -> ControlPlane {
+    let plane = ControlPlane::start();
+    plane.kubectl(&["apply", "--server-side", "-f", CRD_FILE]);
+    plane.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/virusscanpolicies.virusscan.aether-platform.io",
+    ]);
+    plane
+}
+
+pub struct Operator {
+    pub process: ServiceProcess,
+    pub ops_port: u16,
+    pub identity: String,
+}
+
+impl Operator {
+    /// Runs `virus-scan-operator` out of cluster, its lease in `default`.
+    pub fn start(plane: &ControlPlane, identity: &str) -> Operator {
+        let ops_port = free_port();
+        let process = ServiceProcess::spawn(
+            operator_binary(),
+            &[],
+            &[
+                ("KUBECONFIG", plane.kubeconfig().display().to_string()),
+                ("METRICS_ADDR", format!("127.0.0.1:{ops_port}")),
+                ("POD_NAMESPACE", "default".to_owned()),
+                ("POD_NAME", identity.to_owned()),
+                ("LEASE_DURATION_SECONDS", "4".to_owned()),
+                ("LOG_FORMAT", "text".to_owned()),
+            ],
+        );
+        let op = Operator {
+            process,
+            ops_port,
+            identity: identity.to_owned(),
+        };
+        let up = wait_for(Duration::from_secs(30), || {
+            http_get(ops_port, "/health").is_some_and(|(s, _)| s == 200)
+        });
+        assert!(up, "operator did not start\n{}", op.process.log_tail());
+        op
+    }
+
+    pub fn metric(&self, name: &str) -> f64 {
+        metric(self.ops_port, name)
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.metric("virus_scan_operator_leader") == 1.0
+    }
+
+    pub fn writes(&self) -> f64 {
+        self.metric("virus_scan_operator_writes_total")
+    }
+}
+
+/// Polls `check` every 200 ms in a blocking-friendly way.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `envoy --mode validate` on a bootstrap; panics with Envoy's complaint.
+pub fn envoy_validates(bootstrap: &str) {
+    let file = tempfile::Builder::new()
+        .suffix(".yaml")
+        .tempfile()
+        .expect("temp file");
+    std::fs::write(file.path(), bootstrap).expect("write bootstrap");
+    let out = std::process::Command::new(virus_scanner_test_support::envoy_binary())
+        .args(["--mode", "validate", "--log-level", "warn", "-c"])
+        .arg(file.path())
+        .output()
+        .expect("run envoy");
+    assert!(
+        out.status.success(),
+        "envoy --mode validate refused the config:\n{}\n{bootstrap}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
