@@ -34,6 +34,10 @@ pub const POLICY_LABEL: &str = "virusscan.aether-platform.io/policy";
 /// was injected.
 pub const ANNOTATION_POLICY: &str = "virusscan.aether-platform.io/policy";
 pub const ANNOTATION_GENERATION: &str = "virusscan.aether-platform.io/policy-generation";
+/// On a policy, `"true"` lets the operator restart the Deployments of outdated pods.
+pub const ANNOTATION_RESTART_OUTDATED: &str = "virusscan.aether-platform.io/restart-outdated";
+/// On a Deployment's pod template: the policy generation it was restarted for.
+pub const ANNOTATION_RESTARTED_FOR: &str = "virusscan.aether-platform.io/restarted-for-generation";
 
 const RESYNC: Duration = Duration::from_secs(300);
 const RETRY_MISSING_BOOTSTRAP: Duration = Duration::from_secs(30);
@@ -210,7 +214,16 @@ async fn reconcile_policy(policy: &VirusScanPolicy, ctx: &Context) -> Result<Act
     }
 
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    let (matched, injected, outdated) = count_pods(&pods, policy).await?;
+    let (matched, injected, outdated_pods) = count_pods(&pods, policy).await?;
+    let outdated = i32::try_from(outdated_pods.len()).unwrap_or(i32::MAX);
+    if !outdated_pods.is_empty()
+        && policy
+            .annotations()
+            .get(ANNOTATION_RESTART_OUTDATED)
+            .is_some_and(|v| v == "true")
+    {
+        restart_outdated(ctx, policy, &namespace, &outdated_pods).await?;
+    }
 
     let generation = policy.metadata.generation;
     let previous = policy.status.clone().unwrap_or_default();
@@ -384,10 +397,13 @@ async fn derive_bootstrap(
 
 /// Pods the policy selects; of those, pods carrying its sidecar; of those, pods injected
 /// from an older generation.
-async fn count_pods(api: &Api<Pod>, policy: &VirusScanPolicy) -> Result<(i32, i32, i32), Error> {
+async fn count_pods(
+    api: &Api<Pod>,
+    policy: &VirusScanPolicy,
+) -> Result<(i32, i32, Vec<Pod>), Error> {
     let name = policy.name_any();
     let generation = policy.metadata.generation.unwrap_or_default().to_string();
-    let (mut matched, mut injected, mut outdated) = (0, 0, 0);
+    let (mut matched, mut injected, mut outdated) = (0, 0, Vec::new());
     for pod in api.list(&ListParams::default()).await? {
         if !selector::matches(&policy.spec.selector, pod.labels()) {
             continue;
@@ -397,11 +413,79 @@ async fn count_pods(api: &Api<Pod>, policy: &VirusScanPolicy) -> Result<(i32, i3
         if annotations.get(ANNOTATION_POLICY) == Some(&name) {
             injected += 1;
             if annotations.get(ANNOTATION_GENERATION) != Some(&generation) {
-                outdated += 1;
+                outdated.push(pod);
             }
         }
     }
     Ok((matched, injected, outdated))
+}
+
+/// Restarts (as `kubectl rollout restart` does) the Deployments that own outdated pods,
+/// once per policy generation.
+async fn restart_outdated(
+    ctx: &Context,
+    policy: &VirusScanPolicy,
+    namespace: &str,
+    outdated: &[Pod],
+) -> Result<(), Error> {
+    use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+    let generation = policy.metadata.generation.unwrap_or_default().to_string();
+    let replica_sets: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), namespace);
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
+    let mut names = std::collections::BTreeSet::new();
+    for pod in outdated {
+        let Some(rs) = controller_of(pod.owner_references(), "ReplicaSet") else {
+            continue;
+        };
+        let Some(rs) = replica_sets.get_opt(&rs).await? else {
+            continue;
+        };
+        if let Some(d) = controller_of(rs.owner_references(), "Deployment") {
+            names.insert(d);
+        }
+    }
+    for name in names {
+        let Some(deployment) = deployments.get_opt(&name).await? else {
+            continue;
+        };
+        let done = deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.as_ref())
+            .and_then(|a| a.get(ANNOTATION_RESTARTED_FOR))
+            == Some(&generation);
+        if done {
+            continue;
+        }
+        let patch = json!({"spec": {"template": {"metadata": {"annotations": {
+            ANNOTATION_RESTARTED_FOR: generation,
+            "kubectl.kubernetes.io/restartedAt": Timestamp::now().to_string(),
+        }}}}});
+        deployments
+            .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+            .await?;
+        ctx.metrics.wrote("deployment");
+        publish(
+            ctx,
+            policy,
+            EventType::Normal,
+            "RestartedDeployment",
+            format!("restarted Deployment {name}: its pods carry a sidecar from an older policy generation"),
+        )
+        .await;
+    }
+    Ok(())
+}
+
+fn controller_of(
+    owners: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference],
+    kind: &str,
+) -> Option<String> {
+    owners
+        .iter()
+        .find(|o| o.kind == kind && o.controller == Some(true))
+        .map(|o| o.name.clone())
 }
 
 /// A condition; its transition time moves only when its status changes.

@@ -3,13 +3,16 @@
 #![forbid(unsafe_code)]
 
 pub mod bootstrap;
+pub mod certs;
 pub mod controller;
 pub mod crd;
 pub mod envoy;
 pub mod error;
+pub mod inject;
 pub mod lease;
 pub mod metrics;
 pub mod selector;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -73,6 +76,60 @@ pub struct RunArgs {
     /// json or text.
     #[arg(long, env = "LOG_FORMAT", default_value = "json")]
     pub log_format: LogFormat,
+
+    /// HTTPS address of the sidecar injector (`/mutate`).
+    #[arg(long, env = "WEBHOOK_ADDR", default_value = "0.0.0.0:9443")]
+    pub webhook_addr: SocketAddr,
+    /// The Service in front of the webhook; its DNS names go into the certificate.
+    #[arg(
+        long,
+        env = "WEBHOOK_SERVICE",
+        default_value = "virus-scan-operator-webhook"
+    )]
+    pub webhook_service: String,
+    /// More subject alternative names (comma-separated DNS names or IPs).
+    #[arg(long, env = "WEBHOOK_EXTRA_SANS", value_delimiter = ',')]
+    pub webhook_extra_sans: Vec<String>,
+    /// The MutatingWebhookConfiguration whose caBundle the operator keeps current.
+    #[arg(
+        long,
+        env = "WEBHOOK_CONFIG_NAME",
+        default_value = "virus-scan-operator"
+    )]
+    pub webhook_config_name: String,
+    /// The Secret (in the operator's namespace) that holds the CA and serving certificate.
+    #[arg(
+        long,
+        env = "WEBHOOK_SECRET_NAME",
+        default_value = "virus-scan-operator-webhook-tls"
+    )]
+    pub webhook_secret_name: String,
+    /// Read tls.crt and tls.key from this directory (cert-manager) instead of managing them.
+    #[arg(long, env = "WEBHOOK_CERT_DIR")]
+    pub webhook_cert_dir: Option<PathBuf>,
+    #[arg(long, env = "WEBHOOK_CERT_VALIDITY_SECONDS", default_value_t = 365 * 24 * 3600)]
+    pub webhook_cert_validity_seconds: u64,
+    /// Rotate when the certificate has less than this left.
+    #[arg(long, env = "WEBHOOK_CERT_RENEW_BEFORE_SECONDS", default_value_t = 30 * 24 * 3600)]
+    pub webhook_cert_renew_before_seconds: u64,
+    /// How often the certificate is checked (and re-read in cert-manager mode).
+    #[arg(long, env = "WEBHOOK_CERT_CHECK_SECONDS", default_value_t = 60)]
+    pub webhook_cert_check_seconds: u64,
+
+    /// The producer image injected when a policy names none.
+    #[arg(long, env = "PRODUCER_IMAGE", default_value = concat!("ghcr.io/aether-platform/virus-scanner:", env!("CARGO_PKG_VERSION")))]
+    pub producer_image: String,
+    /// Redis for policies that name none (the chart's).
+    #[arg(
+        long,
+        env = "DEFAULT_REDIS_HOST",
+        default_value = "virus-scanner-redis.virus-scanner.svc"
+    )]
+    pub default_redis_host: String,
+    #[arg(long, env = "DEFAULT_REDIS_PORT", default_value_t = 6379)]
+    pub default_redis_port: u16,
+    #[arg(long, env = "DEFAULT_REDIS_TLS", default_value_t = false)]
+    pub default_redis_tls: bool,
 }
 
 impl RunArgs {
@@ -82,7 +139,43 @@ impl RunArgs {
             "LEASE_DURATION_SECONDS must be between 3 and 3600, got {}",
             self.lease_duration_seconds
         );
+        anyhow::ensure!(
+            self.webhook_cert_renew_before_seconds < self.webhook_cert_validity_seconds,
+            "WEBHOOK_CERT_RENEW_BEFORE_SECONDS ({}) must be less than WEBHOOK_CERT_VALIDITY_SECONDS ({})",
+            self.webhook_cert_renew_before_seconds,
+            self.webhook_cert_validity_seconds
+        );
+        anyhow::ensure!(
+            self.webhook_cert_check_seconds >= 1,
+            "WEBHOOK_CERT_CHECK_SECONDS must be at least 1"
+        );
+        anyhow::ensure!(
+            !self.producer_image.is_empty(),
+            "PRODUCER_IMAGE must not be empty"
+        );
         Ok(())
+    }
+
+    fn cert_source(&self) -> certs::CertSource {
+        if let Some(dir) = &self.webhook_cert_dir {
+            return certs::CertSource::Files(dir.clone());
+        }
+        let (svc, ns) = (&self.webhook_service, &self.namespace);
+        let mut names = vec![
+            format!("{svc}.{ns}.svc"),
+            format!("{svc}.{ns}.svc.cluster.local"),
+            format!("{svc}.{ns}"),
+            svc.clone(),
+        ];
+        names.extend(self.webhook_extra_sans.iter().cloned());
+        certs::CertSource::Managed(certs::ManagedCert {
+            namespace: ns.clone(),
+            secret_name: self.webhook_secret_name.clone(),
+            webhook_config_name: self.webhook_config_name.clone(),
+            names,
+            validity: Duration::from_secs(self.webhook_cert_validity_seconds),
+            renew_before: Duration::from_secs(self.webhook_cert_renew_before_seconds),
+        })
     }
 
     fn identity(&self) -> String {
@@ -122,7 +215,58 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     });
 
-    let ready: virus_scanner_runtime::ReadinessCheck = Arc::new(|| Box::pin(async { Ok(()) }));
+    let webhook_metrics = webhook::WebhookMetrics::register(&mut registry);
+
+    // The injector runs on every replica.
+    let resolver = Arc::new(certs::CertResolver::default());
+    tokio::spawn(certs::maintain(
+        client.clone(),
+        args.cert_source(),
+        resolver.clone(),
+        Duration::from_secs(args.webhook_cert_check_seconds),
+    ));
+    let (policies, cache) = webhook::policy_cache(client.clone());
+    tokio::spawn(cache);
+    let injector = webhook::Injector {
+        policies,
+        defaults: Arc::new(inject::InjectDefaults {
+            image: args.producer_image.clone(),
+            redis: crd::RedisSettings {
+                host: args.default_redis_host.clone(),
+                port: args.default_redis_port,
+                tls: args.default_redis_tls,
+                password_secret_ref: None,
+                ca_secret_ref: None,
+            },
+        }),
+        metrics: webhook_metrics,
+    };
+    let webhook_listener = tokio::net::TcpListener::bind(args.webhook_addr)
+        .await
+        .with_context(|| format!("cannot bind WEBHOOK_ADDR {}", args.webhook_addr))?;
+    tracing::info!(addr = %webhook_listener.local_addr()?, "webhook listening");
+    tokio::spawn({
+        let resolver = resolver.clone();
+        let app = webhook::router(injector);
+        let stop = stopped();
+        async move {
+            if let Err(e) = webhook::serve_tls(webhook_listener, resolver, app, stop).await {
+                tracing::error!(error = %e, "webhook TLS configuration failed");
+            }
+        }
+    });
+
+    // Ready once the webhook has a certificate to present.
+    let ready: virus_scanner_runtime::ReadinessCheck = Arc::new(move || {
+        let loaded = resolver.is_loaded();
+        Box::pin(async move {
+            if loaded {
+                Ok(())
+            } else {
+                Err("no webhook certificate yet".to_owned())
+            }
+        })
+    });
     let router = virus_scanner_runtime::ops_router(Arc::new(registry), ready);
     let (addr, serve) = virus_scanner_runtime::bind_ops(args.metrics_addr, router, stopped())
         .await

@@ -33,28 +33,39 @@ pub fn plane_with_crd() -> ControlPlane {
 pub struct Operator {
     pub process: ServiceProcess,
     pub ops_port: u16,
+    pub webhook_port: u16,
     pub identity: String,
 }
 
 impl Operator {
     /// Runs `virus-scan-operator` out of cluster, its lease in `default`.
     pub fn start(plane: &ControlPlane, identity: &str) -> Operator {
+        Operator::start_with(plane, identity, &[])
+    }
+
+    /// With more environment (webhook settings).
+    pub fn start_with(plane: &ControlPlane, identity: &str, extra: &[(&str, String)]) -> Operator {
         let ops_port = free_port();
-        let process = ServiceProcess::spawn(
-            operator_binary(),
-            &[],
-            &[
-                ("KUBECONFIG", plane.kubeconfig().display().to_string()),
-                ("METRICS_ADDR", format!("127.0.0.1:{ops_port}")),
-                ("POD_NAMESPACE", "default".to_owned()),
-                ("POD_NAME", identity.to_owned()),
-                ("LEASE_DURATION_SECONDS", "4".to_owned()),
-                ("LOG_FORMAT", "text".to_owned()),
-            ],
-        );
+        let webhook_port = free_port();
+        let mut env = vec![
+            ("KUBECONFIG", plane.kubeconfig().display().to_string()),
+            ("METRICS_ADDR", format!("127.0.0.1:{ops_port}")),
+            ("WEBHOOK_ADDR", format!("127.0.0.1:{webhook_port}")),
+            ("WEBHOOK_EXTRA_SANS", "127.0.0.1".to_owned()),
+            ("POD_NAMESPACE", "default".to_owned()),
+            ("POD_NAME", identity.to_owned()),
+            ("LEASE_DURATION_SECONDS", "4".to_owned()),
+            ("LOG_FORMAT", "text".to_owned()),
+        ];
+        for (k, v) in extra {
+            env.retain(|(key, _)| key != k);
+            env.push((k, v.clone()));
+        }
+        let process = ServiceProcess::spawn(operator_binary(), &[], &env);
         let op = Operator {
             process,
             ops_port,
+            webhook_port,
             identity: identity.to_owned(),
         };
         let up = wait_for(Duration::from_secs(30), || {

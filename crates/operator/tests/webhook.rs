@@ -1,0 +1,509 @@
+//! The sidecar injector on a real kube-apiserver, which calls it over HTTPS and trusts it
+//! only through the caBundle the operator patches in; the namespace enforces the
+//! `restricted` Pod Security Standard, so an injected sidecar that breaks it fails the test.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::{Container, Pod, Secret};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::{Value, json};
+use support::{EXAMPLES, Operator, eventually, plane_with_crd};
+use virus_scan_operator::crd::VirusScanPolicy;
+use virus_scan_operator::inject::SIDECAR;
+use virus_scanner_test_support::kube::ControlPlane;
+
+const NS: &str = "tenant-a";
+const WEBHOOK: &str = "virus-scan-operator";
+const ADMISSIONS: &str = "virus_scan_operator_admission_requests_total";
+
+fn webhook_configuration(port: u16) -> String {
+    format!(
+        r#"apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingWebhookConfiguration
+metadata: {{ name: {WEBHOOK} }}
+webhooks:
+- name: inject.virusscan.aether-platform.io
+  admissionReviewVersions: ["v1"]
+  sideEffects: None
+  failurePolicy: Fail
+  timeoutSeconds: 5
+  reinvocationPolicy: IfNeeded
+  namespaceSelector:
+    matchExpressions:
+    - {{ key: virusscan.aether-platform.io/injection, operator: In, values: [enabled] }}
+    - {{ key: kubernetes.io/metadata.name, operator: NotIn, values: [kube-system, default] }}
+  objectSelector:
+    matchExpressions:
+    - {{ key: virusscan.aether-platform.io/inject, operator: NotIn, values: ["false"] }}
+  clientConfig:
+    url: https://127.0.0.1:{port}/mutate
+  rules:
+  - {{ operations: [CREATE], apiGroups: [""], apiVersions: [v1], resources: [pods] }}
+"#
+    )
+}
+
+fn apply(plane: &ControlPlane, yaml: &str) {
+    let file = tempfile::Builder::new().suffix(".yaml").tempfile().unwrap();
+    std::fs::write(file.path(), yaml).unwrap();
+    plane.kubectl(&["apply", "-f", &file.path().display().to_string()]);
+}
+
+/// The plane, the tenant namespace (injection on, `restricted` enforced), the example
+/// policy, an operator and the webhook configuration with the caBundle patched in.
+async fn setup(extra_env: &[(&str, String)]) -> (ControlPlane, Client, Operator) {
+    let plane = tokio::task::spawn_blocking(plane_with_crd).await.unwrap();
+    plane.kubectl(&["create", "namespace", NS]);
+    plane.kubectl(&[
+        "label",
+        "namespace",
+        NS,
+        "virusscan.aether-platform.io/injection=enabled",
+        "pod-security.kubernetes.io/enforce=restricted",
+    ]);
+    plane.kubectl(&["apply", "-f", &format!("{EXAMPLES}/virusscanpolicy.yaml")]);
+    let operator = Operator::start_with(&plane, "op-0", extra_env);
+    apply(&plane, &webhook_configuration(operator.webhook_port));
+    let client = plane.client().await;
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    eventually(Duration::from_secs(30), "caBundle patched", || async {
+        ca_bundle(&configs).await.is_some()
+    })
+    .await;
+    (plane, client, operator)
+}
+
+async fn ca_bundle(configs: &Api<MutatingWebhookConfiguration>) -> Option<Vec<u8>> {
+    let config = configs.get(WEBHOOK).await.ok()?;
+    config.webhooks?[0]
+        .client_config
+        .ca_bundle
+        .clone()
+        .map(|b| b.0)
+}
+
+/// A pod that passes `restricted` on its own.
+fn pod(name: &str, labels: Value, annotations: Value) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": { "name": name, "labels": labels, "annotations": annotations },
+        "spec": {
+            "securityContext": { "runAsNonRoot": true, "seccompProfile": { "type": "RuntimeDefault" } },
+            "containers": [{
+                "name": "envoy",
+                "image": "envoyproxy/envoy:v1.40.0",
+                "securityContext": {
+                    "allowPrivilegeEscalation": false,
+                    "capabilities": { "drop": ["ALL"] }
+                }
+            }]
+        }
+    }))
+    .unwrap()
+}
+
+fn sidecars(pod: &Pod) -> Vec<Container> {
+    let spec = pod.spec.as_ref().unwrap();
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .filter(|c| c.name == SIDECAR)
+        .cloned()
+        .collect()
+}
+
+/// Creates a pod, retrying while the API server has not yet picked up the webhook's
+/// configuration or certificate (the webhook fails closed meanwhile).
+async fn create_injected(api: &Api<Pod>, pod: &Pod) -> Pod {
+    let started = Instant::now();
+    loop {
+        match api.create(&PostParams::default(), pod).await {
+            Ok(created) if !sidecars(&created).is_empty() => return created,
+            Ok(created) => panic!("created without a sidecar: {created:?}"),
+            Err(e) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "the webhook never admitted the pod: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn matching_pod_gets_the_restricted_sidecar_exactly_once() {
+    let (plane, client, mut operator) = setup(&[]).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+
+    let created = create_injected(&pods, &pod("gw-1", json!({"app": "gateway"}), json!({}))).await;
+    let injected = sidecars(&created);
+    assert_eq!(injected.len(), 1);
+    let sidecar = &injected[0];
+    assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
+    let init = created
+        .spec
+        .as_ref()
+        .unwrap()
+        .init_containers
+        .as_ref()
+        .unwrap();
+    assert_eq!(init[0].name, SIDECAR, "the native sidecar starts first");
+    let sc = sidecar.security_context.as_ref().unwrap();
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(
+        sc.capabilities.as_ref().unwrap().drop.as_deref(),
+        Some(&["ALL".to_owned()][..])
+    );
+    assert_eq!(sc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+    let env: Vec<(String, String)> = sidecar
+        .env
+        .iter()
+        .flatten()
+        .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+        .collect();
+    for (k, v) in [
+        ("REDIS_HOST", "virus-scanner-redis.virus-scanner.svc"),
+        ("MAX_BODY_MB", "50"),
+        ("SCAN_TIMEOUT_SECONDS", "30"),
+        ("FAIL_OPEN", "false"),
+        ("INFECTED_STATUS", "406"),
+        ("GRPC_ADDR", "127.0.0.1:50051"),
+        ("TENANT", NS),
+        ("POLICY", "gateway"),
+    ] {
+        assert!(
+            env.contains(&(k.to_owned(), v.to_owned())),
+            "{k}={v} missing in {env:?}"
+        );
+    }
+    assert!(sidecar.startup_probe.is_some() && sidecar.readiness_probe.is_some());
+    let annotations = created.metadata.annotations.as_ref().unwrap();
+    assert_eq!(
+        annotations["virusscan.aether-platform.io/policy"],
+        "gateway"
+    );
+    assert_eq!(
+        annotations["virusscan.aether-platform.io/policy-generation"],
+        "1"
+    );
+    assert_eq!(
+        annotations["virusscan.aether-platform.io/injected-hash"].len(),
+        64
+    );
+
+    // Not selected, or opted out: unchanged.
+    let plain = pods
+        .create(
+            &PostParams::default(),
+            &pod("billing", json!({"app": "billing"}), json!({})),
+        )
+        .await
+        .unwrap();
+    assert!(sidecars(&plain).is_empty());
+    assert!(plain.metadata.annotations.is_none());
+    let out = pods
+        .create(
+            &PostParams::default(),
+            &pod(
+                "gw-out",
+                json!({"app": "gateway"}),
+                json!({"virusscan.aether-platform.io/inject": "false"}),
+            ),
+        )
+        .await
+        .unwrap();
+    assert!(sidecars(&out).is_empty());
+    // An opt-out label keeps the pod from ever reaching the webhook.
+    let before = operator.metric(ADMISSIONS);
+    let labelled = pods
+        .create(
+            &PostParams::default(),
+            &pod(
+                "gw-out-label",
+                json!({"app": "gateway", "virusscan.aether-platform.io/inject": "false"}),
+                json!({}),
+            ),
+        )
+        .await
+        .unwrap();
+    assert!(sidecars(&labelled).is_empty());
+    assert_eq!(operator.metric(ADMISSIONS), before);
+
+    // A pod that already carries the sidecar keeps exactly one; re-applying too.
+    let mut copy = created.clone();
+    copy.metadata =
+        serde_json::from_value(json!({"name": "gw-copy", "labels": {"app": "gateway"}})).unwrap();
+    copy.status = None;
+    let copy = pods.create(&PostParams::default(), &copy).await.unwrap();
+    assert_eq!(sidecars(&copy).len(), 1);
+    let manifest = tempfile::Builder::new().suffix(".json").tempfile().unwrap();
+    let mut applied =
+        serde_json::to_value(pod("gw-applied", json!({"app": "gateway"}), json!({}))).unwrap();
+    applied["apiVersion"] = json!("v1");
+    applied["kind"] = json!("Pod");
+    applied["metadata"]["namespace"] = json!(NS);
+    std::fs::write(manifest.path(), applied.to_string()).unwrap();
+    let path = manifest.path().display().to_string();
+    plane.kubectl(&["apply", "-f", &path]);
+    plane.kubectl(&["apply", "-f", &path]);
+    assert_eq!(sidecars(&pods.get("gw-applied").await.unwrap()).len(), 1);
+
+    // Two policies selecting one pod: refused, naming both.
+    let second = std::fs::read_to_string(format!("{EXAMPLES}/virusscanpolicy.yaml"))
+        .unwrap()
+        .replace("name: gateway\n", "name: second\n");
+    apply(&plane, &second);
+    let started = Instant::now();
+    let refusal = loop {
+        let attempt = pods
+            .create(
+                &PostParams::default(),
+                &pod("gw-two", json!({"app": "gateway"}), json!({})),
+            )
+            .await;
+        match attempt {
+            Err(e) => break e.to_string(),
+            Ok(_) => {
+                // The webhook's policy cache has not seen the second policy yet.
+                pods.delete("gw-two", &Default::default()).await.unwrap();
+                assert!(started.elapsed() < Duration::from_secs(20), "never refused");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    };
+    assert!(refusal.contains("gateway, second"), "{refusal}");
+    plane.kubectl(&["delete", "vsp", "second", "-n", NS]);
+
+    // kube-system is excluded by the namespaceSelector even when labelled.
+    plane.kubectl(&[
+        "label",
+        "namespace",
+        "kube-system",
+        "virusscan.aether-platform.io/injection=enabled",
+    ]);
+    let before = operator.metric(ADMISSIONS);
+    let system: Api<Pod> = Api::namespaced(client.clone(), "kube-system");
+    let sys = system
+        .create(
+            &PostParams::default(),
+            &pod("gw-sys", json!({"app": "gateway"}), json!({})),
+        )
+        .await
+        .unwrap();
+    assert!(sidecars(&sys).is_empty());
+    assert_eq!(operator.metric(ADMISSIONS), before);
+
+    // Malformed reviews: 400 with a message, and the webhook keeps serving.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "default");
+    let secret = secrets
+        .get("virus-scan-operator-webhook-tls")
+        .await
+        .unwrap();
+    let bundle = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(bundle.path(), &secret.data.unwrap()["ca-bundle.crt"].0).unwrap();
+    let url = format!("https://127.0.0.1:{}/mutate", operator.webhook_port);
+    for (body, message) in [
+        ("garbage", "malformed AdmissionReview"),
+        ("{}", "malformed AdmissionReview"),
+        (
+            r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":5}}"#,
+            "malformed AdmissionReview",
+        ),
+        (
+            r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#,
+            "without a request",
+        ),
+    ] {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-w", "\n%{http_code}", "--cacert"])
+            .arg(bundle.path())
+            .args([
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                body,
+                &url,
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (answer, code) = text.rsplit_once('\n').unwrap();
+        assert_eq!(code, "400", "{body}: {text}");
+        assert!(answer.contains(message), "{body}: {answer}");
+    }
+    assert!(operator.process.is_running());
+
+    // Admission latency over 200 pod creations.
+    let mut took = Vec::new();
+    for i in 0..200 {
+        let p = pod(&format!("load-{i}"), json!({"app": "gateway"}), json!({}));
+        let started = Instant::now();
+        let created = pods.create(&PostParams::default(), &p).await.unwrap();
+        took.push(started.elapsed());
+        assert_eq!(sidecars(&created).len(), 1);
+    }
+    took.sort();
+    plane.kubectl(&["create", "namespace", "no-webhook"]);
+    let plain_pods: Api<Pod> = Api::namespaced(client.clone(), "no-webhook");
+    let mut baseline = Vec::new();
+    for i in 0..200 {
+        let p = pod(&format!("load-{i}"), json!({"app": "gateway"}), json!({}));
+        let started = Instant::now();
+        plain_pods.create(&PostParams::default(), &p).await.unwrap();
+        baseline.push(started.elapsed());
+    }
+    baseline.sort();
+    let within_10ms =
+        operator.metric("virus_scan_operator_admission_duration_seconds_bucket{le=\"0.01\"}");
+    let count = operator.metric("virus_scan_operator_admission_duration_seconds_count");
+    eprintln!(
+        "admission: webhook p99 <= 10 ms for {within_10ms}/{count} reviews; pod create with the webhook p50 {:?} p99 {:?}, without p50 {:?} p99 {:?}",
+        percentile(&took, 0.5),
+        percentile(&took, 0.99),
+        percentile(&baseline, 0.5),
+        percentile(&baseline, 0.99)
+    );
+    assert!(count >= 200.0);
+    assert!(
+        within_10ms / count >= 0.99,
+        "only {within_10ms} of {count} reviews took 10 ms or less"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_keeps_the_webhook_trusted_and_outdated_deployments_restart() {
+    // Certificates valid for 40 s and renewed with 32 s left: a rotation every ~8 s.
+    let (_plane, client, _operator) = setup(&[
+        ("WEBHOOK_CERT_VALIDITY_SECONDS", "40".to_owned()),
+        ("WEBHOOK_CERT_RENEW_BEFORE_SECONDS", "32".to_owned()),
+        ("WEBHOOK_CERT_CHECK_SECONDS", "1".to_owned()),
+    ])
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "default");
+    let serving = || async {
+        secrets
+            .get("virus-scan-operator-webhook-tls")
+            .await
+            .unwrap()
+            .data
+            .unwrap()["tls.crt"]
+            .0
+            .clone()
+    };
+
+    // A Deployment, its ReplicaSet and a pod injected from generation 1.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
+    let template = serde_json::to_value(pod("x", json!({"app": "gateway"}), json!({}))).unwrap();
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": { "name": "gw" },
+        "spec": {
+            "selector": { "matchLabels": { "app": "gateway" } },
+            "template": { "metadata": { "labels": { "app": "gateway" } }, "spec": template["spec"] }
+        }
+    }))
+    .unwrap();
+    let deployment = deployments
+        .create(&PostParams::default(), &deployment)
+        .await
+        .unwrap();
+    let replica_sets: Api<ReplicaSet> = Api::namespaced(client.clone(), NS);
+    let rs: ReplicaSet = serde_json::from_value(json!({
+        "metadata": { "name": "gw-1", "ownerReferences": [{
+            "apiVersion": "apps/v1", "kind": "Deployment", "name": "gw",
+            "uid": deployment.metadata.uid, "controller": true
+        }]},
+        "spec": {
+            "selector": { "matchLabels": { "app": "gateway" } },
+            "template": { "metadata": { "labels": { "app": "gateway" } }, "spec": template["spec"] }
+        }
+    }))
+    .unwrap();
+    let rs = replica_sets
+        .create(&PostParams::default(), &rs)
+        .await
+        .unwrap();
+    let mut owned = pod("gw-1-abc", json!({"app": "gateway"}), json!({}));
+    owned.metadata.owner_references = Some(
+        serde_json::from_value(json!([{
+            "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "gw-1",
+            "uid": rs.metadata.uid, "controller": true
+        }]))
+        .unwrap(),
+    );
+    create_injected(&pods, &owned).await;
+
+    // Two rotations; after each, the API server still calls the webhook successfully.
+    for round in 0..2 {
+        let (cert, bundle) = (serving().await, ca_bundle(&configs).await.unwrap());
+        eventually(Duration::from_secs(30), "certificate rotated", || async {
+            serving().await != cert && ca_bundle(&configs).await.unwrap() != bundle
+        })
+        .await;
+        let rotated = ca_bundle(&configs).await.unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&rotated)
+                .matches("BEGIN CERTIFICATE")
+                .count(),
+            2,
+            "the bundle holds the new and the previous CA"
+        );
+        let created = create_injected(
+            &pods,
+            &pod(
+                &format!("after-rotation-{round}"),
+                json!({"app": "gateway"}),
+                json!({}),
+            ),
+        )
+        .await;
+        assert_eq!(sidecars(&created).len(), 1);
+    }
+
+    // The policy changes and opts in to restarts: the Deployment is restarted once.
+    let policies: Api<VirusScanPolicy> = Api::namespaced(client.clone(), NS);
+    policies
+        .patch(
+            "gateway",
+            &PatchParams::default(),
+            &Patch::Merge(json!({
+                "metadata": { "annotations": { "virusscan.aether-platform.io/restart-outdated": "true" } },
+                "spec": { "scan": { "timeoutSeconds": 20 } }
+            })),
+        )
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "Deployment restarted", || async {
+        deployments
+            .get("gw")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .template
+            .metadata
+            .and_then(|m| m.annotations)
+            .is_some_and(|a| {
+                a.get("virusscan.aether-platform.io/restarted-for-generation")
+                    == Some(&"2".to_owned())
+                    && a.contains_key("kubectl.kubernetes.io/restartedAt")
+            })
+    })
+    .await;
+    let status = policies.get("gateway").await.unwrap().status.unwrap();
+    assert!(status.outdated_pods >= 1, "{status:?}");
+}
