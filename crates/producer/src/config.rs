@@ -69,6 +69,30 @@ pub struct ProducerArgs {
     /// Log format: json or text.
     #[arg(long, env = "LOG_FORMAT", default_value = "json")]
     pub log_format: LogFormat,
+    /// ICAP (RFC 3507) address.
+    #[arg(long, env = "ICAP_ADDR", default_value = "0.0.0.0:1344")]
+    pub icap_addr: SocketAddr,
+    /// The ICAP service path that answers REQMOD and RESPMOD.
+    #[arg(long, env = "ICAP_SERVICE", default_value = "/avscan")]
+    pub icap_service: String,
+    /// Concurrent ICAP connections (announced as Max-Connections; more are refused).
+    #[arg(long, env = "ICAP_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub icap_max_connections: usize,
+    /// Preview size announced in OPTIONS.
+    #[arg(long, env = "ICAP_PREVIEW_BYTES", default_value_t = 1024)]
+    pub icap_preview_bytes: u64,
+    /// Options-TTL announced in OPTIONS.
+    #[arg(long, env = "ICAP_OPTIONS_TTL_SECONDS", default_value_t = 300)]
+    pub icap_options_ttl_seconds: u64,
+    /// How long an idle persistent ICAP connection is kept.
+    #[arg(long, env = "ICAP_IDLE_TIMEOUT_SECONDS", default_value_t = 60)]
+    pub icap_idle_timeout_seconds: u64,
+    /// How long one read inside an ICAP request may take.
+    #[arg(long, env = "ICAP_READ_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub icap_read_timeout_seconds: u64,
+    /// HTTP status of the ICAP block page for an infected body.
+    #[arg(long, env = "ICAP_BLOCK_STATUS", default_value_t = 403)]
+    pub icap_block_status: u16,
 }
 
 /// Validated configuration.
@@ -93,6 +117,8 @@ pub struct ProducerConfig {
     pub tenant: String,
     pub policy: String,
     pub log_format: LogFormat,
+    pub icap_addr: SocketAddr,
+    pub icap: crate::icap::IcapConfig,
 }
 
 fn http_status(name: &str, code: u16) -> Result<u16, String> {
@@ -134,6 +160,29 @@ impl ProducerArgs {
                 ));
             }
         };
+        if !self.icap_service.starts_with('/') {
+            return Err(format!(
+                "ICAP_SERVICE must be a path starting with '/', got {:?}",
+                self.icap_service
+            ));
+        }
+        if self.icap_max_connections == 0 {
+            return Err("ICAP_MAX_CONNECTIONS must be positive".into());
+        }
+        if self.icap_idle_timeout_seconds == 0 || self.icap_read_timeout_seconds == 0 {
+            return Err(
+                "ICAP_IDLE_TIMEOUT_SECONDS and ICAP_READ_TIMEOUT_SECONDS must be positive".into(),
+            );
+        }
+        let icap = crate::icap::IcapConfig {
+            service_path: self.icap_service.clone(),
+            max_connections: self.icap_max_connections,
+            preview: self.icap_preview_bytes,
+            options_ttl: Duration::from_secs(self.icap_options_ttl_seconds),
+            idle_timeout: Duration::from_secs(self.icap_idle_timeout_seconds),
+            read_timeout: Duration::from_secs(self.icap_read_timeout_seconds),
+            block_status: http_status("ICAP_BLOCK_STATUS", self.icap_block_status)?,
+        };
         let queue = self.redis.to_queue_config()?;
         Ok(ProducerConfig {
             queue,
@@ -155,6 +204,8 @@ impl ProducerArgs {
             tenant: self.tenant,
             policy: self.policy,
             log_format: self.log_format,
+            icap_addr: self.icap_addr,
+            icap,
         })
     }
 }

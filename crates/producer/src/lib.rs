@@ -6,6 +6,7 @@
 pub mod body;
 pub mod config;
 pub mod ext_proc;
+pub mod icap;
 pub mod metrics;
 pub mod scan;
 pub mod unpack;
@@ -108,11 +109,22 @@ pub async fn run(
                 ),
         ));
     }
+    let icap_listener = tokio::net::TcpListener::bind(config.icap_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("ICAP_ADDR {}: {e}", config.icap_addr))?;
+    let icap_addr = icap_listener.local_addr()?;
+    let icap = Arc::new(icap::IcapServer::new(service.clone(), config.icap.clone()));
+    let icap_stop = stopped(stop_rx.clone());
+    servers.push(tokio::spawn(async move {
+        icap.serve(icap_listener, icap_stop).await;
+        Ok(())
+    }));
     tokio::spawn(janitor(config.clone(), leftover_age, stop_rx.clone()));
     tracing::info!(
         grpc = %grpc_addr,
         grpc_socket = ?config.grpc_socket,
         http = %http_addr,
+        icap = %icap_addr,
         scan_dir = %config.scan_tmp_dir.display(),
         "producer started"
     );

@@ -18,6 +18,12 @@ pub struct DirectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IcapLabels {
+    pub method: &'static str,
+    pub verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: &'static str,
 }
@@ -33,6 +39,7 @@ pub struct Metrics {
     pub spilled_bytes: Counter,
     pub fail_open: Counter,
     pub errors: Family<KindLabels, Counter>,
+    pub icap_requests: Family<IcapLabels, Counter>,
 }
 
 impl Metrics {
@@ -47,6 +54,7 @@ impl Metrics {
             spilled_bytes: Counter::default(),
             fail_open: Counter::default(),
             errors: Family::default(),
+            icap_requests: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("virus_scanner_producer");
         r.register(
@@ -86,6 +94,11 @@ impl Metrics {
             m.fail_open.clone(),
         );
         r.register("errors", "Failures by kind", m.errors.clone());
+        r.register(
+            "icap_requests",
+            "ICAP requests by method and verdict (options, not_found, invalid for the rest)",
+            m.icap_requests.clone(),
+        );
         m
     }
 

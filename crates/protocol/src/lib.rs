@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod clamd;
+pub mod icap;
 pub mod legacy;
 pub mod multipart;
 pub mod task;

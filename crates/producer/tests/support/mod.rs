@@ -44,6 +44,7 @@ pub struct Stack {
     pub upstream: Upstream,
     pub producer: ServiceProcess,
     pub producer_http: u16,
+    pub icap_port: u16,
     pub envoy: Envoy,
     pub consumer: Option<Consumer>,
     consumer_args: Vec<String>,
@@ -68,6 +69,7 @@ impl Stack {
         let upstream = Upstream::start();
         let grpc = free_port();
         let http = free_port();
+        let icap = free_port();
         let socket = scan_dir
             .path()
             .join("../")
@@ -81,6 +83,8 @@ impl Stack {
             &format!("127.0.0.1:{grpc}"),
             "--http-addr",
             &format!("127.0.0.1:{http}"),
+            "--icap-addr",
+            &format!("127.0.0.1:{icap}"),
             "--scan-tmp-dir",
             &scan_dir.path().display().to_string(),
             "--log-format",
@@ -120,6 +124,7 @@ impl Stack {
             upstream,
             producer,
             producer_http: http,
+            icap_port: icap,
             envoy,
             consumer: None,
             consumer_args: options.consumer_args,
