@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""The origin of the local stack: serves files from a directory under /files/ (and
-/safe/files/) and answers uploads with their size and SHA-256. Standard library only."""
+"""The origin of the local stack and of the proxy tests: serves files from a directory
+under /files/ (and /safe/files/) and answers uploads with their size and SHA-256, over HTTP
+or HTTPS. Standard library only."""
 import hashlib
 import http.server
 import os
@@ -64,5 +65,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 if __name__ == "__main__":
+    # upstream.py PORT ROOT [CERT KEY]: with a certificate and key, serves HTTPS.
     port, Handler.root = int(sys.argv[1]), sys.argv[2]
-    http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    if len(sys.argv) == 5:
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(sys.argv[3], sys.argv[4])
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    server.serve_forever()

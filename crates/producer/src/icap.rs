@@ -157,6 +157,14 @@ impl IcapServer {
         W: AsyncWrite + Unpin,
     {
         let head = read_head(reader, self.config.idle_timeout, self.config.read_timeout).await?;
+        tracing::debug!(
+            method = head.method.as_str(),
+            uri = %head.uri,
+            encapsulated = head.headers.get("Encapsulated").unwrap_or_default(),
+            preview = head.headers.get("Preview").unwrap_or_default(),
+            allow = head.headers.get("Allow").unwrap_or_default(),
+            "ICAP request"
+        );
         let istag = self.istag().await;
         if head.service_path() != self.config.service_path {
             let answer = icap::response_head(

@@ -12,6 +12,7 @@ pub mod kube;
 mod process;
 mod redis;
 mod service;
+mod squid;
 mod upstream;
 
 pub use clamd::{Clamd, ClamdOptions};
@@ -19,6 +20,7 @@ pub use envoy::{BodyMode, Envoy, EnvoyOptions, Processor, config_yaml, envoy_bin
 pub use process::{free_port, wait_for};
 pub use redis::{Redis, RedisOptions};
 pub use service::{ServiceProcess, http_get, metric};
+pub use squid::{Origin, Squid, SquidOptions};
 pub use upstream::{Received, Upstream};
 
 /// The EICAR anti-virus test file.
