@@ -53,3 +53,4 @@ bench: deps
 	$(CARGO) build --release --bins
 	$(CARGO_TARGET_DIR)/release/virus-scanner-bench queue $(BENCH_ARGS)
 	$(CARGO_TARGET_DIR)/release/virus-scanner-bench envoy --sizes 1K,1M $(BENCH_ARGS)
+	$(CARGO_TARGET_DIR)/release/virus-scanner-bench icap --sizes 1K,1M,10M $(BENCH_ARGS)

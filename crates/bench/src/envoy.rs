@@ -128,14 +128,17 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / 100.0
 }
 
-pub async fn run(args: &Args) -> anyhow::Result<()> {
-    let producer_bin = std::env::current_exe()?
+/// A binary built next to this one (`cargo build --release --bins`).
+pub fn release_binary(name: &str) -> anyhow::Result<PathBuf> {
+    std::env::current_exe()?
         .parent()
-        .map(|d| d.join("virus-scanner-producer"))
+        .map(|d| d.join(name))
         .filter(|p| p.is_file())
-        .ok_or_else(|| {
-            anyhow::anyhow!("build virus-scanner-producer first (cargo build --release --bins)")
-        })?;
+        .ok_or_else(|| anyhow::anyhow!("build {name} first (cargo build --release --bins)"))
+}
+
+pub async fn run(args: &Args) -> anyhow::Result<()> {
+    let producer_bin = release_binary("virus-scanner-producer")?;
     let redis = Redis::start();
     let clamd = Clamd::start();
     let dir = tempfile_dir("vs-bench-envoy")?;

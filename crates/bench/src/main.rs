@@ -12,10 +12,12 @@ use virus_scanner_queue::{Producer, QueueConfig, RedisConfig, now_ns};
 use virus_scanner_test_support::{Clamd, Redis, clean_bytes, free_port};
 
 mod envoy;
+mod icap;
 
 #[derive(Parser, Debug)]
 pub struct Args {
-    /// `queue`: Redis + consumer against raw clamd; `envoy`: wrk through Envoy + ext_proc.
+    /// `queue`: Redis + consumer against raw clamd; `envoy`: wrk through Envoy + ext_proc;
+    /// `icap`: our ICAP service against c-icap's virus_scan on the same clamd.
     #[arg(default_value = "queue")]
     what: String,
     /// Body sizes, e.g. 1K,1M,10M.
@@ -142,7 +144,8 @@ async fn main() -> anyhow::Result<()> {
     match args.what.as_str() {
         "queue" => queue(&args).await,
         "envoy" => envoy::run(&args).await,
-        other => anyhow::bail!("unknown benchmark {other:?}: queue or envoy"),
+        "icap" => icap::run(&args).await,
+        other => anyhow::bail!("unknown benchmark {other:?}: queue, envoy or icap"),
     }
 }
 
