@@ -40,6 +40,10 @@ for bin in "${!wanted[@]}"; do
     missing+=("${wanted[$bin]}")
   fi
 done
+# c-icap's virus_scan service, the ICAP benchmark's peer (a module, not a binary).
+if ! ls /usr/lib/*/c_icap/virus_scan.so >/dev/null 2>&1; then
+  missing+=(libc-icap-mod-virus-scan)
+fi
 
 if [ ${#missing[@]} -eq 0 ]; then
   install_envoy
