@@ -19,6 +19,7 @@ CLAMD_PORT=${CLAMD_PORT:-$(free_port)}
 METRICS_PORT=${METRICS_PORT:-$(free_port)}
 GRPC_PORT=${GRPC_PORT:-$(free_port)}
 PRODUCER_HTTP_PORT=${PRODUCER_HTTP_PORT:-$(free_port)}
+ICAP_PORT=${ICAP_PORT:-$(free_port)}
 UPSTREAM_PORT=${UPSTREAM_PORT:-$(free_port)}
 ENVOY_PORT=${ENVOY_PORT:-8000}
 ENVOY_ADMIN_PORT=${ENVOY_ADMIN_PORT:-$(free_port)}
@@ -68,6 +69,7 @@ wait_port "$METRICS_PORT"
 
 "$target/virus-scanner-producer" --redis-host 127.0.0.1 --redis-port "$REDIS_PORT" \
   --grpc-addr "127.0.0.1:$GRPC_PORT" --http-addr "127.0.0.1:$PRODUCER_HTTP_PORT" \
+  --icap-addr "127.0.0.1:$ICAP_PORT" \
   --scan-tmp-dir "$run/scan" --log-format text 2>"$run/log/producer.log" &
 pids+=($!)
 
@@ -94,7 +96,8 @@ cat <<MSG
 
 virus-scanner local stack is up ($MODE; logs in .run/log):
   envoy     $url  (admin 127.0.0.1:$ENVOY_ADMIN_PORT)
-  producer  ext_proc 127.0.0.1:$GRPC_PORT, metrics http://127.0.0.1:$PRODUCER_HTTP_PORT/metrics
+  producer  ext_proc 127.0.0.1:$GRPC_PORT, ICAP icap://127.0.0.1:$ICAP_PORT/avscan,
+            metrics http://127.0.0.1:$PRODUCER_HTTP_PORT/metrics
   consumer  metrics http://127.0.0.1:$METRICS_PORT/metrics
   redis     127.0.0.1:$REDIS_PORT    clamd 127.0.0.1:$CLAMD_PORT
 
@@ -103,6 +106,7 @@ Try it:
   curl -i -X POST --data-binary @.run/files/eicar.com $url/upload     # 406, X-Virus-Infected
   curl -i $url/files/eicar.com                                         # 406 (download)
   curl -i $url/safe/files/eicar.com                                    # 200 (route opted out)
+  c-icap-client -i 127.0.0.1 -p $ICAP_PORT -s avscan -f .run/files/eicar.com -v   # ICAP: 403 page
 
 Ctrl-C stops the stack.
 MSG
