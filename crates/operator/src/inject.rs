@@ -50,7 +50,11 @@ pub enum Decision<'a> {
 
 /// Which policy, if any, injects into `pod`. Two policies selecting one pod is a
 /// configuration error the tenant must see: the pod is refused with both names.
-pub fn decide<'a>(pod: &Pod, namespace: &str, policies: &'a [VirusScanPolicy]) -> Decision<'a> {
+pub fn decide<'a>(
+    pod: &Pod,
+    namespace: &str,
+    policies: impl IntoIterator<Item = &'a VirusScanPolicy>,
+) -> Decision<'a> {
     let opted_out = |m: &BTreeMap<String, String>| m.get(INJECT).is_some_and(|v| v == "false");
     if opted_out(pod.annotations()) || opted_out(pod.labels()) {
         return Decision::Skip("opted out");
@@ -59,7 +63,7 @@ pub fn decide<'a>(pod: &Pod, namespace: &str, policies: &'a [VirusScanPolicy]) -
         return Decision::Skip("already injected");
     }
     let matching: Vec<&VirusScanPolicy> = policies
-        .iter()
+        .into_iter()
         .filter(|p| p.namespace().as_deref() == Some(namespace))
         .filter(|p| selector::matches(&p.spec.selector, pod.labels()))
         .collect();

@@ -158,13 +158,8 @@ fn review_pod(
         .clone()
         .or_else(|| pod.metadata.namespace.clone())
         .unwrap_or_default();
-    let policies: Vec<VirusScanPolicy> = injector
-        .policies
-        .state()
-        .iter()
-        .map(|p| p.as_ref().clone())
-        .collect();
-    match inject::decide(&pod, &namespace, &policies) {
+    let policies = injector.policies.state();
+    match inject::decide(&pod, &namespace, policies.iter().map(|p| p.as_ref())) {
         Decision::Skip(_) => (allow, "skipped"),
         Decision::Deny(reason) => (allow.deny(reason), "denied"),
         Decision::Inject(policy) => {

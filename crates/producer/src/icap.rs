@@ -265,8 +265,14 @@ impl IcapServer {
             .unwrap_or_default();
         let ctx = ScanContext {
             direction,
-            priority: match head.headers.get("X-Priority") {
+            // The gateway's priority header, in the encapsulated HTTP request (or on the
+            // ICAP request itself, for clients that promote it).
+            priority: match request
+                .and_then(|(_, h, _)| h.headers.get(&self.scan.config.priority_header))
+                .or_else(|| head.headers.get(&self.scan.config.priority_header))
+            {
                 Some(v) if v.trim().eq_ignore_ascii_case("high") => Priority::High,
+                Some(v) if v.trim().eq_ignore_ascii_case("normal") => Priority::Normal,
                 _ => self.scan.config.default_priority,
             },
             route,
