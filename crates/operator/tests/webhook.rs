@@ -511,3 +511,60 @@ async fn rotation_keeps_the_webhook_trusted_and_outdated_deployments_restart() {
     let status = policies.get("gateway").await.unwrap().status.unwrap();
     assert!(status.outdated_pods >= 1, "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_from_files_as_cert_manager_provides_it() {
+    let plane = tokio::task::spawn_blocking(plane_with_crd).await.unwrap();
+    plane.kubectl(&["create", "namespace", NS]);
+    plane.kubectl(&[
+        "label",
+        "namespace",
+        NS,
+        "virusscan.aether-platform.io/injection=enabled",
+    ]);
+    plane.kubectl(&["apply", "-f", &format!("{EXAMPLES}/virusscanpolicy.yaml")]);
+    // cert-manager's part, played by the test: a serving certificate in a mounted directory
+    // and the CA injected into the webhook configuration.
+    let certs = tempfile::tempdir().unwrap();
+    let (crt, key) = plane.issue_server_certificate("webhook");
+    std::fs::copy(&crt, certs.path().join("tls.crt")).unwrap();
+    std::fs::copy(&key, certs.path().join("tls.key")).unwrap();
+    let operator = Operator::start_with(
+        &plane,
+        "op-files",
+        &[
+            ("WEBHOOK_CERT_DIR", certs.path().display().to_string()),
+            ("WEBHOOK_CERT_CHECK_SECONDS", "1".to_owned()),
+        ],
+    );
+    let ca = std::fs::read(plane.ca_file()).unwrap();
+    let mut config: MutatingWebhookConfiguration =
+        serde_saphyr::from_str(&webhook_configuration(operator.webhook_port)).unwrap();
+    for hook in config.webhooks.iter_mut().flatten() {
+        hook.client_config.ca_bundle = Some(k8s_openapi::ByteString(ca.clone()));
+    }
+    let client = plane.client().await;
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    configs
+        .create(&PostParams::default(), &config)
+        .await
+        .unwrap();
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let created = create_injected(
+        &pods,
+        &pod("gw-files", json!({"app": "gateway"}), json!({})),
+    )
+    .await;
+    assert_eq!(sidecars(&created).len(), 1);
+    // The operator leaves the caBundle and the Secret to cert-manager.
+    assert_eq!(ca_bundle(&configs).await, Some(ca));
+    let secrets: Api<Secret> = Api::namespaced(client, "default");
+    assert!(
+        secrets
+            .get_opt("virus-scan-operator-webhook-tls")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
