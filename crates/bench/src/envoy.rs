@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use virus_scanner_clamd::{ClamdClient, ClamdConfig, ScanInput};
 use virus_scanner_test_support::{
-    BodyMode, Clamd, Envoy, EnvoyOptions, Processor, Redis, ServiceProcess, Upstream, clean_bytes,
-    free_port, http_get, wait_for,
+    BodyMode, Clamd, Envoy, EnvoyOptions, Processor, Redis, Upstream, clean_bytes,
 };
 
 use crate::{Args, measure, median, parse_size, unique};
@@ -138,7 +137,6 @@ pub fn release_binary(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 pub async fn run(args: &Args) -> anyhow::Result<()> {
-    let producer_bin = release_binary("virus-scanner-producer")?;
     let redis = Redis::start();
     let clamd = Clamd::start();
     let dir = tempfile_dir("vs-bench-envoy")?;
@@ -147,31 +145,11 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let (stop_tx, consumer) =
         crate::start_consumer(&redis, &clamd, &scan_dir, args.concurrency, true)?;
 
-    let grpc = free_port();
-    let http = free_port();
-    let producer = ServiceProcess::spawn(
-        &producer_bin,
-        &[
-            "--redis-host".into(),
-            "127.0.0.1".into(),
-            "--redis-port".into(),
-            redis.port().to_string(),
-            "--grpc-addr".into(),
-            format!("127.0.0.1:{grpc}"),
-            "--http-addr".into(),
-            format!("127.0.0.1:{http}"),
-            "--scan-tmp-dir".into(),
-            scan_dir.display().to_string(),
-            "--log-format".into(),
-            "text".into(),
-        ],
-        &[("RUST_LOG", "warn".into())],
-    );
-    anyhow::ensure!(
-        wait_for(Duration::from_secs(20), || http_get(http, "/ready")
-            .is_some_and(|(s, _)| s == 200)),
-        "producer not ready"
-    );
+    let crate::BenchProducer {
+        process: producer,
+        grpc,
+        ..
+    } = crate::start_producer(&redis, &scan_dir, &[])?;
     let upstream = Upstream::start();
     let envoy = Envoy::start(&EnvoyOptions::new(
         Processor::Tcp(grpc),

@@ -10,9 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
-use virus_scanner_test_support::{
-    Clamd, Redis, ServiceProcess, clean_bytes, free_port, http_get, wait_for,
-};
+use virus_scanner_test_support::{Clamd, Redis, clean_bytes, free_port, wait_for};
 
 use crate::{Args, parse_size, start_consumer, unique};
 
@@ -205,35 +203,11 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let scan_dir = dir.join("scan");
     std::fs::create_dir_all(&scan_dir)?;
     let (stop_tx, consumer) = start_consumer(&redis, &clamd, &scan_dir, args.concurrency, false)?;
-    let (icap_port, http) = (free_port(), free_port());
-    let producer = ServiceProcess::spawn(
-        &crate::envoy::release_binary("virus-scanner-producer")?,
-        &[
-            "--redis-host".into(),
-            "127.0.0.1".into(),
-            "--redis-port".into(),
-            redis.port().to_string(),
-            "--grpc-addr".into(),
-            format!("127.0.0.1:{}", free_port()),
-            "--http-addr".into(),
-            format!("127.0.0.1:{http}"),
-            "--icap-addr".into(),
-            format!("127.0.0.1:{icap_port}"),
-            "--scan-tmp-dir".into(),
-            scan_dir.display().to_string(),
-            "--max-body-mb".into(),
-            "200".into(),
-            "--log-format".into(),
-            "text".into(),
-        ],
-        &[("RUST_LOG", "warn".into())],
-    );
-    anyhow::ensure!(
-        wait_for(Duration::from_secs(20), || http_get(http, "/ready")
-            .is_some_and(|(s, _)| s == 200)),
-        "producer not ready\n{}",
-        producer.log_tail()
-    );
+    let crate::BenchProducer {
+        process: producer,
+        icap: icap_port,
+        ..
+    } = crate::start_producer(&redis, &scan_dir, &["--max-body-mb", "200"])?;
     let c_icap_dir = dir.join("c-icap");
     std::fs::create_dir_all(&c_icap_dir)?;
     let (mut c_icap, c_icap_port) = start_c_icap(&c_icap_dir, clamd.port())?;

@@ -97,6 +97,55 @@ pub fn unique(body: &[u8], n: u64) -> Vec<u8> {
     b
 }
 
+/// The release producer binary on free loopback ports, ready; `extra` flags appended.
+pub struct BenchProducer {
+    pub process: virus_scanner_test_support::ServiceProcess,
+    pub grpc: u16,
+    pub icap: u16,
+}
+
+pub fn start_producer(
+    redis: &Redis,
+    scan_dir: &std::path::Path,
+    extra: &[&str],
+) -> anyhow::Result<BenchProducer> {
+    let (grpc, http, icap) = (free_port(), free_port(), free_port());
+    let mut args: Vec<String> = vec![
+        "--redis-host".into(),
+        "127.0.0.1".into(),
+        "--redis-port".into(),
+        redis.port().to_string(),
+        "--grpc-addr".into(),
+        format!("127.0.0.1:{grpc}"),
+        "--http-addr".into(),
+        format!("127.0.0.1:{http}"),
+        "--icap-addr".into(),
+        format!("127.0.0.1:{icap}"),
+        "--scan-tmp-dir".into(),
+        scan_dir.display().to_string(),
+        "--log-format".into(),
+        "text".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let process = virus_scanner_test_support::ServiceProcess::spawn(
+        &envoy::release_binary("virus-scanner-producer")?,
+        &args,
+        &[("RUST_LOG", "warn".into())],
+    );
+    anyhow::ensure!(
+        virus_scanner_test_support::wait_for(Duration::from_secs(20), || {
+            virus_scanner_test_support::http_get(http, "/ready").is_some_and(|(s, _)| s == 200)
+        }),
+        "producer not ready\n{}",
+        process.log_tail()
+    );
+    Ok(BenchProducer {
+        process,
+        grpc,
+        icap,
+    })
+}
+
 /// Runs the consumer in this process; send on the returned channel to stop it.
 pub fn start_consumer(
     redis: &Redis,

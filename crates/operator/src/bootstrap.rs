@@ -243,69 +243,14 @@ fn disable_routes(
 mod tests {
     use super::*;
 
-    const TENANT: &str = r#"
-static_resources:
-  listeners:
-  - name: public
-    address: { socket_address: { address: 0.0.0.0, port_value: 8000 } }
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: public
-          route_config:
-            virtual_hosts:
-            - name: app
-              domains: ["*"]
-              routes:
-              - name: health
-                match: { path: /healthz }
-                direct_response: { status: 200 }
-              - match: { prefix: /assets/ }
-                route: { cluster: app }
-              - match: { prefix: / }
-                route: { cluster: app }
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  - name: admin-api
-    address: { socket_address: { address: 0.0.0.0, port_value: 9000 } }
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: admin
-          route_config:
-            virtual_hosts:
-            - name: api
-              domains: ["*"]
-              routes:
-              - match: { prefix: / }
-                route: { cluster: app }
-          http_filters:
-          - name: envoy.filters.http.cors
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-  - name: app
-    type: STRICT_DNS
-    load_assignment:
-      cluster_name: app
-      endpoints: [{ lb_endpoints: [{ endpoint: { address: { socket_address: { address: app, port_value: 80 } } } }] }]
-"#;
+    const TENANT: &str = include_str!("../../../testdata/envoy/tenant-bootstrap.yaml");
 
     fn policy() -> VirusScanPolicySpec {
         serde_json::from_value(json!({
             "selector": {},
             "routes": [
                 {"name": "health", "path": "/nope"},
-                {"name": "assets", "pathPrefix": "/assets/"},
+                {"name": "static", "pathPrefix": "/static/"},
                 {"name": "ghost", "regex": "^/ghost"}
             ]
         }))
@@ -343,7 +288,7 @@ static_resources:
     #[test]
     fn routes_are_disabled_by_name_or_by_match_and_the_rest_kept() {
         let (root, report) = merge(TENANT, &policy()).expect("merge");
-        assert_eq!(report.routes, 4);
+        assert_eq!(report.routes, 6);
         assert_eq!(report.disabled_routes, ["health", "app[1]"]);
         assert_eq!(report.unmatched_opt_outs, ["ghost"]);
         let routes = &root["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
@@ -365,8 +310,8 @@ static_resources:
         let (twice, _) = merge(&envoy::to_yaml(&once), &policy()).expect("merge");
         assert_eq!(once, twice);
         let clusters = once["static_resources"]["clusters"].as_array().expect("c");
-        assert_eq!(clusters.len(), 2);
-        assert_eq!(clusters[1]["name"], PRODUCER_CLUSTER);
+        assert_eq!(clusters.len(), 3);
+        assert_eq!(clusters[2]["name"], PRODUCER_CLUSTER);
         assert_eq!(
             once["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"],
             json!(100 * 1024 * 1024 + 64 * 1024)

@@ -404,10 +404,14 @@ async fn count_pods(
     let name = policy.name_any();
     let generation = policy.metadata.generation.unwrap_or_default().to_string();
     let (mut matched, mut injected, mut outdated) = (0, 0, Vec::new());
-    for pod in api.list(&ListParams::default()).await? {
-        if !selector::matches(&policy.spec.selector, pod.labels()) {
-            continue;
-        }
+    let Some(selector) = selector::parse(&policy.spec.selector) else {
+        return Ok((0, 0, outdated));
+    };
+    // The API server filters by the selector: only the policy's pods come back.
+    for pod in api
+        .list(&ListParams::default().labels_from(&selector))
+        .await?
+    {
         matched += 1;
         let annotations = pod.annotations();
         if annotations.get(ANNOTATION_POLICY) == Some(&name) {

@@ -316,9 +316,9 @@ where
     metrics.leader.set(1);
 
     let ctx = Arc::new(controller::Context::new(client, identity, metrics));
-    let (lost_tx, mut lost_rx) = watch::channel(false);
+    let (lost_tx, lost_rx) = watch::channel(false);
     let controller_stop = {
-        let mut lost = lost_rx.clone();
+        let mut lost = lost_rx;
         let stop = stopped();
         async move {
             tokio::select! {
@@ -352,7 +352,6 @@ where
             }
         }
     }
-    let _ = lost_rx.borrow_and_update();
     let _ = controller.await;
     Ok(())
 }

@@ -1,30 +1,20 @@
-//! Label selectors evaluated in process, the way the API server evaluates them.
+//! Label selectors evaluated in process, with kube's own selector semantics.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::core::{Selector, SelectorExt};
+
+/// The selector in kube's form; `None` for one the API would refuse (an unknown operator,
+/// `In` without values), which selects nothing: no injection on a rule we cannot read.
+pub fn parse(selector: &LabelSelector) -> Option<Selector> {
+    Selector::try_from(selector.clone()).ok()
+}
 
 /// Whether `labels` satisfy the selector. An empty selector matches every pod, as in a
-/// Deployment; an operator it does not know matches nothing (fail closed: no injection
-/// on a rule we cannot read).
+/// Deployment.
 pub fn matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    let by_label = selector
-        .match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
-    let by_expression = selector.match_expressions.iter().flatten().all(|e| {
-        let value = labels.get(&e.key);
-        let values = e.values.as_deref().unwrap_or_default();
-        match e.operator.as_str() {
-            "In" => value.is_some_and(|v| values.contains(v)),
-            "NotIn" => value.is_none_or(|v| !values.contains(v)),
-            "Exists" => value.is_some(),
-            "DoesNotExist" => value.is_none(),
-            _ => false,
-        }
-    });
-    by_label && by_expression
+    parse(selector).is_some_and(|s| s.matches(labels))
 }
 
 #[cfg(test)]

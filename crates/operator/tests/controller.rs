@@ -304,77 +304,7 @@ async fn invalid_policies_are_refused_by_the_api_server() {
     assert!(explained.contains("FailClosed (default)"), "{explained}");
 }
 
-const TENANT_BOOTSTRAP: &str = r#"
-admin:
-  address: { socket_address: { address: 127.0.0.1, port_value: 9901 } }
-static_resources:
-  listeners:
-  - name: public
-    address: { socket_address: { address: 0.0.0.0, port_value: 8000 } }
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: public
-          route_config:
-            name: public
-            virtual_hosts:
-            - name: app
-              domains: ["*"]
-              routes:
-              - name: health
-                match: { path: /healthz }
-                direct_response: { status: 200 }
-              - match: { prefix: /static/ }
-                route: { cluster: app }
-              - match: { prefix: /api/ }
-                route: { cluster: api }
-              - match: { prefix: / }
-                route: { cluster: app }
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  - name: partners
-    address: { socket_address: { address: 0.0.0.0, port_value: 8443 } }
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: partners
-          route_config:
-            name: partners
-            virtual_hosts:
-            - name: partners
-              domains: ["partners.example.com"]
-              routes:
-              - match: { prefix: /upload }
-                route: { cluster: api }
-              - match: { safe_regex: { regex: "^/reports/[0-9]+$" } }
-                route: { cluster: api }
-          http_filters:
-          - name: envoy.filters.http.cors
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-  - name: app
-    type: STRICT_DNS
-    connect_timeout: 2s
-    load_assignment:
-      cluster_name: app
-      endpoints: [{ lb_endpoints: [{ endpoint: { address: { socket_address: { address: app, port_value: 8080 } } } }] }]
-  - name: api
-    type: STRICT_DNS
-    connect_timeout: 2s
-    load_assignment:
-      cluster_name: api
-      endpoints: [{ lb_endpoints: [{ endpoint: { address: { socket_address: { address: api, port_value: 8080 } } } }] }]
-"#;
+const TENANT_BOOTSTRAP: &str = include_str!("../../../testdata/envoy/tenant-bootstrap.yaml");
 
 const MERGE_POLICY: &str = r#"apiVersion: virusscan.aether-platform.io/v1alpha1
 kind: VirusScanPolicy

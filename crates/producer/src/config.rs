@@ -121,6 +121,18 @@ pub struct ProducerConfig {
     pub icap: crate::icap::IcapConfig,
 }
 
+impl ProducerConfig {
+    /// The queue a request goes to: the priority header's value (`high` or `normal`), else
+    /// the default. One rule for ext_proc and ICAP.
+    pub fn priority(&self, header_value: Option<&str>) -> Priority {
+        match header_value.map(str::trim) {
+            Some(v) if v.eq_ignore_ascii_case("high") => Priority::High,
+            Some(v) if v.eq_ignore_ascii_case("normal") => Priority::Normal,
+            _ => self.default_priority,
+        }
+    }
+}
+
 fn http_status(name: &str, code: u16) -> Result<u16, String> {
     if (400..=599).contains(&code) {
         Ok(code)

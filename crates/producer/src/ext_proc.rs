@@ -26,7 +26,7 @@ use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use virus_scanner_protocol::task::{Direction, Priority, VerdictStatus};
+use virus_scanner_protocol::task::{Direction, VerdictStatus};
 
 use crate::body::{Body, BodyBuffer, BodyData, BodyError};
 use crate::scan::{Decision, Outcome, ScanContext, ScanService, direction_label};
@@ -181,11 +181,11 @@ impl ExtProcStream {
                 .or_else(|| headers.get("x-envoy-external-address").cloned())
                 .unwrap_or_default();
             self.ctx.request_id = headers.get("x-request-id").cloned().unwrap_or_default();
-            self.ctx.priority = match headers.get(self.scan.config.priority_header.as_str()) {
-                Some(v) if v.trim().eq_ignore_ascii_case("high") => Priority::High,
-                Some(v) if v.trim().eq_ignore_ascii_case("normal") => Priority::Normal,
-                _ => self.scan.config.default_priority,
-            };
+            self.ctx.priority = self.scan.config.priority(
+                headers
+                    .get(self.scan.config.priority_header.as_str())
+                    .map(String::as_str),
+            );
         }
         let limits = self.scan.limits.clone();
         let mode = self.body_mode(d);

@@ -16,7 +16,7 @@ use tokio::sync::{RwLock, Semaphore};
 use virus_scanner_protocol::icap::{
     self, Encapsulated, HttpHead, IcapError, Method, RequestHead, Section,
 };
-use virus_scanner_protocol::task::{Direction, Priority, VerdictStatus};
+use virus_scanner_protocol::task::{Direction, VerdictStatus};
 
 use crate::body::{Body, BodyBuffer, BodyData, BodyError};
 use crate::metrics::IcapLabels;
@@ -89,16 +89,7 @@ impl IcapServer {
             let _ = stream.set_nodelay(true);
             let Ok(permit) = self.slots.clone().try_acquire_owned() else {
                 // Max-Connections is what OPTIONS promised: refuse the extra one plainly.
-                let istag = self.istag().await;
-                let answer = icap::response_head(
-                    503,
-                    "Service Unavailable",
-                    &[
-                        ("ISTag", &istag),
-                        ("Connection", "close"),
-                        ("Encapsulated", "null-body=0"),
-                    ],
-                );
+                let answer = bare_answer(503, "Service Unavailable", &self.istag().await, true);
                 tokio::spawn(async move {
                     let _ = stream.write_all(&answer).await;
                     let _ = stream.shutdown().await;
@@ -124,16 +115,7 @@ impl IcapServer {
                 Err(ConnError::Protocol(e)) => {
                     tracing::info!(error = %e, "malformed ICAP request");
                     self.count("invalid", "invalid");
-                    let istag = self.istag().await;
-                    let answer = icap::response_head(
-                        400,
-                        "Bad Request",
-                        &[
-                            ("ISTag", &istag),
-                            ("Connection", "close"),
-                            ("Encapsulated", "null-body=0"),
-                        ],
-                    );
+                    let answer = bare_answer(400, "Bad Request", &self.istag().await, true);
                     let _ = write.write_all(&answer).await;
                     break;
                 }
@@ -167,11 +149,7 @@ impl IcapServer {
         );
         let istag = self.istag().await;
         if head.service_path() != self.config.service_path {
-            let answer = icap::response_head(
-                404,
-                "ICAP Service Not Found",
-                &[("ISTag", &istag), ("Encapsulated", "null-body=0")],
-            );
+            let answer = bare_answer(404, "ICAP Service Not Found", &istag, true);
             // The request may carry a body we will not read: close after answering.
             write.write_all(&answer).await?;
             self.count(head.method.as_str(), "not_found");
@@ -267,14 +245,11 @@ impl IcapServer {
             direction,
             // The gateway's priority header, in the encapsulated HTTP request (or on the
             // ICAP request itself, for clients that promote it).
-            priority: match request
-                .and_then(|(_, h, _)| h.headers.get(&self.scan.config.priority_header))
-                .or_else(|| head.headers.get(&self.scan.config.priority_header))
-            {
-                Some(v) if v.trim().eq_ignore_ascii_case("high") => Priority::High,
-                Some(v) if v.trim().eq_ignore_ascii_case("normal") => Priority::Normal,
-                _ => self.scan.config.default_priority,
-            },
+            priority: self.scan.config.priority(
+                request
+                    .and_then(|(_, h, _)| h.headers.get(&self.scan.config.priority_header))
+                    .or_else(|| head.headers.get(&self.scan.config.priority_header)),
+            ),
             route,
             client_address: head
                 .headers
@@ -487,11 +462,7 @@ impl IcapServer {
     }
 
     fn error(&self, istag: &str) -> Vec<u8> {
-        icap::response_head(
-            500,
-            "Server Error",
-            &[("ISTag", istag), ("Encapsulated", "null-body=0")],
-        )
+        bare_answer(500, "Server Error", istag, false)
     }
 
     fn count(&self, method: &'static str, verdict: &'static str) {
@@ -525,6 +496,15 @@ impl IcapServer {
         *self.istag.write().await = (Instant::now(), tag.clone());
         tag
     }
+}
+
+/// An answer without an encapsulated message; `close` when the connection ends after it.
+fn bare_answer(status: u16, reason: &str, istag: &str, close: bool) -> Vec<u8> {
+    let mut headers = vec![("ISTag", istag), ("Encapsulated", "null-body=0")];
+    if close {
+        headers.push(("Connection", "close"));
+    }
+    icap::response_head(status, reason, &headers)
 }
 
 fn body_error(e: BodyError) -> ConnError {
