@@ -6,7 +6,7 @@ CARGO ?= cargo
 # Integration tests start real services; two test threads keep a 2-core machine responsive.
 TEST_THREADS ?= 2
 
-.PHONY: all build deps k8s-bin test test-unit lint fmt run bench crds manifests image
+.PHONY: all build deps k8s-bin test test-unit lint fmt run bench crds manifests image claim-target
 
 ## kube-apiserver, kubectl, kube-controller-manager, helm, kubeconform and etcd, cached.
 k8s-bin:
@@ -14,7 +14,11 @@ k8s-bin:
 
 all: build
 
-build:
+## The shared target dir drops the workspace's own artifacts when another checkout used it.
+claim-target:
+	hack/claim-target.sh
+
+build: claim-target
 	$(CARGO) build --workspace --release --bins
 
 deps:
@@ -23,18 +27,18 @@ deps:
 ## Every test tier: unit tests; integration tests against real redis-server, clamd and Envoy;
 ## the Kubernetes tier against a real etcd and kube-apiserver (binaries built from Go modules
 ## once, cached in ~/.cache/virus-scanner/k8s).
-test: deps
+test: deps claim-target
 	K8S_BIN_DIR=$$(hack/k8s-bin.sh) && export K8S_BIN_DIR && \
 	$(CARGO) test --workspace --features virus-scanner-test-support/kube --no-fail-fast \
 		-- --test-threads $(TEST_THREADS)
 
-test-unit:
+test-unit: claim-target
 	$(CARGO) test --workspace --lib --bins
 
 ## fmt, clippy, hadolint, helm lint, and kubeconform -strict on the rendered chart, the
 ## install manifest and the examples (schemas from a real kube-apiserver and the CRD: the
 ## chart test of the Kubernetes tier).
-lint: deps
+lint: deps claim-target
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 	$${VIRUS_SCANNER_CACHE:-$$HOME/.cache/virus-scanner}/envoy-venv/bin/hadolint Dockerfile
@@ -47,7 +51,7 @@ fmt:
 
 ## The CRD YAML in crds/, generated from the Rust types (a unit test fails when it is stale).
 CRD_FILE := crds/virusscanpolicies.virusscan.aether-platform.io.yaml
-crds:
+crds: claim-target
 	$(CARGO) run -q -p virus-scan-operator -- crd > $(CRD_FILE).tmp && mv $(CRD_FILE).tmp $(CRD_FILE)
 	cp $(CRD_FILE) charts/virus-scanner/crds/
 
@@ -64,12 +68,12 @@ image:
 	docker build --build-arg FLAVOR=$(FLAVOR) -t virus-scanner:$(FLAVOR) .
 
 ## The local stack on loopback ports, in ./.run (stopped with Ctrl-C).
-run: deps
+run: deps claim-target
 	$(CARGO) build --release --bins
 	hack/run-local.sh
 
 ## Throughput against raw clamd INSTREAM on the same clamd; figures as a markdown table.
-bench: deps
+bench: deps claim-target
 	$(CARGO) build --release --bins
 	$(CARGO_TARGET_DIR)/release/virus-scanner-bench queue $(BENCH_ARGS)
 	$(CARGO_TARGET_DIR)/release/virus-scanner-bench envoy --sizes 1K,1M $(BENCH_ARGS)

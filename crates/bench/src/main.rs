@@ -9,7 +9,7 @@ use clap::Parser;
 use virus_scanner_clamd::{ClamdClient, ClamdConfig, ScanInput};
 use virus_scanner_protocol::task::{Content, ScanTask, VerdictStatus};
 use virus_scanner_queue::{Producer, QueueConfig, RedisConfig, now_ns};
-use virus_scanner_test_support::{Clamd, Redis, clean_bytes, free_port};
+use virus_scanner_test_support::{Clamd, Redis, clean_bytes};
 
 mod envoy;
 mod icap;
@@ -109,29 +109,34 @@ pub fn start_producer(
     scan_dir: &std::path::Path,
     extra: &[&str],
 ) -> anyhow::Result<BenchProducer> {
-    let (grpc, http, icap) = (free_port(), free_port(), free_port());
     let mut args: Vec<String> = vec![
         "--redis-host".into(),
         "127.0.0.1".into(),
         "--redis-port".into(),
         redis.port().to_string(),
         "--grpc-addr".into(),
-        format!("127.0.0.1:{grpc}"),
+        "127.0.0.1:0".into(),
         "--http-addr".into(),
-        format!("127.0.0.1:{http}"),
+        "127.0.0.1:0".into(),
         "--icap-addr".into(),
-        format!("127.0.0.1:{icap}"),
+        "127.0.0.1:0".into(),
         "--scan-tmp-dir".into(),
         scan_dir.display().to_string(),
         "--log-format".into(),
         "text".into(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
-    let process = virus_scanner_test_support::ServiceProcess::spawn(
+    let mut process = virus_scanner_test_support::ServiceProcess::spawn(
         &envoy::release_binary("virus-scanner-producer")?,
         &args,
-        &[("RUST_LOG", "warn".into())],
+        &[("RUST_LOG", "warn,virus_scanner_producer=info".into())],
     );
+    let bound = process.wait_for_fields(
+        "producer started",
+        &["grpc", "http", "icap"],
+        Duration::from_secs(20),
+    );
+    let [grpc, http, icap] = [0, 1, 2].map(|i| virus_scanner_test_support::port_of(&bound[i]));
     anyhow::ensure!(
         virus_scanner_test_support::wait_for(Duration::from_secs(20), || {
             virus_scanner_test_support::http_get(http, "/ready").is_some_and(|(s, _)| s == 200)
@@ -168,7 +173,7 @@ pub fn start_consumer(
         "--scan-tmp-dir",
         &scan_dir.display().to_string(),
         "--metrics-addr",
-        &format!("127.0.0.1:{}", free_port()),
+        "127.0.0.1:0",
         "--concurrency",
         &concurrency.to_string(),
         "--cache-ttl-seconds",

@@ -9,7 +9,7 @@ use virus_scanner_protocol::task::{Content, Priority, ScanTask, Verdict, Verdict
 use virus_scanner_queue::{Producer, QueueConfig, RedisConfig, now_ns};
 use virus_scanner_test_support::{
     Clamd, ClamdOptions, EICAR, EICAR_BODY_SIGNATURE, HASH_SAMPLE_SIGNATURE, Redis, RedisOptions,
-    ServiceProcess, clean_bytes, free_port, hash_signature_sample, http_get, metric, wait_for,
+    ServiceProcess, clean_bytes, hash_signature_sample, http_get, metric, port_of, wait_for,
 };
 
 struct Stack {
@@ -48,7 +48,6 @@ impl Stack {
 
     /// Starts `virus-scanner-handler`; returns it with its metrics port.
     fn handler(&self, extra: &[&str]) -> (ServiceProcess, u16) {
-        let metrics = free_port();
         let mut args: Vec<String> = [
             "--redis-host",
             "127.0.0.1",
@@ -59,7 +58,7 @@ impl Stack {
             "--scan-tmp-dir",
             &self.scan_dir.path().display().to_string(),
             "--metrics-addr",
-            &format!("127.0.0.1:{metrics}"),
+            "127.0.0.1:0",
             "--visibility-timeout-seconds",
             "2",
             "--log-format",
@@ -69,10 +68,13 @@ impl Stack {
         .map(|s| s.to_string())
         .collect();
         args.extend(extra.iter().map(|s| s.to_string()));
-        let p = ServiceProcess::spawn(
+        let mut p = ServiceProcess::spawn(
             Path::new(env!("CARGO_BIN_EXE_virus-scanner-handler")),
             &args,
             &[],
+        );
+        let metrics = port_of(
+            &p.wait_for_fields("consumer started", &["metrics"], Duration::from_secs(20))[0],
         );
         assert!(
             wait_for(Duration::from_secs(20), || {

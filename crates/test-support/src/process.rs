@@ -64,8 +64,42 @@ pub(crate) fn stop(child: &mut Child, grace: Duration) {
     let _ = child.wait();
 }
 
+/// The last 20 lines of a log, without backtrace frames (which would push the message that
+/// explains a failure out of view).
 pub(crate) fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
+    let lines: Vec<&str> = text.lines().filter(|l| !is_backtrace_frame(l)).collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// `  12: some::function` or `             at ./src/file.rs:1:2`
+fn is_backtrace_frame(line: &str) -> bool {
+    let t = line.trim_start();
+    if t.len() == line.len() {
+        return false;
+    }
+    t.starts_with("at ")
+        || t.split_once(": ")
+            .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backtrace_frames_are_left_out_of_a_log_tail() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = dir.path().join("x.log");
+        std::fs::write(
+            &log,
+            "Error: GRPC_ADDR 127.0.0.1:1: Address in use\n\nStack backtrace:\n   0: main\n  \
+             12: std::rt::lang_start\n             at ./src/main.rs:1:2\nlast: line\n",
+        )
+        .expect("write");
+        assert_eq!(
+            log_tail(&log),
+            "Error: GRPC_ADDR 127.0.0.1:1: Address in use\n\nStack backtrace:\nlast: line"
+        );
+    }
 }

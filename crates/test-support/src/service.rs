@@ -94,6 +94,39 @@ impl ServiceProcess {
         None
     }
 
+    /// Waits for the log line that contains `message` and returns the value of each of `keys`
+    /// on it (`key=value`, as the text log format writes fields). Services started on port 0
+    /// report the addresses they bound this way: no window in which another process can take
+    /// a port picked in advance. Panics with the log if the process exits or `limit` passes.
+    pub fn wait_for_fields(
+        &mut self,
+        message: &str,
+        keys: &[&str],
+        limit: Duration,
+    ) -> Vec<String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let text = self.log();
+            if let Some(line) = text.lines().find(|l| l.contains(message)) {
+                return keys
+                    .iter()
+                    .map(|k| {
+                        log_field(line, k)
+                            .unwrap_or_else(|| panic!("no {k}= on the log line: {line}"))
+                    })
+                    .collect();
+            }
+            if !self.is_running() || Instant::now() > deadline {
+                panic!(
+                    "{} never logged \"{message}\"\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
@@ -108,6 +141,21 @@ impl Drop for ServiceProcess {
             eprintln!("{}", self.log_tail());
         }
     }
+}
+
+/// The value of `key=value` on a text log line, or `None`.
+pub fn log_field(line: &str, key: &str) -> Option<String> {
+    line.split_whitespace()
+        .find_map(|token| token.strip_prefix(key)?.strip_prefix('='))
+        .map(|v| v.trim_matches('"').to_owned())
+}
+
+/// The port of a `host:port` address.
+pub fn port_of(address: &str) -> u16 {
+    address
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap_or_else(|| panic!("not an address with a port: {address}"))
 }
 
 /// A plain HTTP/1.1 GET on loopback: status code and body.
@@ -135,4 +183,21 @@ pub fn metric(port: u16, name: &str) -> f64 {
         .filter(|l| l.starts_with(name))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_are_read_from_a_text_log_line() {
+        let line = "2026-01-01T00:00:00Z  INFO virus_scanner_producer: producer started \
+                    grpc=127.0.0.1:41000 grpc_socket=None http=127.0.0.1:41001 name=\"a\"";
+        assert_eq!(log_field(line, "grpc").as_deref(), Some("127.0.0.1:41000"));
+        assert_eq!(log_field(line, "grpc_socket").as_deref(), Some("None"));
+        assert_eq!(log_field(line, "name").as_deref(), Some("a"));
+        assert_eq!(log_field(line, "icap"), None);
+        assert_eq!(port_of("127.0.0.1:41001"), 41001);
+        assert_eq!(port_of("[::1]:8080"), 8080);
+    }
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use virus_scanner_test_support::kube::ControlPlane;
-use virus_scanner_test_support::{ServiceProcess, free_port, http_get, metric, wait_for};
+use virus_scanner_test_support::{ServiceProcess, http_get, metric, port_of, wait_for};
 
 pub const CRD_FILE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -45,12 +45,10 @@ impl Operator {
 
     /// With more environment (webhook settings).
     pub fn start_with(plane: &ControlPlane, identity: &str, extra: &[(&str, String)]) -> Operator {
-        let ops_port = free_port();
-        let webhook_port = free_port();
         let mut env = vec![
             ("KUBECONFIG", plane.kubeconfig().display().to_string()),
-            ("METRICS_ADDR", format!("127.0.0.1:{ops_port}")),
-            ("WEBHOOK_ADDR", format!("127.0.0.1:{webhook_port}")),
+            ("METRICS_ADDR", "127.0.0.1:0".to_owned()),
+            ("WEBHOOK_ADDR", "127.0.0.1:0".to_owned()),
             ("WEBHOOK_EXTRA_SANS", "127.0.0.1".to_owned()),
             ("POD_NAMESPACE", "default".to_owned()),
             ("POD_NAME", identity.to_owned()),
@@ -61,7 +59,11 @@ impl Operator {
             env.retain(|(key, _)| key != k);
             env.push((k, v.clone()));
         }
-        let process = ServiceProcess::spawn(operator_binary(), &[], &env);
+        let mut process = ServiceProcess::spawn(operator_binary(), &[], &env);
+        let limit = Duration::from_secs(30);
+        let ops_port = port_of(&process.wait_for_fields("operator started", &["addr"], limit)[0]);
+        let webhook_port =
+            port_of(&process.wait_for_fields("webhook listening", &["addr"], limit)[0]);
         let op = Operator {
             process,
             ops_port,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use virus_scanner_test_support::{
     BodyMode, Clamd, ClamdOptions, Envoy, EnvoyOptions, Processor, Redis, RedisOptions,
-    ServiceProcess, Upstream, free_port, http_get, wait_for,
+    ServiceProcess, Upstream, http_get, port_of, wait_for,
 };
 
 pub struct StackOptions {
@@ -67,24 +67,18 @@ impl Stack {
             .tempdir()
             .unwrap();
         let upstream = Upstream::start();
-        let grpc = free_port();
-        let http = free_port();
-        let icap = free_port();
-        let socket = scan_dir
-            .path()
-            .join("../")
-            .join(format!("vs-grpc-{grpc}.sock"));
+        let socket = scan_dir.path().with_extension("sock");
         let mut args: Vec<String> = [
             "--redis-host",
             "127.0.0.1",
             "--redis-port",
             &redis.port().to_string(),
             "--grpc-addr",
-            &format!("127.0.0.1:{grpc}"),
+            "127.0.0.1:0",
             "--http-addr",
-            &format!("127.0.0.1:{http}"),
+            "127.0.0.1:0",
             "--icap-addr",
-            &format!("127.0.0.1:{icap}"),
+            "127.0.0.1:0",
             "--scan-tmp-dir",
             &scan_dir.path().display().to_string(),
             "--log-format",
@@ -98,11 +92,17 @@ impl Stack {
             args.push(socket.display().to_string());
         }
         args.extend(options.producer_args.iter().cloned());
-        let producer = ServiceProcess::spawn(
+        let mut producer = ServiceProcess::spawn(
             Path::new(env!("CARGO_BIN_EXE_virus-scanner-producer")),
             &args,
             &[],
         );
+        let bound = producer.wait_for_fields(
+            "producer started",
+            &["grpc", "http", "icap"],
+            Duration::from_secs(20),
+        );
+        let [grpc, http, icap] = [0, 1, 2].map(|i| port_of(&bound[i]));
         assert!(
             wait_for(Duration::from_secs(20), || {
                 http_get(http, "/ready").is_some_and(|(s, _)| s == 200)
@@ -145,7 +145,7 @@ impl Stack {
             "--scan-tmp-dir",
             &self.scan_dir.path().display().to_string(),
             "--metrics-addr",
-            &format!("127.0.0.1:{}", free_port()),
+            "127.0.0.1:0",
             "--visibility-timeout-seconds",
             "5",
             "--log-format",
