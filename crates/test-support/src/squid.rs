@@ -40,9 +40,8 @@ impl Squid {
             .tempdir()
             .expect("temp dir");
         let d = dir.path();
-        let port = free_port();
-        let listen = if let Some((crt, key)) = &options.bump_ca {
-            let db = d.join("ssl_db");
+        let db = d.join("ssl_db");
+        if options.bump_ca.is_some() {
             let init = Command::new("/usr/lib/squid/security_file_certgen")
                 .args(["-c", "-s"])
                 .arg(&db)
@@ -54,6 +53,28 @@ impl Squid {
                 "security_file_certgen: {}",
                 String::from_utf8_lossy(&init.stderr)
             );
+        }
+        // A port picked in advance can be taken before Squid binds it: a few attempts.
+        for _ in 0..3 {
+            let port = free_port();
+            if let Some(child) = Squid::launch(options, d, &db, port) {
+                return Squid {
+                    child: Some(child),
+                    port,
+                    dir,
+                };
+            }
+        }
+        panic!(
+            "squid did not start:\n{}\n{}",
+            log_tail(&d.join("stderr.log")),
+            log_tail(&d.join("cache.log"))
+        );
+    }
+
+    /// Squid on `port`, or `None` if it did not come up there.
+    fn launch(options: &SquidOptions, d: &Path, db: &Path, port: u16) -> Option<Child> {
+        let listen = if let Some((crt, key)) = &options.bump_ca {
             format!(
                 "http_port 127.0.0.1:{port} ssl-bump tls-cert={} tls-key={} generate-host-certificates=on dynamic_cert_mem_cache_size=4MB\n\
                  sslcrtd_program /usr/lib/squid/security_file_certgen -s {} -M 4MB\n\
@@ -113,21 +134,22 @@ impl Squid {
                 .stderr(log),
             "squid",
         );
+        // Up means Squid is alive and has said so in its own log: a listener on the port
+        // could belong to another process.
+        let accepting = format!("local=127.0.0.1:{port} ");
         let up = wait_for(Duration::from_secs(30), || {
-            matches!(child.try_wait(), Ok(None)) && TcpStream::connect(("127.0.0.1", port)).is_ok()
+            matches!(child.try_wait(), Ok(None))
+                && std::fs::read_to_string(d.join("cache.log")).is_ok_and(|log| {
+                    log.lines()
+                        .any(|l| l.contains("Accepting") && l.contains(&accepting))
+                })
+                && TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
-        if !up {
+        if up {
+            Some(child)
+        } else {
             stop(&mut child, Duration::from_secs(2));
-            panic!(
-                "squid did not start:\n{}\n{}",
-                log_tail(&d.join("stderr.log")),
-                log_tail(&d.join("cache.log"))
-            );
-        }
-        Squid {
-            child: Some(child),
-            port,
-            dir,
+            None
         }
     }
 
