@@ -93,6 +93,13 @@ pub struct ProducerArgs {
     /// HTTP status of the ICAP block page for an infected body.
     #[arg(long, env = "ICAP_BLOCK_STATUS", default_value_t = 403)]
     pub icap_block_status: u16,
+    /// Recent verdicts kept in process (per signature-database version) so that the same
+    /// bytes seen again skip Redis; 0 turns the memo off.
+    #[arg(long, env = "VERDICT_MEMO_ENTRIES", default_value_t = 4096)]
+    pub verdict_memo_entries: usize,
+    /// How long a verdict stays in the in-process memo, in seconds; 0 turns it off.
+    #[arg(long, env = "VERDICT_MEMO_SECONDS", default_value_t = 60)]
+    pub verdict_memo_seconds: u64,
 }
 
 /// Validated configuration.
@@ -119,6 +126,8 @@ pub struct ProducerConfig {
     pub log_format: LogFormat,
     pub icap_addr: SocketAddr,
     pub icap: crate::icap::IcapConfig,
+    pub verdict_memo_entries: usize,
+    pub verdict_memo_ttl: Duration,
 }
 
 impl ProducerConfig {
@@ -218,6 +227,8 @@ impl ProducerArgs {
             log_format: self.log_format,
             icap_addr: self.icap_addr,
             icap,
+            verdict_memo_entries: self.verdict_memo_entries,
+            verdict_memo_ttl: Duration::from_secs(self.verdict_memo_seconds),
         })
     }
 }

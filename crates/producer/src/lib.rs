@@ -149,7 +149,7 @@ async fn connect(config: &ProducerConfig) -> anyhow::Result<Producer> {
     let mut delay = Duration::from_millis(100);
     loop {
         match Producer::connect(config.queue.clone()).await {
-            Ok(p) => return Ok(p),
+            Ok(p) => return Ok(p.with_memo(config.verdict_memo_entries, config.verdict_memo_ttl)),
             Err(e) if e.is_retryable() => {
                 tracing::warn!(error = %e, "cannot reach redis; retrying");
                 tokio::time::sleep(delay).await;

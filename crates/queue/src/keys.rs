@@ -7,6 +7,8 @@ pub struct Keys {
     pub high: String,
     pub normal: String,
     pub db_version: String,
+    /// Never written: producers park a `BLPOP` on it to notice a lost connection at once.
+    pub canary: String,
 }
 
 impl Keys {
@@ -16,6 +18,7 @@ impl Keys {
             high: format!("{tag}:tasks:high"),
             normal: format!("{tag}:tasks:normal"),
             db_version: format!("{tag}:db-version"),
+            canary: format!("{tag}:connection-canary"),
             tag,
         }
     }
@@ -47,6 +50,7 @@ mod tests {
             k.high.clone(),
             k.normal.clone(),
             k.db_version.clone(),
+            k.canary.clone(),
             k.verdict("t1"),
             k.cache("27000", &[0xab; 32]),
         ] {

@@ -11,7 +11,9 @@
 //! * The producer waits for the verdict on the per-task list `{p}:verdict:<id>` with `BLPOP`
 //!   and a deadline. A task whose deadline passed is answered without a scan.
 //! * Verdict cache: `{p}:cache:<db-version>:<sha256>`, written only by consumers, from a hash
-//!   they computed themselves over the bytes they scanned.
+//!   they computed themselves over the bytes they scanned. The producer looks it up and, on a
+//!   miss, enqueues in one script, with the `BLPOP` pipelined behind it: one round trip per
+//!   body. A short-lived in-process memo of recent verdicts, per database version, comes first.
 //!
 //! Every key shares the hash tag `{p}`, so multi-key scripts also run on Redis Cluster.
 #![forbid(unsafe_code)]
@@ -25,6 +27,7 @@ mod consumer;
 mod error;
 mod keys;
 mod legacy;
+mod memo;
 mod producer;
 
 pub use args::RedisArgs;

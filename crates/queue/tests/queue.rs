@@ -240,6 +240,69 @@ async fn cached_verdict_is_found_only_for_its_database_version() {
     assert!(producer.cached_verdict(&[8u8; 32]).await.unwrap().is_none());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_remembers_verdicts_in_process_but_not_while_redis_is_down() {
+    let mut redis = Redis::start();
+    let producer = std::sync::Arc::new(
+        Producer::connect(config(&redis))
+            .await
+            .unwrap()
+            .with_memo(16, Duration::from_secs(60)),
+    );
+    let mut consumer = Consumer::connect(config(&redis), "c").await.unwrap();
+    consumer.publish_db_version("100").await.unwrap();
+    let sha = [5u8; 32];
+    let mut first = task("t1", Priority::Normal);
+    first.sha256 = sha.to_vec();
+    let waiting = tokio::spawn({
+        let producer = producer.clone();
+        async move {
+            producer
+                .scan(&first, Instant::now() + Duration::from_secs(10))
+                .await
+        }
+    });
+    let d = claim_one(&mut consumer).await;
+    let mut verdict = clean("t1");
+    verdict.db_version = "100".into();
+    // No Redis cache entry: only the producer's memory can answer the same bytes again.
+    assert!(consumer.complete(&d, &verdict, None).await.unwrap());
+    let scanned = waiting.await.unwrap().unwrap();
+    assert!(!scanned.cached);
+
+    let mut again = task("t2", Priority::Normal);
+    again.sha256 = sha.to_vec();
+    let remembered = producer
+        .scan(&again, Instant::now() + Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(remembered.cached);
+    assert_eq!(remembered.status(), VerdictStatus::Clean);
+    assert_eq!(
+        producer.depth().await.unwrap(),
+        (0, 0),
+        "nothing was queued"
+    );
+    let mut other = again.clone();
+    other.sha256 = vec![6; 32];
+    assert!(producer.remembered(&other.sha256).await.unwrap().is_none());
+
+    // Redis down: nothing is decided from memory any more.
+    redis.stop();
+    let start = Instant::now();
+    while producer.remembered(&sha).await.is_ok() {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "the memo still answers with Redis down"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let r = producer
+        .scan(&again, Instant::now() + Duration::from_secs(2))
+        .await;
+    assert!(r.is_err(), "{r:?}");
+}
+
 #[tokio::test]
 async fn errors_are_never_cached() {
     let redis = Redis::start();
