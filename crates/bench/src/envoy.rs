@@ -21,8 +21,8 @@ struct Wrk {
     requests: u64,
 }
 
-/// Runs wrk with a Lua script that POSTs `body_file`; `unique` appends a counter so that no
-/// two requests share a hash (every one is a cache miss).
+/// Runs wrk with a Lua script that POSTs `body_file`; `unique` appends a tag so that no two
+/// requests of the whole benchmark share a hash (every one is a cache miss).
 fn wrk(
     url: &str,
     body_file: &Path,
@@ -31,11 +31,15 @@ fn wrk(
     connections: usize,
     dir: &Path,
 ) -> anyhow::Result<Wrk> {
-    let script = dir.join(format!("post-{unique}.lua"));
+    // Distinct across threads and across runs (a warm-up run must not fill the cache for
+    // the measured one): run number, thread number, request number.
+    static RUN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let run = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let script = dir.join(format!("post-{run}.lua"));
     let body_expr = if unique {
-        "body .. tostring(n)"
+        format!(r#"body .. "{run}-" .. tid .. "-" .. tostring(n)"#)
     } else {
-        "body"
+        "body".to_owned()
     };
     std::fs::write(
         &script,
@@ -43,6 +47,11 @@ fn wrk(
             r#"local f = assert(io.open("{}", "rb"))
 local body = f:read("*a")
 f:close()
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("tid", threads)
+end
 local n = 0
 request = function()
   n = n + 1
@@ -197,9 +206,9 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
                 let raw = raw.clone();
                 let body = body.clone();
                 cells.push(
-                    measure(c, seconds, move |n| {
+                    measure(c, seconds, move |_| {
                         let raw = raw.clone();
-                        let bytes = unique(&body, n);
+                        let bytes = unique(&body);
                         async move {
                             raw.scan(ScanInput::Bytes(&bytes)).await?;
                             Ok(())

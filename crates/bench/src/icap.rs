@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 use virus_scanner_test_support::{Clamd, Redis, clean_bytes, free_port, wait_for};
 
-use crate::{Args, parse_size, start_consumer, unique};
+use crate::{Args, parse_size, start_consumer};
 
 struct Result {
     rps: f64,
@@ -158,22 +158,32 @@ impl Client {
     }
 }
 
-async fn drive(port: u16, service: &str, body: &[u8], args: &Args) -> anyhow::Result<Result> {
+/// RESPMOD loops for `args.seconds`; `unique` makes every body distinct (no cache can help),
+/// otherwise the same bytes are sent every time (a popular download).
+async fn drive(
+    port: u16,
+    service: &str,
+    body: &[u8],
+    unique: bool,
+    args: &Args,
+) -> anyhow::Result<Result> {
     let latencies = Arc::new(Mutex::new(Vec::new()));
     let end = Instant::now() + Duration::from_secs_f64(args.seconds);
-    let counter = Arc::new(std::sync::atomic::AtomicU64::new(1 << 32));
     let body = Arc::new(body.to_vec());
     let start = Instant::now();
     let mut loops = Vec::new();
     for _ in 0..args.concurrency {
-        let (latencies, counter, body) = (latencies.clone(), counter.clone(), body.clone());
+        let (latencies, body) = (latencies.clone(), body.clone());
         let service = service.to_owned();
         loops.push(tokio::spawn(async move {
             let mut client = Client::connect(port, &service).await?;
             let mut mine = Vec::new();
             while Instant::now() < end {
-                let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let bytes = unique(&body, n);
+                let bytes = if unique {
+                    crate::unique(&body)
+                } else {
+                    body.to_vec()
+                };
                 let t = Instant::now();
                 client.respmod(&bytes).await?;
                 mine.push(t.elapsed());
@@ -202,7 +212,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let dir = crate::envoy::tempfile_dir("vs-bench-icap")?;
     let scan_dir = dir.join("scan");
     std::fs::create_dir_all(&scan_dir)?;
-    let (stop_tx, consumer) = start_consumer(&redis, &clamd, &scan_dir, args.concurrency, false)?;
+    let (stop_tx, consumer) = start_consumer(&redis, &clamd, &scan_dir, args.concurrency, true)?;
     let crate::BenchProducer {
         process: producer,
         icap: icap_port,
@@ -216,24 +226,29 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         "| body | c-icap virus_scan req/s | p99 ms | ours req/s | p99 ms | throughput ratio |\n|---|---|---|---|---|---|"
     );
     let outcome = async {
-        for size_text in &args.sizes {
+        for (size_text, unique) in args.sizes.iter().flat_map(|s| [(s, true), (s, false)]) {
             let size = parse_size(size_text)?;
             let body = clean_bytes(size, 3);
             // A warm-up for each, then alternating rounds; the median round is reported.
-            drive(c_icap_port, "avscan", &body, args).await?;
-            drive(icap_port, "avscan", &body, args).await?;
+            drive(c_icap_port, "avscan", &body, unique, args).await?;
+            drive(icap_port, "avscan", &body, unique, args).await?;
             let (mut theirs, mut ours) = (Vec::new(), Vec::new());
             for _ in 0..args.rounds.max(1) {
-                theirs.push(drive(c_icap_port, "avscan", &body, args).await?);
-                ours.push(drive(icap_port, "avscan", &body, args).await?);
+                theirs.push(drive(c_icap_port, "avscan", &body, unique, args).await?);
+                ours.push(drive(icap_port, "avscan", &body, unique, args).await?);
             }
             let median = |mut v: Vec<Result>| {
                 v.sort_by(|a, b| a.rps.total_cmp(&b.rps));
                 v.swap_remove(v.len() / 2)
             };
             let (t, o) = (median(theirs), median(ours));
+            let what = if unique {
+                "distinct bodies"
+            } else {
+                "same body repeated"
+            };
             println!(
-                "| {size_text} | {:.0} | {:.1} | {:.0} | {:.1} | {:.2} |",
+                "| {size_text}, {what} | {:.0} | {:.1} | {:.0} | {:.1} | {:.2} |",
                 t.rps,
                 t.p99_ms,
                 o.rps,

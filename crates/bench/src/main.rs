@@ -88,8 +88,11 @@ where
     })
 }
 
-/// The body with its first bytes replaced by `n`, so that no two scans share a hash.
-pub fn unique(body: &[u8], n: u64) -> Vec<u8> {
+/// The body with its first bytes replaced by a counter of this process, so that no two scans
+/// in a run share a hash (none can be answered from a cache filled by an earlier round).
+pub fn unique(body: &[u8]) -> Vec<u8> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut b = body.to_vec();
     let tag = n.to_le_bytes();
     let k = tag.len().min(b.len());
@@ -242,9 +245,9 @@ async fn queue(args: &Args) -> anyhow::Result<()> {
         let raw_round = || {
             let raw = raw.clone();
             let body = body.clone();
-            measure(args.concurrency, args.seconds, move |n| {
+            measure(args.concurrency, args.seconds, move |_| {
                 let raw = raw.clone();
-                let bytes = unique(&body, n);
+                let bytes = unique(&body);
                 async move {
                     raw.scan(ScanInput::Bytes(&bytes)).await?;
                     Ok(())
@@ -258,7 +261,7 @@ async fn queue(args: &Args) -> anyhow::Result<()> {
                 let producer = producer.clone();
                 let task = ScanTask {
                     id: format!("bench-{size}-{n}"),
-                    content: Some(Content::Body(unique(&body, n))),
+                    content: Some(Content::Body(unique(&body))),
                     enqueued_at_ns: now_ns(),
                     ..ScanTask::default()
                 };
