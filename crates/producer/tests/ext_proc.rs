@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use support::{Stack, StackOptions, curl, post_file, sha256_hex, temp_file};
 use virus_scanner_test_support::{
     BodyMode, ClamdOptions, EICAR, EICAR_BODY_SIGNATURE, HASH_SAMPLE_SIGNATURE, clean_bytes,
-    hash_signature_sample, wait_for,
+    hash_signature_sample, http_get, wait_for,
 };
 
 fn gzip(data: &[u8]) -> Vec<u8> {
@@ -378,6 +378,12 @@ fn redis_down_blocks_everything_and_service_resumes_without_a_restart() {
     assert_eq!(post_file(&stack.url("/upload/a"), &clean, &[]).status, 200);
 
     stack.redis.stop();
+    // The same bytes, decided a moment ago, must not pass from memory either. The producer
+    // learns of the loss at once through its canary connection; its readiness turning red
+    // (a PING that fails) is the observable point after that.
+    assert!(wait_for(Duration::from_secs(5), || {
+        http_get(stack.producer_http, "/ready").is_none_or(|(s, _)| s != 200)
+    }));
     let started = Instant::now();
     let r = post_file(&stack.url("/upload/b"), &clean, &[]);
     assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
