@@ -199,7 +199,7 @@ impl ScanService {
             ..ScanTask::default()
         };
         let enqueued = Instant::now();
-        let verdict = match self.producer.scan(&task, deadline).await {
+        let verdict = match self.producer.submit(&task, deadline).await {
             Ok(v) if v.cached => {
                 self.metrics.cache_hits.inc();
                 return (v, sha, String::new());

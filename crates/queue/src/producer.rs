@@ -172,6 +172,12 @@ impl Producer {
         if let Some(v) = self.remembered(&task.sha256).await? {
             return Ok(v);
         }
+        self.submit(task, deadline).await
+    }
+
+    /// `scan` for a caller that has already asked `remembered` (and builds the task only on a
+    /// miss): the verdict cache or a scan, and the memo filled from the answer.
+    pub async fn submit(&self, task: &ScanTask, deadline: Instant) -> Result<Verdict, QueueError> {
         let db_version = self.db_version().await?;
         let verdict = self
             .submit_and_wait(task, db_version.as_deref(), deadline)

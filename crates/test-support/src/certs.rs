@@ -6,15 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("openssl is installed by make test");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    crate::process::run_checked(
+        Command::new("openssl").current_dir(dir).args(args),
+        &format!("openssl {args:?} (installed by make test)"),
     );
 }
 

@@ -210,15 +210,9 @@ impl ControlPlane {
 
     /// Runs `kubectl args...` and returns stdout; panics with stderr on failure.
     pub fn kubectl(&self, args: &[&str]) -> String {
-        let out = self
-            .command("kubectl")
-            .args(args)
-            .output()
-            .expect("kubectl");
-        assert!(
-            out.status.success(),
-            "kubectl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = crate::process::run_checked(
+            self.command("kubectl").args(args),
+            &format!("kubectl {args:?}"),
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }

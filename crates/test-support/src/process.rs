@@ -10,6 +10,20 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("local address").port()
 }
 
+/// Runs a command to completion and insists on success; a failure panics with `what` and
+/// the command's stderr. Returns the output for its stdout.
+pub fn run_checked(cmd: &mut std::process::Command, what: &str) -> std::process::Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Polls `check` until it returns true or `limit` passes.
 pub fn wait_for(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
     let start = Instant::now();

@@ -42,16 +42,12 @@ impl Squid {
         let d = dir.path();
         let db = d.join("ssl_db");
         if options.bump_ca.is_some() {
-            let init = Command::new("/usr/lib/squid/security_file_certgen")
-                .args(["-c", "-s"])
-                .arg(&db)
-                .args(["-M", "4MB"])
-                .output()
-                .expect("security_file_certgen (squid-openssl)");
-            assert!(
-                init.status.success(),
-                "security_file_certgen: {}",
-                String::from_utf8_lossy(&init.stderr)
+            crate::process::run_checked(
+                Command::new("/usr/lib/squid/security_file_certgen")
+                    .args(["-c", "-s"])
+                    .arg(&db)
+                    .args(["-M", "4MB"]),
+                "security_file_certgen (squid-openssl)",
             );
         }
         // A port picked in advance can be taken before Squid binds it: a few attempts.

@@ -116,14 +116,10 @@ pub fn envoy_validates(bootstrap: &str) {
         .tempfile()
         .expect("temp file");
     std::fs::write(file.path(), bootstrap).expect("write bootstrap");
-    let out = std::process::Command::new(virus_scanner_test_support::envoy_binary())
-        .args(["--mode", "validate", "--log-level", "warn", "-c"])
-        .arg(file.path())
-        .output()
-        .expect("run envoy");
-    assert!(
-        out.status.success(),
-        "envoy --mode validate refused the config:\n{}\n{bootstrap}",
-        String::from_utf8_lossy(&out.stderr)
+    virus_scanner_test_support::run_checked(
+        std::process::Command::new(virus_scanner_test_support::envoy_binary())
+            .args(["--mode", "validate", "--log-level", "warn", "-c"])
+            .arg(file.path()),
+        &format!("envoy --mode validate of\n{bootstrap}\n"),
     );
 }
