@@ -1,7 +1,7 @@
 //! The operator binary against a real kube-apiserver.
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use virus_scanner_test_support::kube::ControlPlane;
@@ -13,8 +13,12 @@ pub const CRD_FILE: &str = concat!(
 );
 pub const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../manifests/examples");
 
-pub fn operator_binary() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_virus-scan-operator"))
+/// The binary under test: this build's, or the one `VIRUS_SCAN_OPERATOR_BIN` names (a release
+/// build, for the admission-latency figure).
+pub fn operator_binary() -> PathBuf {
+    std::env::var_os("VIRUS_SCAN_OPERATOR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_virus-scan-operator")))
 }
 
 /// A control plane with the CRD installed and established.
@@ -59,7 +63,7 @@ impl Operator {
             env.retain(|(key, _)| key != k);
             env.push((k, v.clone()));
         }
-        let mut process = ServiceProcess::spawn(operator_binary(), &[], &env);
+        let mut process = ServiceProcess::spawn(&operator_binary(), &[], &env);
         let limit = Duration::from_secs(30);
         let ops_port = port_of(&process.wait_for_fields("operator started", &["addr"], limit)[0]);
         let webhook_port =
