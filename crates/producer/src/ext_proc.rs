@@ -12,7 +12,10 @@
 //! failure makes Envoy forward the body unscanned.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
@@ -24,7 +27,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 };
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use virus_scanner_protocol::task::{Direction, VerdictStatus};
 
@@ -47,7 +50,7 @@ impl ExtProcService {
 
 #[tonic::async_trait]
 impl ExternalProcessor for ExtProcService {
-    type ProcessStream = ReceiverStream<Result<ProcessingResponse, Status>>;
+    type ProcessStream = Answers;
 
     async fn process(
         &self,
@@ -56,15 +59,63 @@ impl ExternalProcessor for ExtProcService {
         let inbound = request.into_inner();
         // Small: the body release waits for Envoy to take each chunk.
         let (tx, rx) = mpsc::channel(4);
-        let mut stream = ExtProcStream::new(self.scan.clone(), tx.clone());
-        tokio::spawn(async move {
-            if let Err(status) = stream.run(inbound).await {
+        let mut stream = ExtProcStream::new(self.scan.clone(), tx);
+        let work = async move {
+            let result = stream.run(inbound).await;
+            if let Err(status) = &result {
                 stream.scan.metrics.error("ext_proc");
                 tracing::warn!(code = ?status.code(), message = status.message(), "ext_proc stream failed");
-                let _ = tx.send(Err(status)).await;
             }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+            result
+        };
+        Ok(Response::new(Answers {
+            work: Some(Box::pin(work)),
+            rx,
+            failed: None,
+        }))
+    }
+}
+
+type Work = Pin<Box<dyn Future<Output = Result<(), Status>> + Send>>;
+
+/// The answers of one ext_proc stream. The work that produces them is polled by whoever
+/// polls the answers (the server's task for this gRPC stream), not by a task of its own:
+/// a message then costs no hand-over between tasks. When the stream goes away (Envoy done,
+/// reset), the work is dropped with it, and so are its buffers and spill files.
+pub struct Answers {
+    work: Option<Work>,
+    rx: mpsc::Receiver<Result<ProcessingResponse, Status>>,
+    /// The error status that ends the stream, sent after every answer queued before it.
+    failed: Option<Status>,
+}
+
+impl Stream for Answers {
+    type Item = Result<ProcessingResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if let Poll::Ready(Some(answer)) = this.rx.poll_recv(cx) {
+                return Poll::Ready(Some(answer));
+            }
+            let Some(work) = this.work.as_mut() else {
+                return Poll::Ready(this.failed.take().map(Err));
+            };
+            match work.as_mut().poll(cx) {
+                Poll::Ready(result) => {
+                    // Dropping the work drops the sender: the queue drains, then ends.
+                    this.work = None;
+                    this.failed = result.err();
+                }
+                // The work may have queued answers before it waited.
+                Poll::Pending => {
+                    return match this.rx.poll_recv(cx) {
+                        Poll::Ready(Some(answer)) => Poll::Ready(Some(answer)),
+                        _ => Poll::Pending,
+                    };
+                }
+            }
+        }
     }
 }
 

@@ -69,7 +69,8 @@ impl ScanService {
     pub async fn scan(&self, body: &Body, headers: &BodyHeaders, ctx: &ScanContext) -> Outcome {
         let started = Instant::now();
         let deadline = started + self.config.scan_timeout;
-        self.metrics.in_flight.inc();
+        // A guard: the caller's future can be dropped mid-scan (client gone, stream reset).
+        let in_flight = InFlight::enter(&self.metrics.in_flight);
         if let BodyData::Spilled(_) = body.data {
             self.metrics.spilled_bytes.inc_by(body.len);
         }
@@ -80,7 +81,7 @@ impl ScanService {
             })
             .inc_by(body.len);
         let outcome = self.scan_inner(body, headers, ctx, deadline).await;
-        self.metrics.in_flight.dec();
+        drop(in_flight);
         self.metrics
             .scan_latency
             .observe(started.elapsed().as_secs_f64());
@@ -310,5 +311,21 @@ pub fn direction_label(d: Direction) -> &'static str {
         Direction::Request => "request",
         Direction::Response => "response",
         Direction::Unspecified => "unspecified",
+    }
+}
+
+/// Counts a scan in flight for as long as it lives.
+struct InFlight<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl<'a> InFlight<'a> {
+    fn enter(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> InFlight<'a> {
+        gauge.inc();
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
