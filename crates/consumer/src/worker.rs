@@ -203,7 +203,9 @@ async fn scan(
         },
     };
     let db_version = engine.as_ref().and_then(|e| e.database.clone());
-    if let (true, Some(db)) = (shared.config.cache_enabled, &db_version) {
+    // A task whose producer found nothing in the cache as it queued it is not looked up again.
+    if let (true, false, Some(db)) = (shared.config.cache_enabled, task.cache_checked, &db_version)
+    {
         match consumer.cached_verdict(db, &sha).await {
             Ok(Some(mut hit)) => {
                 shared.metrics.cache_hits.inc();

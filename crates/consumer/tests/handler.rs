@@ -402,6 +402,22 @@ async fn same_bytes_reach_clamd_once_and_a_new_database_misses_the_cache() {
     let sha = sha2::Sha256::digest(&body);
     assert!(p.cached_verdict(&sha).await.unwrap().is_some());
 
+    // A task marked as having missed the cache in its producer's script is scanned without
+    // a second lookup (here the cache does hold a verdict, so the lookup would have hit).
+    let mut checked = body_task("d", body.clone());
+    checked.cache_checked = true;
+    p.enqueue(&checked).await.unwrap();
+    let v = p.wait_verdict("d", deadline(30)).await.unwrap();
+    assert_eq!((v.cached, v.status()), (false, VerdictStatus::Clean));
+    assert_eq!(
+        metric(metrics, "virus_scanner_consumer_scanned_bytes_total"),
+        400_000.0
+    );
+    assert_eq!(
+        metric(metrics, "virus_scanner_consumer_cache_hits_total"),
+        1.0
+    );
+
     stack.clamd.reload_with_db_version(1001);
     // The consumer picks the new version up within its poll interval.
     let start = Instant::now();
@@ -426,7 +442,7 @@ async fn same_bytes_reach_clamd_once_and_a_new_database_misses_the_cache() {
     }
     assert_eq!(
         metric(metrics, "virus_scanner_consumer_scanned_bytes_total"),
-        400_000.0
+        600_000.0
     );
 }
 

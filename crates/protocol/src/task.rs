@@ -44,6 +44,14 @@ pub fn encode_task(task: &ScanTask) -> Vec<u8> {
     task.encode_to_vec()
 }
 
+/// Encodes the task with `cache_checked` set, without copying its content: a field appended
+/// to an encoded message overrides the one before it (protobuf merge rules).
+pub fn encode_task_cache_checked(task: &ScanTask) -> Vec<u8> {
+    let mut bytes = task.encode_to_vec();
+    prost::encoding::bool::encode(12, &true, &mut bytes);
+    bytes
+}
+
 /// Decodes and validates a task taken from the queue.
 pub fn decode_task(bytes: &[u8]) -> Result<ScanTask, TaskDecodeError> {
     let task = ScanTask::decode(bytes).map_err(|e| TaskDecodeError::Protobuf(e.to_string()))?;
@@ -123,6 +131,15 @@ mod tests {
     fn task_round_trips_binary_body() {
         let t = task();
         assert_eq!(decode_task(&encode_task(&t)), Ok(t));
+    }
+
+    #[test]
+    fn cache_checked_encoding_sets_that_field_only() {
+        let t = task();
+        let mut expected = t.clone();
+        expected.cache_checked = true;
+        assert_eq!(decode_task(&encode_task_cache_checked(&t)), Ok(expected));
+        assert!(!decode_task(&encode_task(&t)).unwrap().cache_checked);
     }
 
     #[test]

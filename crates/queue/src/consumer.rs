@@ -28,6 +28,16 @@ redis.call('XDEL', KEYS[1], ARGV[3])
 return 1
 ";
 
+/// Claims one new entry, from the high stream if it has one, else from the normal one, in
+/// one round trip. KEYS: the streams, highest priority first. ARGV: group, consumer.
+const CLAIM_NEW_SCRIPT: &str = r"
+for _, stream in ipairs(KEYS) do
+  local found = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', stream, '>')
+  if found then return found end
+end
+return false
+";
+
 /// A task handed to this consumer. It stays owned until [`Consumer::complete`].
 #[derive(Debug, Clone)]
 pub struct Delivery {
@@ -47,6 +57,7 @@ pub struct Consumer {
     keys: Keys,
     config: QueueConfig,
     complete_script: redis::Script,
+    claim_new_script: redis::Script,
     last_reclaim: Option<Instant>,
     group_ready: bool,
 }
@@ -63,6 +74,7 @@ impl Consumer {
             keys: Keys::new(&config.prefix),
             config,
             complete_script: redis::Script::new(COMPLETE_SCRIPT),
+            claim_new_script: redis::Script::new(CLAIM_NEW_SCRIPT),
             last_reclaim: None,
             group_ready: false,
         })
@@ -137,25 +149,31 @@ impl Consumer {
                 return Ok(reclaimed);
             }
         }
-        for priority in [Priority::High, Priority::Normal] {
-            let found = self.read_new(&[priority], None).await?;
-            if !found.is_empty() {
-                return Ok(found);
-            }
+        let found: Option<StreamReadReply> = self
+            .claim_new_script
+            .key(self.keys.stream(Priority::High))
+            .key(self.keys.stream(Priority::Normal))
+            .arg(&self.config.group)
+            .arg(&self.name)
+            .invoke_async(&mut self.conn)
+            .await?;
+        let found = self.deliveries(found);
+        if !found.is_empty() {
+            return Ok(found);
         }
         let mut found = self
-            .read_new(&[Priority::High, Priority::Normal], Some(block))
+            .read_new(&[Priority::High, Priority::Normal], block)
             .await?;
         // A read on both streams can return one of each: high first.
         found.sort_by_key(|d| d.priority != Priority::High);
         Ok(found)
     }
 
-    /// `XREADGROUP` of new entries (one per stream), waiting up to `block` if given.
+    /// A blocking `XREADGROUP` of new entries (one per stream).
     async fn read_new(
         &mut self,
         priorities: &[Priority],
-        block: Option<Duration>,
+        block: Duration,
     ) -> Result<Vec<Delivery>, QueueError> {
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
@@ -163,9 +181,7 @@ impl Consumer {
             .arg(&self.name)
             .arg("COUNT")
             .arg(1);
-        if let Some(block) = block {
-            cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
-        }
+        cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
         cmd.arg("STREAMS");
         for &p in priorities {
             cmd.arg(self.keys.stream(p));

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, MultiplexedConnection};
 use virus_scanner_protocol::task::{
-    Priority, ScanTask, TASK_FIELD, Verdict, decode_verdict, encode_task,
+    Priority, ScanTask, TASK_FIELD, Verdict, decode_verdict, encode_task, encode_task_cache_checked,
 };
 
 use crate::memo::VerdictMemo;
@@ -222,7 +222,11 @@ impl Producer {
             .arg(&cache_key)
             .arg(self.keys.stream(task.priority()))
             .arg(&verdict_key)
-            .arg(encode_task(task))
+            .arg(if use_cache {
+                encode_task_cache_checked(task)
+            } else {
+                encode_task(task)
+            })
             .arg(self.config.verdict_ttl.as_secs().max(1))
             .arg(if use_cache { "1" } else { "0" })
             .arg(TASK_FIELD);
