@@ -37,6 +37,10 @@ pub struct HandlerArgs {
     /// Deliveries after which a task gets an error verdict instead of another scan.
     #[arg(long, env = "MAX_DELIVERIES", default_value_t = 3)]
     pub max_deliveries: u32,
+    /// Consumers that stopped without leaving the Redis group (killed, evicted) and hold no
+    /// tasks are removed from it after this many seconds unseen.
+    #[arg(long, env = "CONSUMER_RETENTION_SECONDS", default_value_t = 3600)]
+    pub consumer_retention_seconds: u64,
     /// How long a verdict is reused for the same bytes and database version; 0 disables
     /// the cache.
     #[arg(long, env = "CACHE_TTL_SECONDS", default_value_t = 86400)]
@@ -95,9 +99,13 @@ impl HandlerArgs {
         if self.max_deliveries == 0 {
             return Err("MAX_DELIVERIES must be at least 1".into());
         }
+        if self.consumer_retention_seconds == 0 {
+            return Err("CONSUMER_RETENTION_SECONDS must be positive".into());
+        }
         let mut queue = self.redis.to_queue_config()?;
         queue.visibility_timeout = Duration::from_secs(self.visibility_timeout_seconds);
         queue.max_deliveries = self.max_deliveries;
+        queue.consumer_retention = Duration::from_secs(self.consumer_retention_seconds);
         queue.cache_ttl = Duration::from_secs(self.cache_ttl_seconds.max(1));
         queue.legacy_queue = self.legacy_queue.clone();
         queue.legacy_result_prefix = self.legacy_result_prefix;

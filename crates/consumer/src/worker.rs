@@ -49,6 +49,11 @@ pub(crate) async fn run(
             }
         }
     }
+    // Every task this worker claimed is answered: leave the group, so that it does not list
+    // one more departed consumer after every restart.
+    if let Err(e) = consumer.leave().await {
+        tracing::warn!(error = %e, consumer = consumer.name(), "cannot leave the consumer group");
+    }
 }
 
 struct InFlight<'a>(&'a Shared);

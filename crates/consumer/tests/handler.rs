@@ -257,6 +257,22 @@ async fn pending_count(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
     summary.count() as u64
 }
 
+/// The consumers the group knows, on both streams.
+async fn group_consumers(conn: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
+    let mut names = Vec::new();
+    for stream in ["{virus-scanner}:tasks:high", "{virus-scanner}:tasks:normal"] {
+        let info: redis::streams::StreamInfoConsumersReply = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(stream)
+            .arg("scanners")
+            .query_async(conn)
+            .await
+            .unwrap();
+        names.extend(info.consumers.into_iter().map(|c| c.name));
+    }
+    names
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_crash_loses_no_task() {
     let stack = Stack::start();
@@ -300,7 +316,21 @@ async fn consumer_crash_loses_no_task() {
         "the killed consumer held no task; the test proved nothing"
     );
 
-    let (_second, _) = stack.handler(&["--concurrency", "4", "--consumer-name", "second"]);
+    assert!(
+        group_consumers(&mut conn)
+            .await
+            .iter()
+            .any(|c| c.starts_with("first-")),
+        "the killed consumer is not in the group"
+    );
+    let (_second, _) = stack.handler(&[
+        "--concurrency",
+        "4",
+        "--consumer-name",
+        "second",
+        "--consumer-retention-seconds",
+        "3",
+    ]);
     for i in 0..N {
         let v = p
             .wait_verdict(&format!("t{i}"), deadline(60))
@@ -322,6 +352,21 @@ async fn consumer_crash_loses_no_task() {
         .unwrap();
     assert!(leftover.is_empty(), "duplicate verdicts: {leftover:?}");
     assert_eq!(p.depth().await.unwrap(), (0, 0));
+    // The killed consumer holds nothing any more; once unseen for the retention time it is
+    // removed from the group, while the live one stays.
+    let start = Instant::now();
+    loop {
+        let names = group_consumers(&mut conn).await;
+        if !names.iter().any(|c| c.starts_with("first-")) {
+            assert!(names.iter().any(|c| c.starts_with("second-")), "{names:?}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "departed consumer still in the group: {names:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -522,6 +567,13 @@ async fn sigterm_finishes_the_scan_in_flight_then_exits() {
     assert!(status.success(), "{status:?}");
     // Draining returned the in-flight entry: nothing is left pending for redelivery.
     assert_eq!(p.depth().await.unwrap(), (0, 0));
+    // And the stopped consumer left the group.
+    let mut conn = redis::Client::open(stack.redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    assert_eq!(group_consumers(&mut conn).await, Vec::<String>::new());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

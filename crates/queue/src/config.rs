@@ -99,6 +99,9 @@ pub struct QueueConfig {
     pub visibility_timeout: Duration,
     /// After this many deliveries a task is answered with an error verdict (poison).
     pub max_deliveries: u32,
+    /// A consumer that holds no entries and has not been seen for this long (it stopped
+    /// without leaving the group: killed, evicted) is removed from the group.
+    pub consumer_retention: Duration,
     /// How long a verdict waits for its producer.
     pub verdict_ttl: Duration,
     /// How long a cached verdict is reused (within one signature-database version).
@@ -117,6 +120,7 @@ impl QueueConfig {
             group: "scanners".into(),
             visibility_timeout: Duration::from_secs(30),
             max_deliveries: 3,
+            consumer_retention: Duration::from_secs(3600),
             verdict_ttl: Duration::from_secs(300),
             cache_ttl: Duration::from_secs(24 * 3600),
             legacy_queue: "scan_queue".into(),

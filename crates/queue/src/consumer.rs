@@ -38,6 +38,29 @@ end
 return false
 ";
 
+/// Removes consumers that hold no entries and were idle for at least ARGV[2] ms from the
+/// group, all of them or only the one named ARGV[3]. KEYS: the streams. ARGV: group, min idle
+/// ms, name or ''. The check and the removal are one step, so no entry is ever orphaned
+/// (`XGROUP DELCONSUMER` drops the entries a consumer holds). Returns how many were removed.
+const FORGET_SCRIPT: &str = r"
+local forgotten = 0
+for _, stream in ipairs(KEYS) do
+  local consumers = redis.pcall('XINFO', 'CONSUMERS', stream, ARGV[1])
+  if consumers.err == nil then
+    for _, c in ipairs(consumers) do
+      local info = {}
+      for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
+      if info['pending'] == 0 and info['idle'] >= tonumber(ARGV[2])
+          and (ARGV[3] == '' or info['name'] == ARGV[3]) then
+        redis.call('XGROUP', 'DELCONSUMER', stream, ARGV[1], info['name'])
+        forgotten = forgotten + 1
+      end
+    end
+  end
+end
+return forgotten
+";
+
 /// A task handed to this consumer. It stays owned until [`Consumer::complete`].
 #[derive(Debug, Clone)]
 pub struct Delivery {
@@ -58,6 +81,7 @@ pub struct Consumer {
     config: QueueConfig,
     complete_script: redis::Script,
     claim_new_script: redis::Script,
+    forget_script: redis::Script,
     last_reclaim: Option<Instant>,
     group_ready: bool,
 }
@@ -75,6 +99,7 @@ impl Consumer {
             config,
             complete_script: redis::Script::new(COMPLETE_SCRIPT),
             claim_new_script: redis::Script::new(CLAIM_NEW_SCRIPT),
+            forget_script: redis::Script::new(FORGET_SCRIPT),
             last_reclaim: None,
             group_ready: false,
         })
@@ -144,6 +169,15 @@ impl Consumer {
             .is_none_or(|at| at.elapsed() >= reclaim_every)
         {
             self.last_reclaim = Some(Instant::now());
+            let retention = self.config.consumer_retention.as_millis() as u64;
+            match self.forget(retention, "").await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    consumers = n,
+                    "removed consumers that hold nothing and were gone for the retention time"
+                ),
+                Err(e) => tracing::warn!(error = %e, "cannot remove departed consumers"),
+            }
             let reclaimed = self.reclaim().await?;
             if !reclaimed.is_empty() {
                 return Ok(reclaimed);
@@ -167,6 +201,25 @@ impl Consumer {
         // A read on both streams can return one of each: high first.
         found.sort_by_key(|d| d.priority != Priority::High);
         Ok(found)
+    }
+
+    /// Leaves the group on shutdown, if this consumer holds no entries (otherwise they stay
+    /// pending and another consumer reclaims them). True when it left.
+    pub async fn leave(&mut self) -> Result<bool, QueueError> {
+        let name = self.name.clone();
+        Ok(self.forget(0, &name).await? > 0)
+    }
+
+    async fn forget(&mut self, min_idle_ms: u64, name: &str) -> Result<u64, QueueError> {
+        Ok(self
+            .forget_script
+            .key(self.keys.stream(Priority::High))
+            .key(self.keys.stream(Priority::Normal))
+            .arg(&self.config.group)
+            .arg(min_idle_ms)
+            .arg(name)
+            .invoke_async(&mut self.conn)
+            .await?)
     }
 
     /// A blocking `XREADGROUP` of new entries (one per stream).
