@@ -11,6 +11,9 @@ use sha2::{Digest, Sha256};
 /// Name prefix of every spilled file, for the janitor.
 pub const SPILL_PREFIX: &str = "vs-spill-";
 
+/// A body message at least this large is hashed off the thread that serves the streams.
+const OFF_THREAD_BYTES: usize = 256 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
     #[error("body exceeds the limit of {0} bytes")]
@@ -159,6 +162,16 @@ impl Body {
             data: BodyData::Memory(bytes),
             sha256,
         })
+    }
+
+    /// [`Body::from_vec`] for a body that arrived in one message: a large one is hashed (and
+    /// spilled) in `block_in_place`, so that the other streams on this thread go on meanwhile.
+    pub fn from_message(bytes: Vec<u8>, limits: &BodyLimits) -> Result<Body, BodyError> {
+        if bytes.len() < OFF_THREAD_BYTES {
+            Body::from_vec(bytes, limits)
+        } else {
+            tokio::task::block_in_place(|| Body::from_vec(bytes, limits))
+        }
     }
 
     /// A reader over the body from its start.

@@ -100,6 +100,10 @@ pub struct ProducerArgs {
     /// How long a verdict stays in the in-process memo, in seconds; 0 turns it off.
     #[arg(long, env = "VERDICT_MEMO_SECONDS", default_value_t = 60)]
     pub verdict_memo_seconds: u64,
+    /// Threads that serve the streams. One is the cheapest per request for a sidecar;
+    /// decoding, splitting and storing large bodies run off that thread either way.
+    #[arg(long, env = "WORKER_THREADS", default_value_t = 1)]
+    pub worker_threads: usize,
 }
 
 /// Validated configuration.
@@ -128,6 +132,7 @@ pub struct ProducerConfig {
     pub icap: crate::icap::IcapConfig,
     pub verdict_memo_entries: usize,
     pub verdict_memo_ttl: Duration,
+    pub worker_threads: usize,
 }
 
 impl ProducerConfig {
@@ -156,6 +161,9 @@ impl ProducerArgs {
     pub fn validate(self) -> Result<ProducerConfig, String> {
         if self.scan_file_threshold_mb == 0 {
             return Err("SCAN_FILE_THRESHOLD_MB must be positive".into());
+        }
+        if self.worker_threads == 0 || self.worker_threads > 256 {
+            return Err("WORKER_THREADS must be between 1 and 256".into());
         }
         if self.max_body_mb == 0 || self.max_body_mb > 64 * 1024 {
             return Err("MAX_BODY_MB must be between 1 and 65536".into());
@@ -229,6 +237,7 @@ impl ProducerArgs {
             icap,
             verdict_memo_entries: self.verdict_memo_entries,
             verdict_memo_ttl: Duration::from_secs(self.verdict_memo_seconds),
+            worker_threads: self.worker_threads,
         })
     }
 }
@@ -253,6 +262,7 @@ mod tests {
         assert_eq!(c.scan_tmp_dir, PathBuf::from("/tmp/virusscan"));
         assert_eq!((c.infected_status, c.error_status), (406, 503));
         assert!(!c.fail_open);
+        assert_eq!(c.worker_threads, 1);
     }
 
     #[test]
@@ -269,6 +279,7 @@ mod tests {
             ),
             (vec!["--redis-url", "tcp://x"], "REDIS_URL"),
             (vec!["--scan-timeout-seconds", "0"], "SCAN_TIMEOUT_SECONDS"),
+            (vec!["--worker-threads", "0"], "WORKER_THREADS"),
         ] {
             let err = args(&argv).unwrap_err();
             assert!(err.contains(name), "{err}");

@@ -265,7 +265,7 @@ impl ExtProcStream {
         match self.body_mode(d) {
             BodySendMode::Buffered => {
                 // The whole body, even when trailers follow (end_of_stream is then false).
-                let body = match Body::from_vec(b.body, &self.scan.limits) {
+                let body = match Body::from_message(b.body, &self.scan.limits) {
                     Ok(body) => body,
                     Err(e) => return self.reject_unscannable(d, &e).await,
                 };
