@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -101,7 +102,13 @@ impl Stream for Answers {
             let Some(work) = this.work.as_mut() else {
                 return Poll::Ready(this.failed.take().map(Err));
             };
-            match work.as_mut().poll(cx) {
+            // A panic must not end the stream quietly: Envoy would take that as done.
+            let polled = std::panic::catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx)))
+                .unwrap_or_else(|_| {
+                    tracing::error!("ext_proc stream processing panicked");
+                    Poll::Ready(Err(Status::internal("the processor failed")))
+                });
+            match polled {
                 Poll::Ready(result) => {
                     // Dropping the work drops the sender: the queue drains, then ends.
                     this.work = None;
@@ -589,5 +596,65 @@ fn immediate_response(d: Direction, outcome: &Outcome, status: u16) -> Processin
             },
         )),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_stream::StreamExt;
+
+    fn answers(
+        work: impl Future<Output = Result<(), Status>> + Send + 'static,
+        rx: mpsc::Receiver<Result<ProcessingResponse, Status>>,
+    ) -> Answers {
+        Answers {
+            work: Some(Box::pin(work)),
+            rx,
+            failed: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn queued_answers_go_out_before_the_error_that_ends_the_stream() {
+        let (tx, rx) = mpsc::channel(4);
+        let work = async move {
+            for _ in 0..3 {
+                tx.send(Ok(headers_continue(Direction::Request)))
+                    .await
+                    .map_err(|_| Status::internal("closed"))?;
+            }
+            Err(Status::invalid_argument("refused"))
+        };
+        let mut stream = answers(work, rx);
+        for _ in 0..3 {
+            assert!(stream.next().await.unwrap().is_ok());
+        }
+        let end = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(end.code(), tonic::Code::InvalidArgument);
+        assert!(stream.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn work_that_finishes_ends_the_stream_cleanly_after_its_answers() {
+        let (tx, rx) = mpsc::channel(4);
+        let work = async move {
+            tx.send(Ok(body_continue(Direction::Response)))
+                .await
+                .map_err(|_| Status::internal("closed"))?;
+            Ok(())
+        };
+        let mut stream = answers(work, rx);
+        assert!(stream.next().await.unwrap().is_ok());
+        assert!(stream.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_the_work_ends_the_stream_with_an_error_status() {
+        let (_tx, rx) = mpsc::channel(4);
+        let mut stream = answers(async { panic!("a processing bug") }, rx);
+        let end = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(end.code(), tonic::Code::Internal);
+        assert!(stream.next().await.is_none());
     }
 }
