@@ -6,6 +6,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let file = root.join("virusscanner/v1/scan.proto");
     println!("cargo:rerun-if-changed={}", file.display());
     let descriptors = protox::compile([&file], [&root])?;
-    prost_build::Config::new().compile_fds(descriptors)?;
+    // A task's body is shared with the request it came from, not copied into the task.
+    prost_build::Config::new()
+        .bytes([".virusscanner.v1.ScanTask.body"])
+        .compile_fds(descriptors)?;
     Ok(())
 }

@@ -154,7 +154,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let (stop_tx, consumer) =
         crate::start_consumer(&redis, &clamd, &scan_dir, args.concurrency, true)?;
 
-    let crate::BenchProducer {
+    let virus_scanner_test_support::ProducerProcess {
         process: producer,
         grpc,
         ..

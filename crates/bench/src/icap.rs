@@ -216,7 +216,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let scan_dir = dir.join("scan");
     std::fs::create_dir_all(&scan_dir)?;
     let (stop_tx, consumer) = start_consumer(&redis, &clamd, &scan_dir, args.concurrency, true)?;
-    let crate::BenchProducer {
+    let virus_scanner_test_support::ProducerProcess {
         process: producer,
         icap: icap_port,
         ..

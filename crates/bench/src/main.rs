@@ -100,58 +100,20 @@ pub fn unique(body: &[u8]) -> Vec<u8> {
     b
 }
 
-/// The release producer binary on free loopback ports, ready; `extra` flags appended.
-pub struct BenchProducer {
-    pub process: virus_scanner_test_support::ServiceProcess,
-    pub grpc: u16,
-    pub icap: u16,
-}
-
+/// The release producer binary on loopback ports, ready; `extra` flags appended.
 pub fn start_producer(
     redis: &Redis,
     scan_dir: &std::path::Path,
     extra: &[&str],
-) -> anyhow::Result<BenchProducer> {
-    let mut args: Vec<String> = vec![
-        "--redis-host".into(),
-        "127.0.0.1".into(),
-        "--redis-port".into(),
-        redis.port().to_string(),
-        "--grpc-addr".into(),
-        "127.0.0.1:0".into(),
-        "--http-addr".into(),
-        "127.0.0.1:0".into(),
-        "--icap-addr".into(),
-        "127.0.0.1:0".into(),
-        "--scan-tmp-dir".into(),
-        scan_dir.display().to_string(),
-        "--log-format".into(),
-        "text".into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let mut process = virus_scanner_test_support::ServiceProcess::spawn(
+) -> anyhow::Result<virus_scanner_test_support::ProducerProcess> {
+    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    Ok(virus_scanner_test_support::ProducerProcess::start(
         &envoy::release_binary("virus-scanner-producer")?,
-        &args,
+        redis.port(),
+        scan_dir,
+        &extra,
         &[("RUST_LOG", "warn,virus_scanner_producer=info".into())],
-    );
-    let bound = process.wait_for_fields(
-        "producer started",
-        &["grpc", "http", "icap"],
-        Duration::from_secs(20),
-    );
-    let [grpc, http, icap] = [0, 1, 2].map(|i| virus_scanner_test_support::port_of(&bound[i]));
-    anyhow::ensure!(
-        virus_scanner_test_support::wait_for(Duration::from_secs(20), || {
-            virus_scanner_test_support::http_get(http, "/ready").is_some_and(|(s, _)| s == 200)
-        }),
-        "producer not ready\n{}",
-        process.log_tail()
-    );
-    Ok(BenchProducer {
-        process,
-        grpc,
-        icap,
-    })
+    ))
 }
 
 /// Runs the consumer in this process; send on the returned channel to stop it.
@@ -228,7 +190,7 @@ async fn queue(args: &Args) -> anyhow::Result<()> {
     // Warm up both paths (and wait for the consumer to see clamd).
     let warm = ScanTask {
         id: "warm".into(),
-        content: Some(Content::Body(b"warm".to_vec())),
+        content: Some(Content::Body(b"warm".to_vec().into())),
         ..ScanTask::default()
     };
     producer
@@ -261,7 +223,7 @@ async fn queue(args: &Args) -> anyhow::Result<()> {
                 let producer = producer.clone();
                 let task = ScanTask {
                     id: format!("bench-{size}-{n}"),
-                    content: Some(Content::Body(unique(&body))),
+                    content: Some(Content::Body(unique(&body).into())),
                     enqueued_at_ns: now_ns(),
                     ..ScanTask::default()
                 };

@@ -56,17 +56,8 @@ pub(crate) async fn run(
     }
 }
 
-struct InFlight<'a>(&'a Shared);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.metrics.in_flight.dec();
-    }
-}
-
 async fn process(shared: &Shared, consumer: &Consumer, d: Delivery) {
-    shared.metrics.in_flight.inc();
-    let _guard = InFlight(shared);
+    let _in_flight = virus_scanner_runtime::InProgress::enter(&shared.metrics.in_flight);
     if d.deliveries > 1 {
         shared.metrics.redeliveries.inc();
     }

@@ -96,7 +96,7 @@ impl Stack {
 fn body_task(id: &str, body: Vec<u8>) -> ScanTask {
     ScanTask {
         id: id.into(),
-        content: Some(Content::Body(body)),
+        content: Some(Content::Body(body.into())),
         enqueued_at_ns: now_ns(),
         ..ScanTask::default()
     }

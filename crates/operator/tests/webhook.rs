@@ -55,19 +55,26 @@ fn apply(plane: &ControlPlane, yaml: &str) {
     plane.kubectl(&["apply", "-f", &file.path().display().to_string()]);
 }
 
-/// The plane, the tenant namespace (injection on, `restricted` enforced), the example
-/// policy, an operator and the webhook configuration with the caBundle patched in.
-async fn setup(extra_env: &[(&str, String)]) -> (ControlPlane, Client, Operator) {
+/// The plane with the tenant namespace (injection on, and `labels`) and the example policy.
+async fn tenant_plane(labels: &[&str]) -> ControlPlane {
     let plane = tokio::task::spawn_blocking(plane_with_crd).await.unwrap();
     plane.kubectl(&["create", "namespace", NS]);
-    plane.kubectl(&[
+    let mut label = vec![
         "label",
         "namespace",
         NS,
         "virusscan.aether-platform.io/injection=enabled",
-        "pod-security.kubernetes.io/enforce=restricted",
-    ]);
+    ];
+    label.extend_from_slice(labels);
+    plane.kubectl(&label);
     plane.kubectl(&["apply", "-f", &format!("{EXAMPLES}/virusscanpolicy.yaml")]);
+    plane
+}
+
+/// The plane, the tenant namespace (injection on, `restricted` enforced), the example
+/// policy, an operator and the webhook configuration with the caBundle patched in.
+async fn setup(extra_env: &[(&str, String)]) -> (ControlPlane, Client, Operator) {
+    let plane = tenant_plane(&["pod-security.kubernetes.io/enforce=restricted"]).await;
     let operator = Operator::start_with(&plane, "op-0", extra_env);
     apply(&plane, &webhook_configuration(operator.webhook_port));
     let client = plane.client().await;
@@ -514,15 +521,7 @@ async fn rotation_keeps_the_webhook_trusted_and_outdated_deployments_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_from_files_as_cert_manager_provides_it() {
-    let plane = tokio::task::spawn_blocking(plane_with_crd).await.unwrap();
-    plane.kubectl(&["create", "namespace", NS]);
-    plane.kubectl(&[
-        "label",
-        "namespace",
-        NS,
-        "virusscan.aether-platform.io/injection=enabled",
-    ]);
-    plane.kubectl(&["apply", "-f", &format!("{EXAMPLES}/virusscanpolicy.yaml")]);
+    let plane = tenant_plane(&[]).await;
     // cert-manager's part, played by the test: a serving certificate in a mounted directory
     // and the CA injected into the webhook configuration.
     let certs = tempfile::tempdir().unwrap();

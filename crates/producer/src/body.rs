@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
+use virus_scanner_protocol::task::Bytes;
 
 /// Name prefix of every spilled file, for the janitor.
 pub const SPILL_PREFIX: &str = "vs-spill-";
@@ -81,7 +82,8 @@ pub struct Body {
 
 #[derive(Debug)]
 pub enum BodyData {
-    Memory(Vec<u8>),
+    /// Shared with the scan task without a copy.
+    Memory(Bytes),
     Spilled(SpillFile),
 }
 
@@ -135,7 +137,7 @@ impl BodyBuffer {
                 file.flush()?;
                 BodyData::Spilled(spill)
             }
-            None => BodyData::Memory(self.mem),
+            None => BodyData::Memory(self.mem.into()),
         };
         Ok(Body {
             data,
@@ -159,7 +161,7 @@ impl Body {
         let sha256 = Sha256::digest(&bytes).into();
         Ok(Body {
             len: bytes.len() as u64,
-            data: BodyData::Memory(bytes),
+            data: BodyData::Memory(bytes.into()),
             sha256,
         })
     }
@@ -177,7 +179,7 @@ impl Body {
     /// A reader over the body from its start.
     pub fn reader(&self) -> std::io::Result<Box<dyn Read + Send + '_>> {
         Ok(match &self.data {
-            BodyData::Memory(b) => Box::new(b.as_slice()),
+            BodyData::Memory(b) => Box::new(&b[..]),
             BodyData::Spilled(f) => Box::new(std::io::BufReader::with_capacity(
                 256 * 1024,
                 File::open(f.path())?,

@@ -70,7 +70,7 @@ impl ScanService {
         let started = Instant::now();
         let deadline = started + self.config.scan_timeout;
         // A guard: the caller's future can be dropped mid-scan (client gone, stream reset).
-        let in_flight = InFlight::enter(&self.metrics.in_flight);
+        let in_flight = virus_scanner_runtime::InProgress::enter(&self.metrics.in_flight);
         if let BodyData::Spilled(_) = body.data {
             self.metrics.spilled_bytes.inc_by(body.len);
         }
@@ -311,21 +311,5 @@ pub fn direction_label(d: Direction) -> &'static str {
         Direction::Request => "request",
         Direction::Response => "response",
         Direction::Unspecified => "unspecified",
-    }
-}
-
-/// Counts a scan in flight for as long as it lives.
-struct InFlight<'a>(&'a prometheus_client::metrics::gauge::Gauge);
-
-impl<'a> InFlight<'a> {
-    fn enter(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> InFlight<'a> {
-        gauge.inc();
-        InFlight(gauge)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }

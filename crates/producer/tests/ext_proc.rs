@@ -341,10 +341,9 @@ fn high_priority_requests_overtake_a_backlog() {
         for i in 0..300u64 {
             let task = virus_scanner_protocol::task::ScanTask {
                 id: format!("backlog-{i}"),
-                content: Some(virus_scanner_protocol::task::Content::Body(clean_bytes(
-                    256 << 10,
-                    i,
-                ))),
+                content: Some(virus_scanner_protocol::task::Content::Body(
+                    clean_bytes(256 << 10, i).into(),
+                )),
                 ..Default::default()
             };
             producer.enqueue(&task).await.unwrap();

@@ -1,6 +1,7 @@
 //! Encoding and validation of [`ScanTask`] and [`Verdict`] as they travel through Redis.
 
 use prost::Message;
+pub use prost::bytes::Bytes;
 
 pub use crate::v1::{
     Direction, Labels, Priority, ReplyFormat, ScanTask, Verdict, VerdictStatus, scan_task::Content,
@@ -121,7 +122,7 @@ mod tests {
     fn task() -> ScanTask {
         ScanTask {
             id: "t-1".into(),
-            content: Some(Content::Body(b"a|b\0c".to_vec())),
+            content: Some(Content::Body(Bytes::from_static(b"a|b\0c"))),
             sha256: vec![0; 32],
             ..ScanTask::default()
         }

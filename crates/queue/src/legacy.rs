@@ -73,7 +73,7 @@ impl LegacyBridge {
             Ok(task) => {
                 let id = task.id.clone();
                 let content = match task.content {
-                    LegacyContent::Body(body) => Content::Body(body),
+                    LegacyContent::Body(body) => Content::Body(body.into()),
                     LegacyContent::Path(path) => Content::Path(path),
                 };
                 let scan_task = ScanTask {

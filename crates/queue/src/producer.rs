@@ -14,9 +14,10 @@ use crate::{Keys, QueueConfig, QueueError};
 const DB_VERSION_REFRESH: Duration = Duration::from_secs(5);
 
 /// Verdict-cache lookup and enqueue in one step. KEYS: cache entry, task stream, verdict list.
-/// ARGV: encoded task, verdict TTL, '1' to consult the cache, the stream field of the task. A cached verdict is pushed to the
-/// task's verdict list, where the `BLPOP` sent right behind this script finds it; 1 = cached.
-/// Sent with EVAL, never EVALSHA: a NOSCRIPT retry would queue behind the blocking `BLPOP`.
+/// ARGV: encoded task, verdict TTL, '1' to consult the cache, the stream field of the task.
+/// A cached verdict is pushed to the task's verdict list, where the `BLPOP` sent right behind
+/// this script finds it; 1 = cached. Sent with EVAL, never EVALSHA: a NOSCRIPT retry would
+/// queue behind the blocking `BLPOP`.
 const SUBMIT_SCRIPT: &str = r"
 if ARGV[3] == '1' then
   local cached = redis.call('GET', KEYS[1])

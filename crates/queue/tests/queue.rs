@@ -24,7 +24,7 @@ fn config(redis: &Redis) -> QueueConfig {
 fn task(id: &str, priority: Priority) -> ScanTask {
     ScanTask {
         id: id.into(),
-        content: Some(Content::Body(id.as_bytes().to_vec())),
+        content: Some(Content::Body(id.as_bytes().to_vec().into())),
         priority: priority as i32,
         ..ScanTask::default()
     }
@@ -369,7 +369,7 @@ async fn legacy_task_is_bridged_and_answered_in_text() {
     let d = claim_one(&mut consumer).await;
     let t = d.task.clone().unwrap();
     assert_eq!(t.reply_format(), ReplyFormat::LegacyText);
-    assert_eq!(t.content, Some(Content::Body(b"a|b\0c".to_vec())));
+    assert_eq!(t.content, Some(Content::Body(b"a|b\0c".to_vec().into())));
     let mut v = clean("legacy-1");
     v.set_status(VerdictStatus::Infected);
     v.signature = "Eicar".into();

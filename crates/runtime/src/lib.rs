@@ -11,7 +11,25 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+
+/// Counts one unit of work in progress in a gauge for as long as it lives, so that work
+/// whose future is dropped midway (a client gone, a stream reset) is not left counted.
+pub struct InProgress<'a>(&'a Gauge);
+
+impl<'a> InProgress<'a> {
+    pub fn enter(gauge: &'a Gauge) -> InProgress<'a> {
+        gauge.inc();
+        InProgress(gauge)
+    }
+}
+
+impl Drop for InProgress<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -19,7 +19,7 @@ pub use clamd::{Clamd, ClamdOptions};
 pub use envoy::{BodyMode, Envoy, EnvoyOptions, Processor, config_yaml, envoy_binary};
 pub use process::{free_port, run_checked, wait_for};
 pub use redis::{Redis, RedisOptions};
-pub use service::{ServiceProcess, http_get, log_field, metric, port_of};
+pub use service::{ProducerProcess, ServiceProcess, http_get, log_field, metric, port_of};
 pub use squid::{Origin, Squid, SquidOptions};
 pub use upstream::{Received, Upstream};
 

@@ -143,6 +143,68 @@ impl Drop for ServiceProcess {
     }
 }
 
+/// `virus-scanner-producer` on loopback port 0 (gRPC, HTTP, ICAP), ready, with the ports it
+/// bound.
+pub struct ProducerProcess {
+    pub process: ServiceProcess,
+    pub grpc: u16,
+    pub http: u16,
+    pub icap: u16,
+}
+
+impl ProducerProcess {
+    /// Starts `binary` against Redis on `redis_port`, spilling into `scan_dir`, with `extra`
+    /// flags; panics with its log if it does not become ready.
+    pub fn start(
+        binary: &Path,
+        redis_port: u16,
+        scan_dir: &Path,
+        extra: &[String],
+        env: &[(&str, String)],
+    ) -> ProducerProcess {
+        let mut args: Vec<String> = [
+            "--redis-host",
+            "127.0.0.1",
+            "--redis-port",
+            &redis_port.to_string(),
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--icap-addr",
+            "127.0.0.1:0",
+            "--scan-tmp-dir",
+            &scan_dir.display().to_string(),
+            "--log-format",
+            "text",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().cloned());
+        let mut process = ServiceProcess::spawn(binary, &args, env);
+        let bound = process.wait_for_fields(
+            "producer started",
+            &["grpc", "http", "icap"],
+            Duration::from_secs(20),
+        );
+        let [grpc, http, icap] = [0, 1, 2].map(|i| port_of(&bound[i]));
+        assert!(
+            crate::wait_for(Duration::from_secs(20), || {
+                http_get(http, "/ready").is_some_and(|(s, _)| s == 200)
+            }),
+            "producer not ready\n{}",
+            process.log_tail()
+        );
+        ProducerProcess {
+            process,
+            grpc,
+            http,
+            icap,
+        }
+    }
+}
+
 /// The value of `key=value` on a text log line, or `None`.
 pub fn log_field(line: &str, key: &str) -> Option<String> {
     line.split_whitespace()

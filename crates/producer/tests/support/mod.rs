@@ -4,11 +4,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use virus_scanner_test_support::{
-    BodyMode, Clamd, ClamdOptions, Envoy, EnvoyOptions, Processor, Redis, RedisOptions,
-    ServiceProcess, Upstream, http_get, port_of, wait_for,
+    BodyMode, Clamd, ClamdOptions, Envoy, EnvoyOptions, Processor, ProducerProcess, Redis,
+    RedisOptions, ServiceProcess, Upstream,
 };
 
 pub struct StackOptions {
@@ -68,47 +67,23 @@ impl Stack {
             .unwrap();
         let upstream = Upstream::start();
         let socket = scan_dir.path().with_extension("sock");
-        let mut args: Vec<String> = [
-            "--redis-host",
-            "127.0.0.1",
-            "--redis-port",
-            &redis.port().to_string(),
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--icap-addr",
-            "127.0.0.1:0",
-            "--scan-tmp-dir",
-            &scan_dir.path().display().to_string(),
-            "--log-format",
-            "text",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut extra = Vec::new();
         if options.unix_socket {
-            args.push("--grpc-socket".into());
-            args.push(socket.display().to_string());
+            extra.push("--grpc-socket".into());
+            extra.push(socket.display().to_string());
         }
-        args.extend(options.producer_args.iter().cloned());
-        let mut producer = ServiceProcess::spawn(
+        extra.extend(options.producer_args.iter().cloned());
+        let ProducerProcess {
+            process: producer,
+            grpc,
+            http,
+            icap,
+        } = ProducerProcess::start(
             Path::new(env!("CARGO_BIN_EXE_virus-scanner-producer")),
-            &args,
+            redis.port(),
+            scan_dir.path(),
+            &extra,
             &[],
-        );
-        let bound = producer.wait_for_fields(
-            "producer started",
-            &["grpc", "http", "icap"],
-            Duration::from_secs(20),
-        );
-        let [grpc, http, icap] = [0, 1, 2].map(|i| port_of(&bound[i]));
-        assert!(
-            wait_for(Duration::from_secs(20), || {
-                http_get(http, "/ready").is_some_and(|(s, _)| s == 200)
-            }),
-            "producer not ready\n{}",
-            producer.log_tail()
         );
         let processor = if options.unix_socket {
             Processor::Unix(socket)
