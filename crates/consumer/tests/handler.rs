@@ -291,18 +291,22 @@ async fn consumer_crash_loses_no_task() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    // Kill it while it holds tasks.
+    // Kill it while it holds tasks: frozen first, so that what it holds cannot change between
+    // the look and the kill.
     let start = Instant::now();
     loop {
-        let pending = pending_count(&mut conn).await;
         let answered: Vec<String> = redis::cmd("KEYS")
             .arg("{virus-scanner}:verdict:*")
             .query_async(&mut conn)
             .await
             .unwrap();
-        if pending > 0 && answered.len() >= 20 {
-            first.kill9();
-            break;
+        if answered.len() >= 20 {
+            first.pause();
+            if pending_count(&mut conn).await > 0 {
+                first.kill9();
+                break;
+            }
+            first.resume();
         }
         assert!(
             start.elapsed() < Duration::from_secs(30),

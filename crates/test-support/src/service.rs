@@ -73,10 +73,30 @@ impl ServiceProcess {
 
     /// Sends SIGTERM without waiting.
     pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// SIGSTOP: the process is frozen where it stands (it can neither finish nor acknowledge
+    /// anything) until `resume`, so a test can look at what it holds at one instant.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// SIGCONT after `pause`.
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, name: &str) {
         if let Some(child) = &self.child {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
+            let status = Command::new("kill")
+                .args([&format!("-{name}"), &child.id().to_string()])
                 .status();
+            assert!(
+                status.is_ok_and(|s| s.success()),
+                "cannot send SIG{name} to {}",
+                self.name
+            );
         }
     }
 
