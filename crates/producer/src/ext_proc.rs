@@ -11,7 +11,6 @@
 //! Every failure ends the gRPC stream with an error status: a stream closed with OK after a
 //! failure makes Envoy forward the body unscanned.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -226,31 +225,29 @@ impl ExtProcStream {
     }
 
     async fn on_headers(&mut self, d: Direction, h: HttpHeaders) -> Result<Flow, Status> {
-        let headers = header_map(&h);
+        let fields = HeaderFields::read(&h, &self.scan.config.priority_header);
         if d == Direction::Request {
-            self.ctx.route = headers
-                .get(":path")
+            self.ctx.route = fields
+                .path
+                .as_deref()
                 .map(|p| p.split('?').next().unwrap_or_default().to_owned())
                 .unwrap_or_default();
-            self.ctx.client_address = headers
-                .get("x-forwarded-for")
+            self.ctx.client_address = fields
+                .forwarded_for
+                .as_deref()
                 .and_then(|v| v.split(',').next())
                 .map(|v| v.trim().to_owned())
-                .or_else(|| headers.get("x-envoy-external-address").cloned())
+                .or(fields.external_address)
                 .unwrap_or_default();
-            self.ctx.request_id = headers.get("x-request-id").cloned().unwrap_or_default();
-            self.ctx.priority = self.scan.config.priority(
-                headers
-                    .get(self.scan.config.priority_header.as_str())
-                    .map(String::as_str),
-            );
+            self.ctx.request_id = fields.request_id.unwrap_or_default();
+            self.ctx.priority = self.scan.config.priority(fields.priority.as_deref());
         }
         let limits = self.scan.limits.clone();
         let mode = self.body_mode(d);
         let side = self.side(d);
         side.headers = BodyHeaders {
-            content_encoding: headers.get("content-encoding").cloned(),
-            content_type: headers.get("content-type").cloned(),
+            content_encoding: fields.content_encoding,
+            content_type: fields.content_type,
         };
         if h.end_of_stream {
             self.send(headers_continue(d)).await?;
@@ -406,7 +403,7 @@ impl ExtProcStream {
             detail: e.to_string(),
             ..Default::default()
         };
-        let outcome = self.scan.decide(verdict, String::new(), String::new());
+        let outcome = self.scan.decide(verdict, None, String::new());
         match outcome.decision {
             Decision::Block { status } => self.block(d, &outcome, status).await,
             // ALLOW_UNSCANNABLE: the body is past our limit and cannot be held; Envoy must
@@ -448,20 +445,60 @@ fn refused_mode(mode: BodySendMode) -> Status {
     ))
 }
 
-/// Header names in lower case; values from `raw_value` (Envoy leaves `value` empty).
-fn header_map(h: &HttpHeaders) -> HashMap<String, String> {
-    h.headers
-        .iter()
-        .flat_map(|m| m.headers.iter())
-        .map(|hv| {
-            let value = if hv.raw_value.is_empty() {
-                hv.value.clone()
+/// The header fields the scan uses, read in one pass; the others are not copied.
+#[derive(Debug, Default, PartialEq)]
+struct HeaderFields {
+    path: Option<String>,
+    forwarded_for: Option<String>,
+    external_address: Option<String>,
+    request_id: Option<String>,
+    priority: Option<String>,
+    content_encoding: Option<String>,
+    content_type: Option<String>,
+}
+
+impl HeaderFields {
+    /// Names match in any case; values come from `raw_value` (Envoy leaves `value` empty).
+    /// The list fields (content codings, forwarding hops) sent on several lines are joined
+    /// with ", " as HTTP defines, so that no coding is left undone; of the others the first
+    /// line counts.
+    fn read(h: &HttpHeaders, priority_header: &str) -> HeaderFields {
+        let mut f = HeaderFields::default();
+        for hv in h.headers.iter().flat_map(|m| m.headers.iter()) {
+            let key = hv.key.as_str();
+            let (slot, list) = if key.eq_ignore_ascii_case(":path") {
+                (&mut f.path, false)
+            } else if key.eq_ignore_ascii_case("x-forwarded-for") {
+                (&mut f.forwarded_for, true)
+            } else if key.eq_ignore_ascii_case("x-envoy-external-address") {
+                (&mut f.external_address, false)
+            } else if key.eq_ignore_ascii_case("x-request-id") {
+                (&mut f.request_id, false)
+            } else if key.eq_ignore_ascii_case(priority_header) {
+                (&mut f.priority, false)
+            } else if key.eq_ignore_ascii_case("content-encoding") {
+                (&mut f.content_encoding, true)
+            } else if key.eq_ignore_ascii_case("content-type") {
+                (&mut f.content_type, false)
             } else {
-                String::from_utf8_lossy(&hv.raw_value).into_owned()
+                continue;
             };
-            (hv.key.to_ascii_lowercase(), value)
-        })
-        .collect()
+            let value = if hv.raw_value.is_empty() {
+                std::borrow::Cow::Borrowed(hv.value.as_str())
+            } else {
+                String::from_utf8_lossy(&hv.raw_value)
+            };
+            match slot {
+                Some(joined) if list => {
+                    joined.push_str(", ");
+                    joined.push_str(&value);
+                }
+                Some(_) => {}
+                None => *slot = Some(value.into_owned()),
+            }
+        }
+        f
+    }
 }
 
 fn continue_response() -> CommonResponse {
@@ -556,7 +593,7 @@ fn immediate_response(d: Direction, outcome: &Outcome, status: u16) -> Processin
                 "virus": v.signature,
                 "direction": direction_label(d),
                 "task_id": outcome.task_id,
-                "sha256": outcome.sha256,
+                "sha256": outcome.sha256_hex(),
             })
         }
         VerdictStatus::Unscannable => {
@@ -647,6 +684,51 @@ mod tests {
         let mut stream = answers(work, rx);
         assert!(stream.next().await.unwrap().is_ok());
         assert!(stream.next().await.is_none());
+    }
+
+    #[test]
+    fn header_fields_are_read_in_any_case_and_list_fields_are_joined() {
+        use envoy_types::pb::envoy::config::core::v3::HeaderMap;
+        let hv = |k: &str, v: &str| HeaderValue {
+            key: k.to_owned(),
+            raw_value: v.as_bytes().to_vec(),
+            ..Default::default()
+        };
+        let h = HttpHeaders {
+            headers: Some(HeaderMap {
+                headers: vec![
+                    hv(":path", "/upload?x=1"),
+                    hv("Content-Encoding", "gzip"),
+                    hv("content-encoding", "br"),
+                    hv("content-type", "multipart/form-data; boundary=a"),
+                    hv("content-type", "text/plain"),
+                    hv("X-Forwarded-For", "203.0.113.7"),
+                    hv("x-forwarded-for", "10.0.0.1"),
+                    hv("x-scan-priority", "high"),
+                    hv("x-priority", "normal"),
+                    // `value` is read when `raw_value` is empty.
+                    HeaderValue {
+                        key: "x-request-id".into(),
+                        value: "abc".into(),
+                        ..Default::default()
+                    },
+                ],
+            }),
+            ..Default::default()
+        };
+        let f = HeaderFields::read(&h, "X-Scan-Priority");
+        assert_eq!(
+            f,
+            HeaderFields {
+                path: Some("/upload?x=1".into()),
+                forwarded_for: Some("203.0.113.7, 10.0.0.1".into()),
+                external_address: None,
+                request_id: Some("abc".into()),
+                priority: Some("high".into()),
+                content_encoding: Some("gzip, br".into()),
+                content_type: Some("multipart/form-data; boundary=a".into()),
+            }
+        );
     }
 
     #[tokio::test]

@@ -312,7 +312,7 @@ impl IcapServer {
                     detail: format!("body larger than {} bytes", self.scan.limits.max),
                     ..Default::default()
                 },
-                String::new(),
+                None,
                 String::new(),
             )
         } else {
@@ -334,7 +334,7 @@ impl IcapServer {
                 }
                 Err(e) => self.scan.decide(
                     virus_scanner_protocol::task::Verdict::error("", e.to_string()),
-                    String::new(),
+                    None,
                     String::new(),
                 ),
             }

@@ -36,10 +36,18 @@ pub enum Decision {
 pub struct Outcome {
     pub verdict: Verdict,
     pub decision: Decision,
-    /// SHA-256 (hex) of the file the verdict is about.
-    pub sha256: String,
+    /// SHA-256 of the file the verdict is about, when one was hashed.
+    pub sha256: Option<[u8; 32]>,
     /// Id of the task whose verdict decided.
     pub task_id: String,
+}
+
+impl Outcome {
+    /// The SHA-256 in hex, empty when none was hashed: for answers and logs only, so that
+    /// a clean pass never formats it.
+    pub fn sha256_hex(&self) -> String {
+        self.sha256.map(hex::encode).unwrap_or_default()
+    }
 }
 
 pub struct ScanService {
@@ -116,7 +124,7 @@ impl ScanService {
         ctx: &ScanContext,
         deadline: Instant,
     ) -> Outcome {
-        let sha = hex::encode(body.sha256);
+        let sha = Some(body.sha256);
         let unpacked = if headers.needs_unpacking() {
             // Decoding and splitting are CPU and disk work on this request's own thread.
             match tokio::task::block_in_place(|| {
@@ -159,8 +167,8 @@ impl ScanService {
         file: &Body,
         ctx: &ScanContext,
         deadline: Instant,
-    ) -> (Verdict, String, String) {
-        let sha = hex::encode(file.sha256);
+    ) -> (Verdict, Option<[u8; 32]>, String) {
+        let sha = Some(file.sha256);
         if file.len == 0 {
             return (clean(), sha, String::new());
         }
@@ -225,7 +233,7 @@ impl ScanService {
     }
 
     /// Turns a verdict into what the gateway does, following the policy.
-    pub fn decide(&self, verdict: Verdict, sha256: String, task_id: String) -> Outcome {
+    pub fn decide(&self, verdict: Verdict, sha256: Option<[u8; 32]>, task_id: String) -> Outcome {
         let decision = match verdict.status() {
             VerdictStatus::Clean => Decision::Allow,
             VerdictStatus::Infected => Decision::Block {
@@ -257,7 +265,7 @@ impl ScanService {
             event = "detection",
             task_id = %outcome.task_id,
             signature = %outcome.verdict.signature,
-            sha256 = %outcome.sha256,
+            sha256 = %outcome.sha256_hex(),
             tenant = %self.config.tenant,
             policy = %self.config.policy,
             route = %ctx.route,
