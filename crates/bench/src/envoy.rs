@@ -151,6 +151,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let dir = tempfile_dir("vs-bench-envoy")?;
     let scan_dir = dir.join("scan");
     std::fs::create_dir_all(&scan_dir)?;
+    let socket = dir.join("ext_proc.sock");
     let (stop_tx, consumer) =
         crate::start_consumer(&redis, &clamd, &scan_dir, args.concurrency, true)?;
 
@@ -158,10 +159,20 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         process: producer,
         grpc,
         ..
-    } = crate::start_producer(&redis, &scan_dir, &[])?;
+    } = crate::start_producer(
+        &redis,
+        &scan_dir,
+        &["--grpc-socket", &socket.display().to_string()],
+    )?;
+    let unix = args.processor == "unix";
+    let processor = if unix {
+        Processor::Unix(socket)
+    } else {
+        Processor::Tcp(grpc)
+    };
     let upstream = Upstream::start();
     let envoy = Envoy::start(&EnvoyOptions::new(
-        Processor::Tcp(grpc),
+        processor,
         upstream.port(),
         BodyMode::Buffered,
     ));
@@ -173,9 +184,18 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     raw_config.max_idle_sessions = args.concurrency;
     let raw = Arc::new(ClamdClient::new(raw_config));
 
+    println!(
+        "Envoy reaches the producer over {}; {} connections.\n",
+        match args.processor.as_str() {
+            "unix" => "a Unix socket",
+            _ => "loopback TCP",
+        },
+        args.concurrency
+    );
     println!("| body | path | req/s | p50 ms | p99 ms | vs filter off | vs raw clamd |");
     println!("|---|---|---|---|---|---|---|");
     let mut cpu_per_1k_us = (f64::NAN, f64::NAN);
+    let mut floor_cpu_us = f64::NAN;
     let mut hit_vs_miss_1m = f64::NAN;
     let mut load_rss_kib = 0;
     for size_text in &args.sizes {
@@ -201,6 +221,30 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         let cpu_before_hit = cpu_seconds(pid);
         let hit = wrk(&envoy.url("/upload"), &body_file, false, seconds, c, &dir)?;
         let cpu_hit = cpu_seconds(pid) - cpu_before_hit;
+        // The same load on a processor that only answers: what the exchanges cost by
+        // themselves on this machine.
+        let floor = if size == 1024 {
+            let floor = FloorProcess::start(unix.then(|| dir.join("floor.sock")))?;
+            let floor_envoy = Envoy::start(&EnvoyOptions::new(
+                floor.processor.clone(),
+                upstream.port(),
+                BodyMode::Buffered,
+            ));
+            wrk(&floor_envoy.url("/upload"), &body_file, false, 1.0, c, &dir)?;
+            let before = cpu_seconds(floor.pid());
+            let w = wrk(
+                &floor_envoy.url("/upload"),
+                &body_file,
+                false,
+                seconds,
+                c,
+                &dir,
+            )?;
+            floor_cpu_us = (cpu_seconds(floor.pid()) - before) / w.requests.max(1) as f64 * 1e6;
+            Some(w)
+        } else {
+            None
+        };
         let body = Arc::new(clean_bytes(size, 3));
         let raw_cell = {
             let mut cells = Vec::new();
@@ -222,11 +266,15 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
             median(cells)
         };
         let raw_rps = raw_cell.per_second();
-        for (name, w) in [
+        let mut rows = vec![
             ("ext_proc, cache miss", &miss),
             ("ext_proc, cache hit", &hit),
-            ("filter disabled", &off),
-        ] {
+        ];
+        if let Some(w) = &floor {
+            rows.push(("ext_proc floor (answers only)", w));
+        }
+        rows.push(("filter disabled", &off));
+        for (name, w) in rows {
             println!(
                 "| {size_text} | {name} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
                 w.rps,
@@ -258,6 +306,12 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
             "producer CPU per 1 KiB request: {:.0} µs on a cache miss, {:.0} µs on a cache hit",
             cpu_per_1k_us.0, cpu_per_1k_us.1
         );
+        println!(
+            "ext_proc floor, a processor that only answers, on the same load: {floor_cpu_us:.0} µs \
+             per 1 KiB request; the producer's scanning adds {:.0} µs on a miss, {:.0} µs on a hit",
+            cpu_per_1k_us.0 - floor_cpu_us,
+            cpu_per_1k_us.1 - floor_cpu_us
+        );
     }
     if !hit_vs_miss_1m.is_nan() {
         println!("1 MiB cache hit vs cache miss throughput: {hit_vs_miss_1m:.1}x");
@@ -274,4 +328,49 @@ pub fn tempfile_dir(prefix: &str) -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+/// `virus-scanner-bench ext-proc-floor` as a child process (see floor.rs).
+struct FloorProcess {
+    child: std::process::Child,
+    processor: Processor,
+}
+
+impl FloorProcess {
+    fn start(socket: Option<PathBuf>) -> anyhow::Result<FloorProcess> {
+        use std::io::BufRead;
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.arg("ext-proc-floor")
+            .stdout(std::process::Stdio::piped());
+        if let Some(path) = &socket {
+            cmd.arg("--socket").arg(path);
+        }
+        let mut child = cmd.spawn()?;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+        let port = line
+            .strip_prefix("listening ")
+            .and_then(|p| p.trim().parse::<u16>().ok());
+        let processor = match (socket, port) {
+            (Some(path), Some(_)) => Processor::Unix(path),
+            (None, Some(port)) => Processor::Tcp(port),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                anyhow::bail!("the floor processor did not start: {line:?}");
+            }
+        };
+        Ok(FloorProcess { child, processor })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for FloorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -12,6 +12,7 @@ use virus_scanner_queue::{Producer, QueueConfig, RedisConfig, now_ns};
 use virus_scanner_test_support::{Clamd, Redis, clean_bytes};
 
 mod envoy;
+mod floor;
 mod icap;
 
 #[derive(Parser, Debug)]
@@ -33,6 +34,13 @@ pub struct Args {
     /// seconds of load, so one discarded warm-up round comes first.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// `envoy`: how Envoy reaches the producer, `tcp` (loopback port) or `unix` (a socket in a
+    /// shared directory, as the sidecar's UnixSocket transport).
+    #[arg(long, default_value = "tcp", value_parser = ["tcp", "unix"])]
+    processor: String,
+    /// `ext-proc-floor` (run by the Envoy benchmark): serve on this Unix socket.
+    #[arg(long, hide = true)]
+    socket: Option<String>,
 }
 
 pub fn parse_size(s: &str) -> anyhow::Result<usize> {
@@ -156,16 +164,24 @@ pub fn start_consumer(
     Ok((stop_tx, task))
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    virus_scanner_runtime::init_tracing(virus_scanner_runtime::LogFormat::Text);
-    match args.what.as_str() {
-        "queue" => queue(&args).await,
-        "envoy" => envoy::run(&args).await,
-        "icap" => icap::run(&args).await,
-        other => anyhow::bail!("unknown benchmark {other:?}: queue, envoy or icap"),
+    if args.what == "ext-proc-floor" {
+        // The child process of the Envoy benchmark; see floor.rs.
+        return floor::serve(args.socket.as_deref());
     }
+    virus_scanner_runtime::init_tracing(virus_scanner_runtime::LogFormat::Text);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            match args.what.as_str() {
+                "queue" => queue(&args).await,
+                "envoy" => envoy::run(&args).await,
+                "icap" => icap::run(&args).await,
+                other => anyhow::bail!("unknown benchmark {other:?}: queue, envoy or icap"),
+            }
+        })
 }
 
 /// Scans per second through Redis and the consumer against raw clamd INSTREAM.

@@ -1,0 +1,98 @@
+//! The floor of any ext_proc processor on this stack: a tonic server, shaped as the producer's
+//! (one serving thread, no Nagle delay, the same message size limit), that answers every
+//! message with "continue" straight from the inbound stream and does nothing else. The Envoy
+//! benchmark runs it as a child process (`virus-scanner-bench ext-proc-floor`) under the same
+//! load as the producer; its CPU per request is what the gRPC exchanges themselves cost,
+//! and the producer's excess over it is what scanning costs.
+
+use std::pin::Pin;
+
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
+    ExternalProcessor, ExternalProcessorServer,
+};
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    BodyResponse, CommonResponse, HeadersResponse, ProcessingRequest, ProcessingResponse,
+    TrailersResponse, processing_request, processing_response,
+};
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+struct Floor;
+
+type Answers = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ExternalProcessor for Floor {
+    type ProcessStream = Answers;
+
+    async fn process(
+        &self,
+        request: Request<Streaming<ProcessingRequest>>,
+    ) -> Result<Response<Answers>, Status> {
+        let answers = request.into_inner().map(|message| {
+            use processing_request::Request as In;
+            use processing_response::Response as Out;
+            let headers = || HeadersResponse {
+                response: Some(CommonResponse::default()),
+            };
+            let body = || BodyResponse {
+                response: Some(CommonResponse::default()),
+            };
+            let response = match message?.request {
+                Some(In::RequestHeaders(_)) => Out::RequestHeaders(headers()),
+                Some(In::ResponseHeaders(_)) => Out::ResponseHeaders(headers()),
+                Some(In::RequestBody(_)) => Out::RequestBody(body()),
+                Some(In::ResponseBody(_)) => Out::ResponseBody(body()),
+                Some(In::RequestTrailers(_)) => Out::RequestTrailers(TrailersResponse::default()),
+                Some(In::ResponseTrailers(_)) => Out::ResponseTrailers(TrailersResponse::default()),
+                None => {
+                    return Err(Status::invalid_argument(
+                        "ProcessingRequest without a request",
+                    ));
+                }
+            };
+            Ok(ProcessingResponse {
+                response: Some(response),
+                ..Default::default()
+            })
+        });
+        Ok(Response::new(Box::pin(answers)))
+    }
+}
+
+/// Serves on a loopback port, or on `socket` when given, and prints `listening <port>` on
+/// standard output once bound.
+pub fn serve(socket: Option<&str>) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let service = ExternalProcessorServer::new(Floor)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        let server = tonic::transport::Server::builder().add_service(service);
+        match socket {
+            Some(path) => {
+                let _ = std::fs::remove_file(path);
+                let unix = tokio::net::UnixListener::bind(path)?;
+                println!("listening 0");
+                server
+                    .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(unix))
+                    .await?;
+            }
+            None => {
+                let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                println!("listening {}", tcp.local_addr()?.port());
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(tcp).map(|conn| {
+                    if let Ok(c) = &conn {
+                        let _ = c.set_nodelay(true);
+                    }
+                    conn
+                });
+                server.serve_with_incoming(incoming).await?;
+            }
+        }
+        Ok(())
+    })
+}
