@@ -10,7 +10,7 @@ mod session;
 
 pub use address::ClamdAddress;
 pub use error::ClamdError;
-pub use virus_scanner_protocol::clamd::{EngineVersion, ScanReply};
+pub use virus_scanner_protocol::clamd::{EngineVersion, ScanReply, ThreadPool};
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -80,6 +80,14 @@ impl ClamdClient {
         match self.run(&mut Command::Version).await? {
             Output::Version(version) => Ok(version),
             _ => unreachable!("VERSION yields a version"),
+        }
+    }
+
+    /// clamd's thread pool (`STATS`), for sizing checks.
+    pub async fn threads(&self) -> Result<ThreadPool, ClamdError> {
+        match self.run(&mut Command::Stats).await? {
+            Output::Stats(threads) => Ok(threads),
+            _ => unreachable!("STATS yields the thread pool"),
         }
     }
 

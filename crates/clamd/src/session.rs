@@ -13,12 +13,14 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 pub(crate) enum Command<'a, 'b> {
     Ping,
     Version,
+    Stats,
     Scan(&'a mut ScanInput<'b>),
 }
 
 pub(crate) enum Output {
     Pong,
     Version(EngineVersion),
+    Stats(proto::ThreadPool),
     Scan(ScanReply),
 }
 
@@ -77,6 +79,10 @@ impl Session {
         match command {
             Command::Ping => self.ping().await.map(|()| Output::Pong),
             Command::Version => self.version().await.map(Output::Version),
+            Command::Stats => {
+                let reply = self.command(proto::STATS).await?;
+                Ok(Output::Stats(proto::parse_stats_threads(&reply)?))
+            }
             Command::Scan(input) => self.instream(input, chunk_size).await.map(Output::Scan),
         }
     }

@@ -90,6 +90,9 @@ pub async fn run(
             let shared = shared.clone();
             let control = control.clone();
             Box::pin(async move {
+                if !shared.clamd_up() {
+                    return Err("clamd not checked yet".to_owned());
+                }
                 control.ping().await.map_err(|e| format!("redis: {e}"))?;
                 shared
                     .clamd
@@ -185,7 +188,9 @@ async fn watch_engine(
     loop {
         match shared.clamd.version().await {
             Ok(version) => {
-                if !shared.clamd_up.swap(true, Ordering::Relaxed) {
+                // Only this task sets it, so a load then a store is no race.
+                let came_up = !shared.clamd_up.load(Ordering::Relaxed);
+                if came_up {
                     tracing::info!(engine = %version.engine, database = ?version.database, "clamd is up");
                 }
                 if version.database.is_none() && published.is_none() && rounds == 0 {
@@ -203,6 +208,12 @@ async fn watch_engine(
                     }
                 }
                 *shared.engine.write().unwrap_or_else(|e| e.into_inner()) = Some(version);
+                // Claims and readiness wait for this: by then producers can read the
+                // database version, and verdicts are cached under it.
+                if came_up {
+                    check_threads(&shared).await;
+                    shared.clamd_up.store(true, Ordering::Relaxed);
+                }
             }
             Err(e) => {
                 if shared.clamd_up.swap(false, Ordering::Relaxed) || rounds == 0 {
@@ -216,6 +227,26 @@ async fn watch_engine(
             _ = tokio::time::sleep(ENGINE_POLL) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
+    }
+}
+
+/// Scans past clamd's `MaxThreads` only wait in its queue, while each holds a session that
+/// counts against `MaxQueue`: warn when the concurrency is set above it.
+async fn check_threads(shared: &Shared) {
+    let concurrency = shared.config.concurrency;
+    match shared.clamd.threads().await {
+        Ok(threads) if concurrency > threads.max as usize => tracing::warn!(
+            concurrency,
+            clamd_max_threads = threads.max,
+            "SCAN_CONCURRENCY is above clamd's MaxThreads: the scans past it wait in clamd's \
+             queue and hold sessions that count against its MaxQueue"
+        ),
+        Ok(threads) => tracing::info!(
+            concurrency,
+            clamd_max_threads = threads.max,
+            "SCAN_CONCURRENCY is within clamd's MaxThreads"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot read clamd's MaxThreads (STATS)"),
     }
 }
 

@@ -604,6 +604,29 @@ async fn clamd_down_stops_claims_and_readiness_until_it_is_back() {
     assert_eq!(v.status(), VerdictStatus::Infected, "{}", h.log_tail());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_above_clamd_threads_is_warned_about() {
+    // The test clamd runs MaxThreads 8.
+    let stack = Stack::start();
+    let (mut at_max, _) = stack.handler(&["--concurrency", "8"]);
+    let (mut above, _) = stack.handler(&["--concurrency", "9"]);
+    for (h, warned) in [(&mut at_max, false), (&mut above, true)] {
+        let fields = h.wait_for_fields(
+            "clamd's MaxThreads",
+            &["concurrency", "clamd_max_threads"],
+            Duration::from_secs(20),
+        );
+        assert_eq!(fields[1], "8", "{}", h.log_tail());
+        let line = h.log();
+        let line = line
+            .lines()
+            .find(|l| l.contains("clamd's MaxThreads"))
+            .unwrap();
+        assert_eq!(line.contains("WARN"), warned, "{line}");
+        assert_eq!(line.contains("is above"), warned, "{line}");
+    }
+}
+
 #[test]
 fn invalid_configuration_names_the_setting_and_exits_2() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_virus-scanner-handler"))

@@ -7,6 +7,8 @@ pub const IDSESSION: &[u8] = b"zIDSESSION\0";
 pub const END: &[u8] = b"zEND\0";
 pub const PING: &[u8] = b"zPING\0";
 pub const VERSION: &[u8] = b"zVERSION\0";
+/// State of clamd's thread pool and queue, several lines ending in `END`.
+pub const STATS: &[u8] = b"zSTATS\0";
 /// Followed by chunks (`u32` big-endian length + bytes) and a zero-length chunk.
 pub const INSTREAM: &[u8] = b"zINSTREAM\0";
 /// Terminates an INSTREAM body.
@@ -137,9 +139,67 @@ pub fn parse_version_reply(bytes: &[u8]) -> Result<EngineVersion, ReplyError> {
     })
 }
 
+/// clamd's thread pool as `STATS` reports it: `THREADS: live 1  idle 0 max 8 idle-timeout 30`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThreadPool {
+    /// Threads that exist now.
+    pub live: u32,
+    /// Of those, threads waiting for work.
+    pub idle: u32,
+    /// `MaxThreads`: scans past this many at once wait in clamd's queue.
+    pub max: u32,
+}
+
+/// Reads the `THREADS:` line of a `STATS` reply.
+pub fn parse_stats_threads(bytes: &[u8]) -> Result<ThreadPool, ReplyError> {
+    let text = reply_text(bytes)?;
+    let unexpected = || ReplyError::Unexpected(text.to_owned());
+    let line = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("THREADS:"))
+        .ok_or_else(unexpected)?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let field = |name: &str| -> Result<u32, ReplyError> {
+        words
+            .windows(2)
+            .find(|w| w[0] == name)
+            .and_then(|w| w[1].parse().ok())
+            .ok_or_else(unexpected)
+    };
+    Ok(ThreadPool {
+        live: field("live")?,
+        idle: field("idle")?,
+        max: field("max")?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stats_give_the_thread_pool() {
+        let reply =
+            b"POOLS: 1\n\nSTATE: VALID PRIMARY\nTHREADS: live 1  idle 0 max 8 idle-timeout 30\n\
+                      QUEUE: 0 items\n\tSTATS 0.000044 \n\nMEMSTATS: heap N/A mmap N/A used N/A \
+                      free N/A releasable N/A pools 1 pools_used 5.885M pools_total 5.968M\nEND\0";
+        assert_eq!(
+            parse_stats_threads(reply),
+            Ok(ThreadPool {
+                live: 1,
+                idle: 0,
+                max: 8
+            })
+        );
+        assert!(matches!(
+            parse_stats_threads(b"POOLS: 1\nEND\0"),
+            Err(ReplyError::Unexpected(_))
+        ));
+        assert!(matches!(
+            parse_stats_threads(b"THREADS: live 1 idle x max 8\nEND\0"),
+            Err(ReplyError::Unexpected(_))
+        ));
+    }
 
     #[test]
     fn ok_is_clean() {
