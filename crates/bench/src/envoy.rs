@@ -348,17 +348,16 @@ impl FloorProcess {
         let mut child = cmd.spawn()?;
         let mut line = String::new();
         std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
-        let port = line
-            .strip_prefix("listening ")
-            .and_then(|p| p.trim().parse::<u16>().ok());
-        let processor = match (socket, port) {
-            (Some(path), Some(_)) => Processor::Unix(path),
-            (None, Some(port)) => Processor::Tcp(port),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                anyhow::bail!("the floor processor did not start: {line:?}");
-            }
+        let bound = line.strip_prefix("listening ").map(str::trim);
+        let processor = match (socket, bound) {
+            (Some(path), Some(b)) if Path::new(b) == path => Some(Processor::Unix(path)),
+            (None, Some(b)) => b.parse().ok().map(Processor::Tcp),
+            _ => None,
+        };
+        let Some(processor) = processor else {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("the floor processor did not start: {line:?}");
         };
         Ok(FloorProcess { child, processor })
     }

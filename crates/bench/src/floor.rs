@@ -60,8 +60,8 @@ impl ExternalProcessor for Floor {
     }
 }
 
-/// Serves on a loopback port, or on `socket` when given, and prints `listening <port>` on
-/// standard output once bound.
+/// Serves on a loopback port, or on `socket` when given, and prints `listening <port>` (or
+/// `listening <socket path>`) on standard output once bound.
 pub fn serve(socket: Option<&str>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -76,7 +76,7 @@ pub fn serve(socket: Option<&str>) -> anyhow::Result<()> {
             Some(path) => {
                 let _ = std::fs::remove_file(path);
                 let unix = tokio::net::UnixListener::bind(path)?;
-                println!("listening 0");
+                println!("listening {path}");
                 server
                     .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(unix))
                     .await?;
