@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use virus_scanner_clamd::{ClamdClient, ClamdConfig, ScanInput};
 use virus_scanner_test_support::{
-    BodyMode, Clamd, Envoy, EnvoyOptions, Processor, Redis, Upstream, clean_bytes,
+    BodyMode, Clamd, Envoy, EnvoyOptions, Processor, Redis, ServiceProcess, Upstream, clean_bytes,
+    port_of,
 };
 
 use crate::{Args, measure, median, parse_size, unique};
@@ -224,9 +225,9 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         // The same load on a processor that only answers: what the exchanges cost by
         // themselves on this machine.
         let floor = if size == 1024 {
-            let floor = FloorProcess::start(unix.then(|| dir.join("floor.sock")))?;
+            let (floor, floor_processor) = start_floor(unix.then(|| dir.join("floor.sock")))?;
             let floor_envoy = Envoy::start(&EnvoyOptions::new(
-                floor.processor.clone(),
+                floor_processor,
                 upstream.port(),
                 BodyMode::Buffered,
             ));
@@ -330,46 +331,22 @@ pub fn tempfile_dir(prefix: &str) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// `virus-scanner-bench ext-proc-floor` as a child process (see floor.rs).
-struct FloorProcess {
-    child: std::process::Child,
-    processor: Processor,
-}
-
-impl FloorProcess {
-    fn start(socket: Option<PathBuf>) -> anyhow::Result<FloorProcess> {
-        use std::io::BufRead;
-        let mut cmd = Command::new(std::env::current_exe()?);
-        cmd.arg("ext-proc-floor")
-            .stdout(std::process::Stdio::piped());
-        if let Some(path) = &socket {
-            cmd.arg("--socket").arg(path);
-        }
-        let mut child = cmd.spawn()?;
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
-        let bound = line.strip_prefix("listening ").map(str::trim);
-        let processor = match (socket, bound) {
-            (Some(path), Some(b)) if Path::new(b) == path => Some(Processor::Unix(path)),
-            (None, Some(b)) => b.parse().ok().map(Processor::Tcp),
-            _ => None,
-        };
-        let Some(processor) = processor else {
-            let _ = child.kill();
-            let _ = child.wait();
-            anyhow::bail!("the floor processor did not start: {line:?}");
-        };
-        Ok(FloorProcess { child, processor })
+/// `virus-scanner-bench ext-proc-floor` as a child process (see floor.rs), and how Envoy
+/// reaches it.
+fn start_floor(socket: Option<PathBuf>) -> anyhow::Result<(ServiceProcess, Processor)> {
+    let mut args = vec!["ext-proc-floor".to_owned()];
+    if let Some(path) = &socket {
+        args.extend(["--socket".to_owned(), path.display().to_string()]);
     }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for FloorProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    let mut floor = ServiceProcess::spawn(&std::env::current_exe()?, &args, &[]);
+    let bound = floor.wait_for_fields(
+        "floor processor listening",
+        &["address"],
+        Duration::from_secs(20),
+    );
+    let processor = match socket {
+        Some(path) => Processor::Unix(path),
+        None => Processor::Tcp(port_of(&bound[0])),
+    };
+    Ok((floor, processor))
 }

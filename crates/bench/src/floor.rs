@@ -1,5 +1,5 @@
-//! The floor of any ext_proc processor on this stack: a tonic server, shaped as the producer's
-//! (one serving thread, no Nagle delay, the same message size limit), that answers every
+//! The floor of any ext_proc processor on this stack: served by the producer's own serving
+//! code on one thread (`virus_scanner_producer::serve_ext_proc`), a processor that answers every
 //! message with "continue" straight from the inbound stream and does nothing else. The Envoy
 //! benchmark runs it as a child process (`virus-scanner-bench ext-proc-floor`) under the same
 //! load as the producer; its CPU per request is what the gRPC exchanges themselves cost,
@@ -7,9 +7,7 @@
 
 use std::pin::Pin;
 
-use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
-    ExternalProcessor, ExternalProcessorServer,
-};
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     BodyResponse, CommonResponse, HeadersResponse, ProcessingRequest, ProcessingResponse,
     TrailersResponse, processing_request, processing_response,
@@ -60,39 +58,25 @@ impl ExternalProcessor for Floor {
     }
 }
 
-/// Serves on a loopback port, or on `socket` when given, and prints `listening <port>` (or
-/// `listening <socket path>`) on standard output once bound.
+/// Serves on a loopback port, or on `socket` when given, and logs the address it bound
+/// (`floor processor listening address=...`).
 pub fn serve(socket: Option<&str>) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let service = ExternalProcessorServer::new(Floor)
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20);
-        let server = tonic::transport::Server::builder().add_service(service);
-        match socket {
+    use virus_scanner_producer::{GrpcListener, runtime, serve_ext_proc};
+    runtime(1)?.block_on(async {
+        let listener = match socket {
             Some(path) => {
                 let _ = std::fs::remove_file(path);
                 let unix = tokio::net::UnixListener::bind(path)?;
-                println!("listening {path}");
-                server
-                    .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(unix))
-                    .await?;
+                tracing::info!(address = path, "floor processor listening");
+                GrpcListener::Unix(unix)
             }
             None => {
                 let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-                println!("listening {}", tcp.local_addr()?.port());
-                let incoming = tokio_stream::wrappers::TcpListenerStream::new(tcp).map(|conn| {
-                    if let Ok(c) = &conn {
-                        let _ = c.set_nodelay(true);
-                    }
-                    conn
-                });
-                server.serve_with_incoming(incoming).await?;
+                tracing::info!(address = %tcp.local_addr()?, "floor processor listening");
+                GrpcListener::Tcp(tcp)
             }
-        }
+        };
+        serve_ext_proc(Floor, 64 << 20, listener, std::future::pending()).await?;
         Ok(())
     })
 }

@@ -166,11 +166,11 @@ pub fn start_consumer(
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    virus_scanner_runtime::init_tracing(virus_scanner_runtime::LogFormat::Text);
     if args.what == "ext-proc-floor" {
         // The child process of the Envoy benchmark; see floor.rs.
         return floor::serve(args.socket.as_deref());
     }
-    virus_scanner_runtime::init_tracing(virus_scanner_runtime::LogFormat::Text);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?

@@ -15,7 +15,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
+    ExternalProcessor, ExternalProcessorServer,
+};
 use prometheus_client::registry::Registry;
 use virus_scanner_queue::Producer;
 
@@ -69,45 +71,25 @@ pub async fn run(
     let ops = tokio::spawn(ops);
 
     let max_message = config.max_body as usize + GRPC_OVERHEAD;
-    let grpc = || {
-        ExternalProcessorServer::new(ext_proc::ExtProcService::new(service.clone()))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message)
-    };
     let tcp = tokio::net::TcpListener::bind(config.grpc_addr)
         .await
         .map_err(|e| anyhow::anyhow!("GRPC_ADDR {}: {e}", config.grpc_addr))?;
     let grpc_addr = tcp.local_addr()?;
-    let mut servers = Vec::new();
-    servers.push(tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(grpc())
-            .serve_with_incoming_shutdown(
-                // Each ext_proc answer is a small message Envoy waits for: no Nagle delay.
-                tokio_stream::StreamExt::map(
-                    tokio_stream::wrappers::TcpListenerStream::new(tcp),
-                    |conn| {
-                        if let Ok(c) = &conn {
-                            let _ = c.set_nodelay(true);
-                        }
-                        conn
-                    },
-                ),
-                stopped(stop_rx.clone()),
-            ),
-    ));
+    let mut listeners = vec![GrpcListener::Tcp(tcp)];
     if let Some(path) = &config.grpc_socket {
         let _ = std::fs::remove_file(path);
         let unix = tokio::net::UnixListener::bind(path)
             .map_err(|e| anyhow::anyhow!("GRPC_SOCKET {}: {e}", path.display()))?;
-        servers.push(tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(grpc())
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::UnixListenerStream::new(unix),
-                    stopped(stop_rx.clone()),
-                ),
-        ));
+        listeners.push(GrpcListener::Unix(unix));
+    }
+    let mut servers = Vec::new();
+    for listener in listeners {
+        servers.push(tokio::spawn(serve_ext_proc(
+            ext_proc::ExtProcService::new(service.clone()),
+            max_message,
+            listener,
+            stopped(stop_rx.clone()),
+        )));
     }
     let icap_listener = tokio::net::TcpListener::bind(config.icap_addr)
         .await
@@ -142,6 +124,63 @@ pub async fn run(
         let _ = std::fs::remove_file(path);
     }
     Ok(())
+}
+
+/// The runtime the producer serves on: multi-threaded even with one worker, since large
+/// bodies are handled in `block_in_place`, which hands the other streams to another thread
+/// meanwhile.
+pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads)
+        .enable_all()
+        .build()
+}
+
+/// Where the ext_proc server listens.
+pub enum GrpcListener {
+    Tcp(tokio::net::TcpListener),
+    /// For gateways that refuse loopback backends (a socket in a shared emptyDir).
+    Unix(tokio::net::UnixListener),
+}
+
+/// Serves an ext_proc processor the way the producer serves its own (message limits, no
+/// Nagle delay on TCP) until `shutdown` resolves. The benchmark's floor processor is served
+/// by this too, so that the two differ only in what they do with a message.
+pub async fn serve_ext_proc<P: ExternalProcessor>(
+    processor: P,
+    max_message: usize,
+    listener: GrpcListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let service = ExternalProcessorServer::new(processor)
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let server = tonic::transport::Server::builder().add_service(service);
+    match listener {
+        GrpcListener::Tcp(tcp) => {
+            // Each ext_proc answer is a small message Envoy waits for: no Nagle delay.
+            let incoming = tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::TcpListenerStream::new(tcp),
+                |conn| {
+                    if let Ok(c) = &conn {
+                        let _ = c.set_nodelay(true);
+                    }
+                    conn
+                },
+            );
+            server
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+        GrpcListener::Unix(unix) => {
+            server
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::UnixListenerStream::new(unix),
+                    shutdown,
+                )
+                .await
+        }
+    }
 }
 
 /// Connects to Redis, retrying while it is unreachable at start-up.
