@@ -21,7 +21,7 @@ pub use process::{free_port, run_checked, wait_for};
 pub use redis::{Redis, RedisOptions};
 pub use service::{ProducerProcess, ServiceProcess, http_get, log_field, metric, port_of};
 pub use squid::{Origin, Squid, SquidOptions};
-pub use upstream::{Received, Upstream};
+pub use upstream::{Received, Served, Upstream};
 
 /// The EICAR anti-virus test file.
 pub const EICAR: &[u8] = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";

@@ -3,7 +3,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
@@ -17,18 +17,32 @@ pub struct Received {
     pub sha256: String,
 }
 
+/// A response the upstream sent for a registered file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Served {
+    pub path: String,
+    /// The request's `Range` header, if it had one: whether the proxy let it through.
+    pub range: Option<String>,
+    pub status: u16,
+    pub len: u64,
+    pub sha256: String,
+}
+
 /// Bytes and extra response headers of a served file.
 type ServedFile = (Vec<u8>, Vec<(String, String)>);
 
 #[derive(Default)]
 struct Shared {
     received: Mutex<Vec<Received>>,
+    served: Mutex<Vec<Served>>,
     files: Mutex<HashMap<String, ServedFile>>,
 }
 
 /// The origin behind Envoy: records what uploads reach it (hashed as they stream in, so
 /// gigabyte uploads need no memory) and serves files registered by the test under
-/// `/files/<name>` and `/safe/files/<name>`.
+/// `/files/<name>` and `/safe/files/<name>`, as a real server does: with an `ETag`,
+/// `Accept-Ranges: bytes`, and `Range` requests (RFC 9110 14) answered 206 with one range or
+/// `multipart/byteranges` with several, honouring `If-Range`.
 pub struct Upstream {
     port: u16,
     shared: Arc<Shared>,
@@ -73,7 +87,8 @@ impl Upstream {
         self.port
     }
 
-    /// Serves `bytes` at `/files/<name>` with extra response headers.
+    /// Serves `bytes` at `/files/<name>` with extra response headers; a header named more
+    /// than once is sent on several lines.
     pub fn serve(&self, name: &str, bytes: Vec<u8>, headers: &[(&str, &str)]) {
         let headers = headers
             .iter()
@@ -90,22 +105,141 @@ impl Upstream {
     pub fn received(&self) -> Vec<Received> {
         self.shared.received.lock().expect("received").clone()
     }
+
+    /// Responses sent for registered files, in order.
+    pub fn served(&self) -> Vec<Served> {
+        self.shared.served.lock().expect("served").clone()
+    }
+
+    /// The strong `ETag` under which `bytes` are served.
+    pub fn etag(bytes: &[u8]) -> String {
+        format!("\"{}\"", &hex::encode(Sha256::digest(bytes))[..16])
+    }
 }
 
-async fn serve_file(State(state): State<Arc<Shared>>, Path(name): Path<String>) -> Response {
+/// The boundary of `multipart/byteranges` answers.
+const BYTERANGES_BOUNDARY: &str = "vs-upstream-byteranges";
+
+/// The ranges of a `Range` header that `len` bytes satisfy, inclusive (RFC 9110 14.1.2).
+/// `None`: not a byte-range request the server understands, so it is ignored and the whole
+/// file is sent. An empty list: none is satisfiable (416).
+fn byte_ranges(header: &str, len: u64) -> Option<Vec<(u64, u64)>> {
+    let specs = header.trim().strip_prefix("bytes=")?;
+    let mut ranges = Vec::new();
+    for spec in specs.split(',') {
+        let (first, last) = spec.trim().split_once('-')?;
+        let range = match (first.trim(), last.trim()) {
+            ("", suffix) => {
+                let n: u64 = suffix.parse().ok()?;
+                (n > 0 && len > 0).then(|| (len.saturating_sub(n), len - 1))
+            }
+            (first, "") => {
+                let a: u64 = first.parse().ok()?;
+                (a < len).then(|| (a, len - 1))
+            }
+            (first, last) => {
+                let (a, b): (u64, u64) = (first.parse().ok()?, last.parse().ok()?);
+                if b < a {
+                    return None;
+                }
+                (a < len).then(|| (a, b.min(len - 1)))
+            }
+        };
+        ranges.extend(range);
+    }
+    Some(ranges)
+}
+
+async fn serve_file(
+    State(state): State<Arc<Shared>>,
+    uri: axum::http::Uri,
+    request: HeaderMap,
+) -> Response {
+    let name = uri.path().rsplit('/').next().unwrap_or_default().to_owned();
     let file = state.files.lock().expect("files").get(&name).cloned();
-    match file {
-        None => (StatusCode::NOT_FOUND, "no such file\n").into_response(),
+    let range = request
+        .get(axum::http::header::RANGE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let response = match file {
+        None => (StatusCode::NOT_FOUND, Vec::new(), b"no such file\n".to_vec()),
         Some((bytes, headers)) => {
-            let mut map = HeaderMap::new();
-            for (k, v) in headers {
-                if let (Ok(k), Ok(v)) = (HeaderName::try_from(k), HeaderValue::try_from(v)) {
-                    map.insert(k, v);
+            let etag = Upstream::etag(&bytes);
+            let mut map: Vec<(String, String)> = vec![
+                ("etag".into(), etag.clone()),
+                ("accept-ranges".into(), "bytes".into()),
+            ];
+            let content_type = headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| "application/octet-stream".into());
+            // If-Range with another validator: the file changed, so send all of it.
+            let if_range_holds = request
+                .get(axum::http::header::IF_RANGE)
+                .is_none_or(|v| v.as_bytes() == etag.as_bytes());
+            let len = bytes.len() as u64;
+            let ranges = range
+                .as_deref()
+                .filter(|_| if_range_holds)
+                .and_then(|r| byte_ranges(r, len));
+            match ranges.as_deref() {
+                None => {
+                    map.extend(headers);
+                    (StatusCode::OK, map, bytes)
+                }
+                Some([]) => {
+                    map.push(("content-range".into(), format!("bytes */{len}")));
+                    (StatusCode::RANGE_NOT_SATISFIABLE, map, Vec::new())
+                }
+                Some(&[(a, b)]) => {
+                    map.extend(headers);
+                    map.push(("content-range".into(), format!("bytes {a}-{b}/{len}")));
+                    let part = bytes[a as usize..=b as usize].to_vec();
+                    (StatusCode::PARTIAL_CONTENT, map, part)
+                }
+                Some(several) => {
+                    map.extend(
+                        headers
+                            .into_iter()
+                            .filter(|(k, _)| !k.eq_ignore_ascii_case("content-type")),
+                    );
+                    map.push((
+                        "content-type".into(),
+                        format!("multipart/byteranges; boundary={BYTERANGES_BOUNDARY}"),
+                    ));
+                    let mut body = Vec::new();
+                    for &(a, b) in several {
+                        body.extend_from_slice(
+                            format!(
+                                "--{BYTERANGES_BOUNDARY}\r\ncontent-type: {content_type}\r\n\
+                                 content-range: bytes {a}-{b}/{len}\r\n\r\n"
+                            )
+                            .as_bytes(),
+                        );
+                        body.extend_from_slice(&bytes[a as usize..=b as usize]);
+                        body.extend_from_slice(b"\r\n");
+                    }
+                    body.extend_from_slice(format!("--{BYTERANGES_BOUNDARY}--\r\n").as_bytes());
+                    (StatusCode::PARTIAL_CONTENT, map, body)
                 }
             }
-            (StatusCode::OK, map, bytes).into_response()
+        }
+    };
+    let (status, headers, body) = response;
+    state.served.lock().expect("served").push(Served {
+        path: uri.path().to_owned(),
+        range,
+        status: status.as_u16(),
+        len: body.len() as u64,
+        sha256: hex::encode(Sha256::digest(&body)),
+    });
+    let mut map = HeaderMap::new();
+    for (k, v) in headers {
+        if let (Ok(k), Ok(v)) = (HeaderName::try_from(k), HeaderValue::try_from(v)) {
+            map.append(k, v);
         }
     }
+    (status, map, body).into_response()
 }
 
 async fn receive(State(state): State<Arc<Shared>>, uri: axum::http::Uri, body: Body) -> Response {
