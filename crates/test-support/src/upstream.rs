@@ -161,7 +161,11 @@ async fn serve_file(
         .get(axum::http::header::RANGE)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     let response = match file {
-        None => (StatusCode::NOT_FOUND, Vec::new(), b"no such file\n".to_vec()),
+        None => (
+            StatusCode::NOT_FOUND,
+            Vec::new(),
+            b"no such file\n".to_vec(),
+        ),
         Some((bytes, headers)) => {
             let etag = Upstream::etag(&bytes);
             let mut map: Vec<(String, String)> = vec![
