@@ -30,6 +30,16 @@ pub struct ProducerArgs {
     /// Bodies above this many MiB are spilled to SCAN_TMP_DIR and queued by path.
     #[arg(long, env = "SCAN_FILE_THRESHOLD_MB", default_value_t = 10)]
     pub scan_file_threshold_mb: u64,
+    /// Whether the consumers can open files in SCAN_TMP_DIR (a shared volume). When false,
+    /// spilled bodies are sent through Redis in chunks instead of by path.
+    #[arg(
+        long,
+        env = "SPOOL_SHARED",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub spool_shared: bool,
     /// Largest body accepted for scanning, in MiB; larger ones are `unscannable`.
     #[arg(long, env = "MAX_BODY_MB", default_value_t = 100)]
     pub max_body_mb: u64,
@@ -100,6 +110,14 @@ pub struct ProducerArgs {
     /// How long a verdict stays in the in-process memo, in seconds; 0 turns it off.
     #[arg(long, env = "VERDICT_MEMO_SECONDS", default_value_t = 60)]
     pub verdict_memo_seconds: u64,
+    /// What to do with `Range`/`If-Range` on scanned routes: `strip` (the upstream then
+    /// sends the whole representation, which is scanned), `refuse` (416) or `allow` (a 206
+    /// that does not cover the whole representation is refused when it reaches a scan).
+    #[arg(long, env = "RANGE_REQUESTS", default_value = "strip")]
+    pub range_requests: String,
+    /// Decode files sent as base64 inside JSON string values and scan them as files.
+    #[arg(long, env = "EMBEDDED_FILES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub embedded_files: bool,
     /// Threads that serve the streams. One is the cheapest per request for a sidecar;
     /// decoding, splitting and storing large bodies run off that thread either way.
     #[arg(long, env = "WORKER_THREADS", default_value_t = 1)]
@@ -115,6 +133,9 @@ pub struct ProducerConfig {
     pub http_addr: SocketAddr,
     pub scan_tmp_dir: PathBuf,
     pub spill_threshold: usize,
+    /// Spilled bodies are queued by path (the consumers share SCAN_TMP_DIR), else sent
+    /// through Redis in chunks.
+    pub spool_shared: bool,
     pub max_body: u64,
     pub max_decoded: u64,
     pub scan_timeout: Duration,
@@ -133,6 +154,36 @@ pub struct ProducerConfig {
     pub verdict_memo_entries: usize,
     pub verdict_memo_ttl: Duration,
     pub worker_threads: usize,
+    pub range_requests: RangeRequests,
+    pub embedded_files: bool,
+}
+
+/// What the producer does with a request for part of a representation. A file fetched in
+/// pieces is never whole in one scan, so no piece may pass as if it had been scanned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RangeRequests {
+    /// `Range` and `If-Range` are removed from requests: the upstream answers with the whole
+    /// representation, which is scanned.
+    #[default]
+    Strip,
+    /// A request with `Range` is answered 416.
+    Refuse,
+    /// Passed on; a 206 that is not the whole representation is refused at its scan.
+    Allow,
+}
+
+impl std::str::FromStr for RangeRequests {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "strip" => Ok(RangeRequests::Strip),
+            "refuse" => Ok(RangeRequests::Refuse),
+            "allow" => Ok(RangeRequests::Allow),
+            other => Err(format!(
+                "RANGE_REQUESTS must be strip, refuse or allow, got {other:?}"
+            )),
+        }
+    }
 }
 
 impl ProducerConfig {
@@ -173,6 +224,19 @@ impl ProducerArgs {
         }
         if self.max_decoded_mb == 0 {
             return Err("MAX_DECODED_MB must be positive".into());
+        }
+        // The tenant names the Redis keys of bodies sent through Redis, where a per-tenant
+        // ACL can match them. No limit on MAX_BODY_MB: a body is stored in chunks far below
+        // Redis's proto-max-bulk-len, in one hash, which has no size limit of its own.
+        if !self.spool_shared
+            && virus_scanner_protocol::task::validate_tenant_key(&self.tenant).is_err()
+        {
+            return Err(format!(
+                "TENANT must be at most {} characters of [A-Za-z0-9._-] when SPOOL_SHARED=false \
+                 (it names the Redis keys of spilled bodies), got {:?}",
+                virus_scanner_protocol::task::MAX_TENANT_KEY_LEN,
+                self.tenant
+            ));
         }
         if self.scan_timeout_seconds == 0 {
             return Err("SCAN_TIMEOUT_SECONDS must be positive".into());
@@ -220,6 +284,7 @@ impl ProducerArgs {
             http_addr: self.http_addr,
             scan_tmp_dir: self.scan_tmp_dir,
             spill_threshold: (self.scan_file_threshold_mb * 1024 * 1024) as usize,
+            spool_shared: self.spool_shared,
             max_body: self.max_body_mb * 1024 * 1024,
             max_decoded: self.max_decoded_mb * 1024 * 1024,
             scan_timeout: Duration::from_secs(self.scan_timeout_seconds),
@@ -238,6 +303,8 @@ impl ProducerArgs {
             verdict_memo_entries: self.verdict_memo_entries,
             verdict_memo_ttl: Duration::from_secs(self.verdict_memo_seconds),
             worker_threads: self.worker_threads,
+            range_requests: self.range_requests.parse()?,
+            embedded_files: self.embedded_files,
         })
     }
 }
@@ -263,6 +330,27 @@ mod tests {
         assert_eq!((c.infected_status, c.error_status), (406, 503));
         assert!(!c.fail_open);
         assert_eq!(c.worker_threads, 1);
+        assert!(c.spool_shared);
+        assert_eq!(c.range_requests, RangeRequests::Strip);
+        assert!(c.embedded_files);
+    }
+
+    #[test]
+    fn an_unshared_spool_takes_any_body_size_and_a_tenant_that_can_name_a_key() {
+        for off in [&["--spool-shared", "false"][..], &["--spool-shared=no"][..]] {
+            let c = args(&[off, &["--max-body-mb", "65536", "--tenant", "team-a.prod"]].concat())
+                .unwrap();
+            assert!(!c.spool_shared);
+            assert_eq!(c.max_body, 64 << 30);
+        }
+        assert!(args(&["--spool-shared", "true"]).unwrap().spool_shared);
+        let err = args(&["--spool-shared", "false", "--tenant", "a:b"]).unwrap_err();
+        assert!(
+            err.contains("TENANT") && err.contains("SPOOL_SHARED"),
+            "{err}"
+        );
+        // With a shared spool the tenant is only a label.
+        assert!(args(&["--tenant", "a:b"]).is_ok());
     }
 
     #[test]
@@ -280,6 +368,7 @@ mod tests {
             (vec!["--redis-url", "tcp://x"], "REDIS_URL"),
             (vec!["--scan-timeout-seconds", "0"], "SCAN_TIMEOUT_SECONDS"),
             (vec!["--worker-threads", "0"], "WORKER_THREADS"),
+            (vec!["--range-requests", "sometimes"], "RANGE_REQUESTS"),
         ] {
             let err = args(&argv).unwrap_err();
             assert!(err.contains(name), "{err}");

@@ -7,6 +7,7 @@
 //! `100 Continue` unless it already holds the whole body), so an infected body can never be
 //! half-forwarded.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +22,8 @@ use virus_scanner_protocol::task::{Direction, VerdictStatus};
 use crate::body::{Body, BodyBuffer, BodyData, BodyError};
 use crate::metrics::IcapLabels;
 use crate::scan::{Decision, Outcome, ScanContext, ScanService};
-use crate::unpack::BodyHeaders;
+use crate::config::RangeRequests;
+use crate::headers::HeaderFields;
 
 /// Settings of the ICAP front end.
 #[derive(Debug, Clone)]
@@ -260,6 +262,55 @@ impl IcapServer {
             mode: "icap",
         };
         let method = head.method.as_str();
+        let fields = |h: &HttpHead| {
+            let mut f = HeaderFields::read(
+                h.headers
+                    .0
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), Cow::Borrowed(v.as_str()))),
+                &self.scan.config.priority_header,
+            );
+            if direction == Direction::Response {
+                f.status = h.start_line.split(' ').nth(1).map(str::to_owned);
+            }
+            f
+        };
+
+        let asks_for_range = direction == Direction::Request
+            && request.is_some_and(|(_, h, _)| fields(h).range);
+        if asks_for_range {
+            match self.scan.config.range_requests {
+                RangeRequests::Allow => {}
+                RangeRequests::Refuse => {
+                    let outcome = self.scan.decide(
+                        virus_scanner_protocol::task::Verdict {
+                            status: VerdictStatus::Unscannable as i32,
+                            detail: "parts of a file cannot be scanned; request the whole file"
+                                .into(),
+                            ..Default::default()
+                        },
+                        None,
+                        String::new(),
+                    );
+                    write
+                        .write_all(&block_page(istag, 416, &outcome, false, ""))
+                        .await?;
+                    write.flush().await?;
+                    self.count(method, "range_refused");
+                    // A body that was not read ends the connection.
+                    return Ok(!encapsulated.has_body());
+                }
+                // Only a bodiless request asks for a range (RFC 9110 14.2: GET); its head is
+                // answered without Range and If-Range, so the origin sends the whole file.
+                RangeRequests::Strip if !encapsulated.has_body() => {
+                    self.answer_without_range(istag, &encapsulated, &area, write)
+                        .await?;
+                    self.count(method, "clean");
+                    return Ok(true);
+                }
+                RangeRequests::Strip => {}
+            }
+        }
 
         if !encapsulated.has_body() {
             // Nothing to scan: a bodiless message is clean.
@@ -297,23 +348,13 @@ impl IcapServer {
             (Some(_), false) => false,
             (None, _) => true,
         };
-        let headers = BodyHeaders {
-            content_encoding: http
-                .and_then(|h| h.headers.get("Content-Encoding"))
-                .map(str::to_owned),
-            content_type: http
-                .and_then(|h| h.headers.get("Content-Type"))
-                .map(str::to_owned),
-        };
+        let headers = http
+            .map(|h| fields(h).body_headers())
+            .unwrap_or_default();
         let outcome = if too_large {
-            self.scan.decide(
-                virus_scanner_protocol::task::Verdict {
-                    status: VerdictStatus::Unscannable as i32,
-                    detail: format!("body larger than {} bytes", self.scan.limits.max),
-                    ..Default::default()
-                },
-                None,
-                String::new(),
+            self.scan.refuse_unscanned(
+                format!("body larger than {} bytes", self.scan.limits.max),
+                &ctx,
             )
         } else {
             match buffer.finish() {
@@ -457,6 +498,40 @@ impl IcapServer {
         if let Some(body) = body.filter(|_| encapsulated.has_body()) {
             write_chunked(body, write).await?;
         }
+        write.flush().await?;
+        Ok(())
+    }
+
+    /// REQMOD of a request for part of a file: the request head is sent back without
+    /// `Range` and `If-Range`.
+    async fn answer_without_range<W: AsyncWrite + Unpin>(
+        &self,
+        istag: &str,
+        encapsulated: &Encapsulated,
+        area: &[u8],
+        write: &mut W,
+    ) -> Result<(), ConnError> {
+        let mut echoed = Vec::new();
+        let mut sections = Vec::new();
+        for (section, range) in encapsulated.header_ranges() {
+            if section == Section::ReqHdr {
+                sections.push((section, echoed.len()));
+                echoed.extend(icap::remove_header_fields(&area[range], &["range", "if-range"]));
+            }
+        }
+        let echo = Encapsulated {
+            headers: sections,
+            body: (Section::NullBody, echoed.len()),
+        };
+        let value = encapsulated_value(&echo);
+        write
+            .write_all(&icap::response_head(
+                200,
+                "OK",
+                &[("ISTag", istag), ("Encapsulated", &value)],
+            ))
+            .await?;
+        write.write_all(&echoed).await?;
         write.flush().await?;
         Ok(())
     }

@@ -4,7 +4,9 @@
 #![forbid(unsafe_code)]
 
 pub mod body;
+pub mod codings;
 pub mod config;
+pub mod headers;
 pub mod ext_proc;
 pub mod icap;
 pub mod metrics;

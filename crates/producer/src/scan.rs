@@ -93,6 +93,20 @@ impl ScanService {
         self.metrics
             .scan_latency
             .observe(started.elapsed().as_secs_f64());
+        self.record(&outcome, ctx);
+        outcome
+    }
+
+    /// Answers for a body that never reached a scan (too large to hold, the stream's
+    /// message refused): counted and logged as every other verdict.
+    pub fn refuse_unscanned(&self, why: String, ctx: &ScanContext) -> Outcome {
+        let outcome = self.decide(unscannable(&why), None, String::new());
+        self.record(&outcome, ctx);
+        outcome
+    }
+
+    /// Metrics and log lines of one decided body: one place for every front end.
+    fn record(&self, outcome: &Outcome, ctx: &ScanContext) {
         self.metrics
             .requests
             .get_or_create(&RequestLabels {
@@ -102,7 +116,7 @@ impl ScanService {
             })
             .inc();
         match outcome.verdict.status() {
-            VerdictStatus::Infected => self.log_detection(&outcome, ctx),
+            VerdictStatus::Infected => self.log_detection(outcome, ctx),
             VerdictStatus::Error | VerdictStatus::Unscannable => tracing::warn!(
                 task_id = %outcome.task_id,
                 verdict = outcome.verdict.status().label(),
@@ -114,7 +128,6 @@ impl ScanService {
             ),
             _ => {}
         }
-        outcome
     }
 
     async fn scan_inner(
@@ -125,6 +138,9 @@ impl ScanService {
         deadline: Instant,
     ) -> Outcome {
         let sha = Some(body.sha256);
+        if let Some(why) = &headers.refusal {
+            return self.refuse(why, sha);
+        }
         let unpacked = if headers.needs_unpacking() {
             // Decoding and splitting are CPU and disk work on this request's own thread.
             match tokio::task::block_in_place(|| {
@@ -142,9 +158,10 @@ impl ScanService {
         let files: Vec<&Body> = match &unpacked {
             Unpacked::Original => vec![body],
             Unpacked::Files(files) => files.iter().collect(),
-            Unpacked::Unscannable(why) => {
-                return self.decide(unscannable(why), sha, String::new());
-            }
+            // What the sender chose (an unknown or corrupt coding, a decompression bomb, a
+            // body in too many parts) is refused whatever ALLOW_UNSCANNABLE says: that
+            // setting is about sizes an operator accepts, not about shapes an attacker picks.
+            Unpacked::Unscannable(why) => return self.refuse(why, sha),
         };
         if files.is_empty() {
             return self.decide(clean(), sha, String::new());
@@ -181,10 +198,39 @@ impl ScanService {
             Err(e) => tracing::debug!(error = %e, "verdict memo lookup failed"),
         }
         let task_id = new_task_id();
+        // A body sent through Redis stays there until this function returns.
+        let mut stored = None;
         let content = match &file.data {
             BodyData::Memory(bytes) => Content::Body(bytes.clone()),
             // The file stays until this function returns: its owner outlives the scan.
-            BodyData::Spilled(spill) => Content::Path(spill.path().display().to_string()),
+            BodyData::Spilled(spill) if self.config.spool_shared => {
+                Content::Path(spill.path().display().to_string())
+            }
+            // No consumer can open this spool: the body goes through Redis in chunks, unless
+            // the verdict cache already knows it.
+            BodyData::Spilled(spill) => {
+                if let Ok(Some(v)) = self.producer.cached_verdict(&file.sha256).await {
+                    self.metrics.cache_hits.inc();
+                    return (v, sha, String::new());
+                }
+                let tenant = &self.config.tenant;
+                let path = spill.path();
+                match self
+                    .producer
+                    .store_body(tenant, &task_id, path, file.len, deadline)
+                    .await
+                {
+                    Ok(body) => stored.insert(body).content(),
+                    Err(e) => {
+                        self.metrics.error(match e {
+                            QueueError::DeadlineExceeded => "timeout",
+                            _ => e.kind(),
+                        });
+                        let why = format!("cannot send the body to the scan queue: {e}");
+                        return (Verdict::error(&task_id, why), sha, task_id);
+                    }
+                }
+            }
         };
         let deadline_ns = now_ns()
             + deadline
@@ -234,28 +280,30 @@ impl ScanService {
 
     /// Turns a verdict into what the gateway does, following the policy.
     pub fn decide(&self, verdict: Verdict, sha256: Option<[u8; 32]>, task_id: String) -> Outcome {
-        let decision = match verdict.status() {
-            VerdictStatus::Clean => Decision::Allow,
-            VerdictStatus::Infected => Decision::Block {
-                status: self.config.infected_status,
-            },
-            VerdictStatus::Unscannable if self.config.allow_unscannable => Decision::Allow,
-            VerdictStatus::Unscannable => Decision::Block {
-                status: self.config.unscannable_status,
-            },
-            VerdictStatus::Error | VerdictStatus::Unspecified if self.config.fail_open => {
-                self.metrics.fail_open.inc();
-                Decision::Allow
-            }
-            VerdictStatus::Error | VerdictStatus::Unspecified => Decision::Block {
-                status: self.config.error_status,
-            },
-        };
+        let decision = decision(&self.config, verdict.status(), false);
+        if decision == Decision::Allow
+            && matches!(
+                verdict.status(),
+                VerdictStatus::Error | VerdictStatus::Unspecified
+            )
+        {
+            self.metrics.fail_open.inc();
+        }
         Outcome {
             verdict,
             decision,
             sha256,
             task_id,
+        }
+    }
+
+    /// A body whose shape cannot be scanned faithfully: blocked as unscannable, always.
+    fn refuse(&self, why: &str, sha256: Option<[u8; 32]>) -> Outcome {
+        Outcome {
+            verdict: unscannable(why),
+            decision: decision(&self.config, VerdictStatus::Unscannable, true),
+            sha256,
+            task_id: String::new(),
         }
     }
 
@@ -279,14 +327,29 @@ impl ScanService {
     }
 }
 
-/// A task id unique across producers: a random per-process prefix and a counter, in the shape
-/// of a simple UUID. No system call per request, unlike a fresh random UUID.
+/// A task id nobody can predict: the verdict of a task is pushed to a key named by it, so
+/// a guessable id would let another client answer for it. 128 bits of SHA-256 over a
+/// random per-process key and a counter (a PRF): unpredictable without the key, and no
+/// system call per request, unlike a fresh random UUID.
 fn new_task_id() -> String {
-    static PREFIX: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    use sha2::{Digest, Sha256};
+    static KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let prefix = PREFIX.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
+    let key = KEY.get_or_init(|| {
+        let (a, b) = uuid::Uuid::new_v4().as_u64_pair();
+        let (c, d) = uuid::Uuid::new_v4().as_u64_pair();
+        let mut key = [0u8; 32];
+        for (chunk, word) in key.chunks_exact_mut(8).zip([a, b, c, d]) {
+            chunk.copy_from_slice(&word.to_le_bytes());
+        }
+        key
+    });
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    format!("{prefix:016x}{n:016x}")
+    let digest = Sha256::new()
+        .chain_update(key)
+        .chain_update(n.to_le_bytes())
+        .finalize();
+    hex::encode(&digest[..16])
 }
 
 fn clean() -> Verdict {
@@ -301,6 +364,27 @@ fn unscannable(why: &str) -> Verdict {
         status: VerdictStatus::Unscannable as i32,
         detail: why.to_owned(),
         ..Verdict::default()
+    }
+}
+
+/// The policy's answer to a verdict. `refused` marks a body refused for its shape, which
+/// no setting lets through.
+pub fn decision(config: &ProducerConfig, status: VerdictStatus, refused: bool) -> Decision {
+    match status {
+        VerdictStatus::Clean if !refused => Decision::Allow,
+        VerdictStatus::Infected => Decision::Block {
+            status: config.infected_status,
+        },
+        VerdictStatus::Unscannable if config.allow_unscannable && !refused => Decision::Allow,
+        VerdictStatus::Error | VerdictStatus::Unspecified if config.fail_open && !refused => {
+            Decision::Allow
+        }
+        VerdictStatus::Error | VerdictStatus::Unspecified => Decision::Block {
+            status: config.error_status,
+        },
+        VerdictStatus::Clean | VerdictStatus::Unscannable => Decision::Block {
+            status: config.unscannable_status,
+        },
     }
 }
 
@@ -319,5 +403,73 @@ pub fn direction_label(d: Direction) -> &'static str {
         Direction::Request => "request",
         Direction::Response => "response",
         Direction::Unspecified => "unspecified",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::config::ProducerArgs;
+
+    fn config(extra: &[&str]) -> ProducerConfig {
+        let mut argv = vec!["virus-scanner-producer"];
+        argv.extend_from_slice(extra);
+        ProducerArgs::try_parse_from(argv)
+            .expect("flags")
+            .validate()
+            .expect("valid")
+    }
+
+    #[test]
+    fn the_default_policy_passes_only_clean_bodies() {
+        let c = config(&[]);
+        let block = |status| Decision::Block { status };
+        assert_eq!(decision(&c, VerdictStatus::Clean, false), Decision::Allow);
+        assert_eq!(decision(&c, VerdictStatus::Infected, false), block(406));
+        assert_eq!(decision(&c, VerdictStatus::Unscannable, false), block(413));
+        assert_eq!(decision(&c, VerdictStatus::Error, false), block(503));
+        assert_eq!(decision(&c, VerdictStatus::Unspecified, false), block(503));
+    }
+
+    #[test]
+    fn fail_open_and_allow_unscannable_never_pass_infected_or_refused_bodies() {
+        let c = config(&[
+            "--fail-open",
+            "--allow-unscannable",
+            "--infected-status",
+            "451",
+            "--unscannable-status",
+            "415",
+        ]);
+        assert_eq!(decision(&c, VerdictStatus::Error, false), Decision::Allow);
+        assert_eq!(decision(&c, VerdictStatus::Unscannable, false), Decision::Allow);
+        assert_eq!(
+            decision(&c, VerdictStatus::Infected, false),
+            Decision::Block { status: 451 }
+        );
+        for status in [
+            VerdictStatus::Unscannable,
+            VerdictStatus::Clean,
+            VerdictStatus::Error,
+        ] {
+            assert_ne!(decision(&c, status, true), Decision::Allow, "{status:?}");
+        }
+        assert_eq!(
+            decision(&c, VerdictStatus::Unscannable, true),
+            Decision::Block { status: 415 }
+        );
+    }
+
+    #[test]
+    fn task_ids_are_128_bit_and_unrelated() {
+        let a = new_task_id();
+        let b = new_task_id();
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+        // No shared prefix as a per-process prefix and a counter would give.
+        assert_ne!(a[..16], b[..16]);
     }
 }

@@ -1,16 +1,34 @@
 //! Turns a body into the files it carries: `Content-Encoding` is undone (gzip, deflate, br,
-//! zstd, in any stack) with a cap on the decoded size against decompression bombs, and each
-//! part of a `multipart/*` body becomes a file of its own, because hash signatures only
-//! match whole files.
+//! zstd, in any stack) with a cap on the decoded size against decompression bombs, each
+//! part of a `multipart/*` body becomes a file of its own (its transfer encoding undone,
+//! nested multipart split in turn, preamble and epilogue files too), and base64 files in
+//! the strings of a JSON body are scanned besides the body, because hash signatures only
+//! match whole files. What receivers could read in more than one way (an ambiguous
+//! boundary, a malformed multipart body, an unknown transfer encoding) is refused: there is
+//! no single set of files that is what every one of them reassembles.
 
 use std::io::Read;
 
-use virus_scanner_protocol::multipart::{MultipartSplitter, PartEvent, boundary_of};
+use virus_scanner_protocol::embedded::EmbeddedFile;
+use virus_scanner_protocol::json_strings::{JsonError, JsonEvent, JsonStrings};
+use virus_scanner_protocol::media_type;
+use virus_scanner_protocol::multipart::{
+    self, Boundary, MultipartError, MultipartSplitter, PartEvent, boundary_of,
+};
+use virus_scanner_protocol::transfer_encoding::{
+    self, Alphabet, Base64Decoder, QuotedPrintableDecoder, TransferEncoding,
+};
 
 use crate::body::{Body, BodyBuffer, BodyError, BodyLimits};
+use crate::codings::{self, Coding};
 
-/// More parts than this in one body is refused rather than scanned piecemeal.
+/// More parts than this in one body (nested ones included) is refused rather than scanned
+/// piecemeal.
 pub const MAX_PARTS: usize = 256;
+/// Multipart inside multipart deeper than this is refused.
+pub const MAX_DEPTH: usize = 4;
+/// More files embedded in JSON strings than this in one body is refused.
+pub const MAX_EMBEDDED_FILES: usize = 64;
 
 #[derive(Debug)]
 pub enum Unpacked {
@@ -18,8 +36,28 @@ pub enum Unpacked {
     Original,
     /// Files to scan; the body passes only if every one is clean.
     Files(Vec<Body>),
-    /// The body cannot be scanned faithfully.
+    /// The body itself and, besides it, these files found inside it (base64 in JSON): the
+    /// body passes only if it and every one of them are clean.
+    OriginalAnd(Vec<Body>),
+    /// The body cannot be scanned completely within the size limits (a decoded body or a
+    /// file inside it above `max_decoded`), or its content coding cannot be undone.
     Unscannable(String),
+    /// The body's shape cannot be scanned as every receiver would read it: an ambiguous
+    /// multipart boundary, a malformed multipart body or part head, an unknown transfer
+    /// encoding, nesting or counts past their bounds. Refused whatever ALLOW_UNSCANNABLE
+    /// says: a sender picks the shape, an operator only accepts sizes.
+    Refused(String),
+}
+
+/// How [`unpack`] reads a body, from the producer's configuration.
+#[derive(Debug, Clone)]
+pub struct UnpackOptions {
+    /// Cap on the bytes decoded from a body (`MAX_DECODED_MB`): a decoded body, a file
+    /// inside it, and all the files embedded in its JSON strings together.
+    pub max_decoded: u64,
+    /// Files carried as base64 in JSON strings are scanned as files of their own
+    /// (`EMBEDDED_FILES`).
+    pub embedded_files: bool,
 }
 
 /// Headers that decide how a body is unpacked.
@@ -27,16 +65,19 @@ pub enum Unpacked {
 pub struct BodyHeaders {
     pub content_encoding: Option<String>,
     pub content_type: Option<String>,
+    /// Why the message's headers make its body unscannable whatever it holds (a part of a
+    /// representation, conflicting media types): the scan refuses it.
+    pub refusal: Option<String>,
 }
 
 impl BodyHeaders {
-    /// True when unpacking is more than handing the body on.
+    /// True when unpacking is more than handing the body on. JSON bodies count whether or
+    /// not embedded files are looked for: [`unpack`] returns at once when they are not.
     pub fn needs_unpacking(&self) -> bool {
         self.encodings().next().is_some()
-            || self
-                .content_type
-                .as_deref()
-                .is_some_and(|ct| boundary_of(ct).is_some())
+            || self.content_type.as_deref().is_some_and(|ct| {
+                boundary_of(ct.as_bytes()) != Boundary::NotMultipart || is_json(ct.as_bytes())
+            })
     }
 
     fn encodings(&self) -> impl Iterator<Item = String> + '_ {
@@ -49,12 +90,20 @@ impl BodyHeaders {
     }
 }
 
+/// `application/json` or `*/*+json`, read as loosely as frameworks that pick a JSON parser
+/// by the start of the header do.
+fn is_json(content_type: &[u8]) -> bool {
+    let essence = media_type::loose_essence(content_type);
+    essence == "application/json" || essence.ends_with("+json")
+}
+
 pub fn unpack(
     body: &Body,
     headers: &BodyHeaders,
     limits: &BodyLimits,
-    max_decoded: u64,
+    options: &UnpackOptions,
 ) -> Result<Unpacked, BodyError> {
+    let max_decoded = options.max_decoded;
     let encodings: Vec<String> = headers.encodings().collect();
     let mut decoded: Option<Body> = None;
     // Codings are listed in the order they were applied: undo them from the last.
@@ -84,28 +133,32 @@ pub fn unpack(
             Err(DecodeFailure::Body(e)) => return Err(e),
         });
     }
-    let whole = |decoded: Option<Body>| match decoded {
-        Some(d) => Unpacked::Files(vec![d]),
-        None => Unpacked::Original,
-    };
-    let boundary = match headers.content_type.as_deref().and_then(boundary_of) {
-        Some(Ok(boundary)) => boundary,
-        Some(Err(e)) => {
-            tracing::debug!(error = %e, "multipart body without a usable boundary; scanned whole");
-            return Ok(whole(decoded));
+    let content = decoded.as_ref().unwrap_or(body);
+    let content_type = headers.content_type.as_deref().unwrap_or("").as_bytes();
+    let mut found = Found::new(limits, options);
+    let split = match boundary_of(content_type) {
+        Boundary::Found(boundary) => found.split(content, &boundary).map(|()| true),
+        Boundary::Ambiguous(why) => Err(Stop::Refused(format!("multipart content type: {why}"))),
+        Boundary::Missing => {
+            // No receiver can split it either: it is one file.
+            tracing::debug!("multipart body without a boundary; scanned whole");
+            Ok(false)
         }
-        None => return Ok(whole(decoded)),
-    };
-    match split_parts(decoded.as_ref().unwrap_or(body), &boundary, limits)? {
-        Parts::Split(parts) => Ok(Unpacked::Files(parts)),
-        Parts::TooMany => Ok(Unpacked::Unscannable(format!(
-            "multipart body has more than {MAX_PARTS} parts"
-        ))),
-        Parts::Malformed(e) => {
-            // Scanned whole: body signatures still match anywhere in it.
-            tracing::info!(error = %e, "malformed multipart body; scanned whole");
-            Ok(whole(decoded))
+        Boundary::NotMultipart if is_json(content_type) => {
+            found.embedded_in_json(content).map(|()| false)
         }
+        Boundary::NotMultipart => Ok(false),
+    };
+    match split {
+        Ok(true) => Ok(Unpacked::Files(found.files)),
+        Ok(false) | Err(Stop::NotJson) => Ok(match decoded {
+            Some(d) => Unpacked::Files(std::iter::once(d).chain(found.files).collect()),
+            None if found.files.is_empty() => Unpacked::Original,
+            None => Unpacked::OriginalAnd(found.files),
+        }),
+        Err(Stop::Refused(why)) => Ok(Unpacked::Refused(why)),
+        Err(Stop::Unscannable(why)) => Ok(Unpacked::Unscannable(why)),
+        Err(Stop::Body(e)) => Err(e),
     }
 }
 
@@ -117,30 +170,9 @@ enum DecodeFailure {
 }
 
 fn decode(body: &Body, coding: &str, limits: BodyLimits) -> Result<Body, DecodeFailure> {
+    let coding = Coding::parse(coding).ok_or(DecodeFailure::Unsupported)?;
     let source = body.reader().map_err(|e| DecodeFailure::Body(e.into()))?;
-    let mut decoder: Box<dyn Read + Send + '_> = match coding {
-        "gzip" | "x-gzip" => Box::new(flate2::read::MultiGzDecoder::new(source)),
-        "deflate" => {
-            // HTTP's deflate is a zlib stream; some servers send raw deflate instead.
-            let mut head = [0u8; 2];
-            let mut peek = body.reader().map_err(|e| DecodeFailure::Body(e.into()))?;
-            let n = peek.read(&mut head).map_err(DecodeFailure::Corrupt)?;
-            let zlib = n == 2
-                && head[0] & 0x0f == 8
-                && (u16::from(head[0]) << 8 | u16::from(head[1])) % 31 == 0;
-            if zlib {
-                Box::new(flate2::read::ZlibDecoder::new(source))
-            } else {
-                Box::new(flate2::read::DeflateDecoder::new(source))
-            }
-        }
-        "br" => Box::new(brotli_decompressor::Decompressor::new(source, 64 * 1024)),
-        "zstd" => Box::new(
-            ruzstd::decoding::StreamingDecoder::new(source)
-                .map_err(|e| DecodeFailure::Corrupt(std::io::Error::other(e.to_string())))?,
-        ),
-        _ => return Err(DecodeFailure::Unsupported),
-    };
+    let mut decoder = codings::decoder(coding, source).map_err(DecodeFailure::Corrupt)?;
     let mut out = BodyBuffer::new(limits);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -159,70 +191,464 @@ fn decode(body: &Body, coding: &str, limits: BodyLimits) -> Result<Body, DecodeF
     out.finish().map_err(DecodeFailure::Body)
 }
 
-enum Parts {
-    Split(Vec<Body>),
-    TooMany,
-    Malformed(String),
+/// Why unpacking stopped short of a list of files.
+enum Stop {
+    Refused(String),
+    Unscannable(String),
+    /// A body labelled JSON is not JSON: it is scanned as the bytes it is.
+    NotJson,
+    Body(BodyError),
 }
 
-fn split_parts(body: &Body, boundary: &str, limits: &BodyLimits) -> Result<Parts, BodyError> {
-    let mut splitter = match MultipartSplitter::new(boundary) {
-        Ok(s) => s,
-        Err(e) => return Ok(Parts::Malformed(e.to_string())),
-    };
-    let mut parts: Vec<Body> = Vec::new();
-    let mut current: Option<BodyBuffer> = None;
-    let mut failure: Option<BodyError> = None;
-    let mut too_many = false;
-    let mut on = |event: PartEvent<'_>| {
-        if failure.is_some() || too_many {
-            return;
-        }
-        match event {
-            PartEvent::Start(_) => current = Some(BodyBuffer::new(limits.clone())),
-            PartEvent::Data(d) => {
-                if let Some(b) = current.as_mut()
-                    && let Err(e) = b.push(d)
-                {
-                    failure = Some(e);
-                }
+impl From<BodyError> for Stop {
+    fn from(e: BodyError) -> Stop {
+        match e {
+            BodyError::TooLarge(max) => {
+                Stop::Unscannable(format!("a file inside the body exceeds {max} bytes"))
             }
-            PartEvent::End => {
-                if let Some(b) = current.take() {
-                    if parts.len() >= MAX_PARTS {
-                        too_many = true;
-                        return;
-                    }
-                    match b.finish() {
-                        Ok(part) if part.len > 0 => parts.push(part),
-                        Ok(_) => {}
-                        Err(e) => failure = Some(e),
-                    }
-                }
-            }
+            e => Stop::Body(e),
         }
-    };
+    }
+}
+
+impl From<std::io::Error> for Stop {
+    fn from(e: std::io::Error) -> Stop {
+        Stop::Body(e.into())
+    }
+}
+
+fn malformed(e: MultipartError) -> Stop {
+    // Receivers read broken multipart differently (Go takes `--b--x` for data, others for
+    // the end; some keep the parts before a truncation): no single set of files to scan.
+    Stop::Refused(format!("multipart body does not parse: {e}"))
+}
+
+/// Reads a body in pieces.
+fn each_piece(body: &Body, mut f: impl FnMut(&[u8]) -> Result<(), Stop>) -> Result<(), Stop> {
     let mut reader = body.reader()?;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = reader.read(&mut buf)?;
-        if n == 0 {
-            break;
+        let n = match reader.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
+        f(&buf[..n])?;
+    }
+}
+
+/// The files found inside one body, and the counts their bounds apply to.
+struct Found<'a> {
+    /// For files inside the body: as large as a decoded body may be.
+    limits: BodyLimits,
+    options: &'a UnpackOptions,
+    files: Vec<Body>,
+    parts: usize,
+    embedded: usize,
+    embedded_bytes: u64,
+}
+
+/// One multipart body being split, at some depth of nesting.
+struct Level {
+    splitter: MultipartSplitter,
+    depth: usize,
+    part: Option<Part>,
+    preamble: Loose,
+    epilogue: Loose,
+}
+
+enum Part {
+    File(PartFile),
+    Nested(Box<Level>),
+}
+
+struct PartFile {
+    decoder: PartDecoder,
+    out: BodyBuffer,
+    json: bool,
+    decoded: Vec<u8>,
+}
+
+enum PartDecoder {
+    Identity,
+    Base64(Base64Decoder),
+    QuotedPrintable(QuotedPrintableDecoder),
+}
+
+/// Preamble or epilogue: a file when it holds more than whitespace. No receiver keeps it,
+/// but a reader that misses the first delimiter takes it for content, and nothing else
+/// would scan it.
+#[derive(Default)]
+struct Loose {
+    out: Option<BodyBuffer>,
+    text: bool,
+}
+
+impl Loose {
+    fn push(&mut self, data: &[u8], limits: &BodyLimits) -> Result<(), Stop> {
+        self.text |= data.iter().any(|b| !b.is_ascii_whitespace());
+        self.out
+            .get_or_insert_with(|| BodyBuffer::new(limits.clone()))
+            .push(data)?;
+        Ok(())
+    }
+
+    fn finish(self) -> Result<Option<Body>, Stop> {
+        match self.out {
+            Some(out) if self.text => Ok(Some(out.finish()?)),
+            _ => Ok(None),
         }
-        if let Err(e) = splitter.feed(&buf[..n], &mut on) {
-            return Ok(Parts::Malformed(e.to_string()));
+    }
+}
+
+impl PartFile {
+    fn push(&mut self, data: &[u8]) -> Result<(), Stop> {
+        self.decoded.clear();
+        let refused = |e: transfer_encoding::TransferEncodingError| {
+            Stop::Refused(format!("multipart part does not decode: {e}"))
+        };
+        match &mut self.decoder {
+            PartDecoder::Identity => return Ok(self.out.push(data)?),
+            PartDecoder::Base64(d) => d.feed(data, &mut self.decoded).map_err(refused)?,
+            PartDecoder::QuotedPrintable(d) => d.feed(data, &mut self.decoded).map_err(refused)?,
+        }
+        Ok(self.out.push(&self.decoded)?)
+    }
+
+    fn finish(mut self) -> Result<(Body, bool), Stop> {
+        self.decoded.clear();
+        let refused = |e: transfer_encoding::TransferEncodingError| {
+            Stop::Refused(format!("multipart part does not decode: {e}"))
+        };
+        match self.decoder {
+            PartDecoder::Identity => {}
+            PartDecoder::Base64(d) => d.finish(&mut self.decoded).map_err(refused)?,
+            PartDecoder::QuotedPrintable(d) => d.finish(&mut self.decoded).map_err(refused)?,
+        }
+        self.out.push(&self.decoded)?;
+        Ok((self.out.finish()?, self.json))
+    }
+}
+
+impl Level {
+    fn new(boundary: &str, depth: usize) -> Result<Level, Stop> {
+        Ok(Level {
+            splitter: MultipartSplitter::new(boundary).map_err(malformed)?,
+            depth,
+            part: None,
+            preamble: Loose::default(),
+            epilogue: Loose::default(),
+        })
+    }
+}
+
+impl<'a> Found<'a> {
+    fn new(limits: &BodyLimits, options: &'a UnpackOptions) -> Found<'a> {
+        Found {
+            limits: BodyLimits {
+                max: options.max_decoded.max(limits.max),
+                ..limits.clone()
+            },
+            options,
+            files: Vec::new(),
+            parts: 0,
+            embedded: 0,
+            embedded_bytes: 0,
         }
     }
-    let finished = splitter.finish(&mut on);
-    if let Some(e) = failure {
-        return Err(e);
+
+    /// Splits a multipart body; the parts of nested multipart parts are split as they
+    /// stream through, so no part is held twice.
+    fn split(&mut self, body: &Body, boundary: &str) -> Result<(), Stop> {
+        let mut level = Level::new(boundary, 1)?;
+        each_piece(body, |piece| self.feed_level(&mut level, piece))?;
+        self.finish_level(level)
     }
-    if too_many {
-        return Ok(Parts::TooMany);
+
+    fn feed_level(&mut self, level: &mut Level, piece: &[u8]) -> Result<(), Stop> {
+        let Level {
+            splitter,
+            depth,
+            part,
+            preamble,
+            epilogue,
+        } = level;
+        let mut stop = None;
+        let fed = splitter.feed(piece, &mut |event| {
+            if stop.is_none()
+                && let Err(e) = self.on_event(event, *depth, part, preamble, epilogue)
+            {
+                stop = Some(e);
+            }
+        });
+        match stop {
+            Some(e) => Err(e),
+            None => fed.map_err(malformed),
+        }
     }
-    match finished {
-        Ok(_) => Ok(Parts::Split(parts)),
-        Err(e) => Ok(Parts::Malformed(e.to_string())),
+
+    fn finish_level(&mut self, level: Level) -> Result<(), Stop> {
+        let Level {
+            splitter,
+            depth,
+            mut part,
+            mut preamble,
+            mut epilogue,
+        } = level;
+        let mut stop = None;
+        let finished = splitter.finish(&mut |event| {
+            if stop.is_none()
+                && let Err(e) = self.on_event(event, depth, &mut part, &mut preamble, &mut epilogue)
+            {
+                stop = Some(e);
+            }
+        });
+        if let Some(e) = stop {
+            return Err(e);
+        }
+        match finished {
+            // An empty multipart body (only its closing delimiter) is one to Go and
+            // busboy too; its preamble and epilogue are still scanned.
+            Ok(_) | Err(MultipartError::NoParts) => {}
+            Err(e) => return Err(malformed(e)),
+        }
+        for loose in [preamble, epilogue] {
+            if let Some(file) = loose.finish()? {
+                self.files.push(file);
+            }
+        }
+        Ok(())
+    }
+
+    fn on_event(
+        &mut self,
+        event: PartEvent<'_>,
+        depth: usize,
+        part: &mut Option<Part>,
+        preamble: &mut Loose,
+        epilogue: &mut Loose,
+    ) -> Result<(), Stop> {
+        match event {
+            PartEvent::Preamble(data) => preamble.push(data, &self.limits),
+            PartEvent::Epilogue(data) => epilogue.push(data, &self.limits),
+            PartEvent::Start(head) => {
+                self.parts += 1;
+                if self.parts > MAX_PARTS {
+                    return Err(Stop::Refused(format!(
+                        "multipart body has more than {MAX_PARTS} parts"
+                    )));
+                }
+                *part = Some(self.open_part(head, depth)?);
+                Ok(())
+            }
+            PartEvent::Data(data) => match part {
+                Some(Part::File(file)) => file.push(data),
+                Some(Part::Nested(inner)) => self.feed_level(inner, data),
+                None => Ok(()),
+            },
+            PartEvent::End => match part.take() {
+                Some(Part::File(file)) => {
+                    let (file, json) = file.finish()?;
+                    if file.len > 0 {
+                        if json {
+                            match self.embedded_in_json(&file) {
+                                Ok(()) | Err(Stop::NotJson) => {}
+                                Err(e) => return Err(e),
+                            }
+                        }
+                        self.files.push(file);
+                    }
+                    Ok(())
+                }
+                Some(Part::Nested(inner)) => self.finish_level(*inner),
+                None => Ok(()),
+            },
+        }
+    }
+
+    fn open_part(&mut self, head: &[u8], depth: usize) -> Result<Part, Stop> {
+        let headers = multipart::parse_part_headers(head)
+            .map_err(|e| Stop::Refused(format!("multipart part head: {e}")))?;
+        let encoding = match &headers.transfer_encoding {
+            None => TransferEncoding::Identity,
+            Some(value) => transfer_encoding::parse(value).map_err(|_| {
+                Stop::Refused(format!(
+                    "multipart part with content-transfer-encoding {:?}",
+                    String::from_utf8_lossy(value)
+                ))
+            })?,
+        };
+        let content_type = headers.content_type.as_deref().unwrap_or(b"");
+        match boundary_of(content_type) {
+            Boundary::Found(boundary) => {
+                // RFC 2045 §6.4: a multipart entity is never encoded; readers that decode
+                // one anyway and readers that do not would split different bytes.
+                if encoding != TransferEncoding::Identity {
+                    return Err(Stop::Refused(
+                        "multipart part that is multipart has a content-transfer-encoding"
+                            .to_owned(),
+                    ));
+                }
+                if depth >= MAX_DEPTH {
+                    return Err(Stop::Refused(format!(
+                        "multipart nested deeper than {MAX_DEPTH} levels"
+                    )));
+                }
+                return Ok(Part::Nested(Box::new(Level::new(&boundary, depth + 1)?)));
+            }
+            Boundary::Ambiguous(why) => {
+                return Err(Stop::Refused(format!("multipart part content type: {why}")));
+            }
+            Boundary::Missing | Boundary::NotMultipart => {}
+        }
+        Ok(Part::File(PartFile {
+            decoder: match encoding {
+                TransferEncoding::Identity => PartDecoder::Identity,
+                TransferEncoding::Base64 => {
+                    PartDecoder::Base64(Base64Decoder::new(Alphabet::Standard))
+                }
+                TransferEncoding::QuotedPrintable => {
+                    PartDecoder::QuotedPrintable(QuotedPrintableDecoder::new())
+                }
+            },
+            out: BodyBuffer::new(self.limits.clone()),
+            json: is_json(content_type),
+            decoded: Vec::new(),
+        }))
+    }
+
+    /// Adds the files that the strings of a JSON document carry as base64. They are kept
+    /// only if the whole document is JSON ([`Stop::NotJson`] otherwise): what no parser
+    /// accepts reaches no application as JSON.
+    fn embedded_in_json(&mut self, body: &Body) -> Result<(), Stop> {
+        if !self.options.embedded_files {
+            return Ok(());
+        }
+        let mut strings = EmbeddedStrings {
+            limits: &self.limits,
+            max_bytes: self.options.max_decoded,
+            count: self.embedded,
+            bytes: self.embedded_bytes,
+            files: Vec::new(),
+            current: None,
+            decoded: Vec::new(),
+        };
+        let mut parser = JsonStrings::new();
+        let read = each_piece(body, |piece| {
+            let mut stop = None;
+            let parsed = parser.feed(piece, &mut |event| {
+                if stop.is_none()
+                    && let Err(e) = strings.on(event)
+                {
+                    stop = Some(e);
+                }
+            });
+            match (stop, parsed) {
+                (Some(e), _) => Err(e),
+                (None, Ok(())) => Ok(()),
+                (None, Err(e)) => Err(not_json(e)),
+            }
+        });
+        read?;
+        parser.finish().map_err(not_json)?;
+        self.embedded = strings.count;
+        self.embedded_bytes = strings.bytes;
+        self.files.append(&mut strings.files);
+        Ok(())
+    }
+}
+
+fn not_json(e: JsonError) -> Stop {
+    match e {
+        // Parsers without a depth limit would still find the strings inside.
+        JsonError::TooDeep => Stop::Refused(e.to_string()),
+        e => {
+            tracing::debug!(error = %e, "body labelled JSON is not JSON; scanned whole");
+            Stop::NotJson
+        }
+    }
+}
+
+/// The strings of one JSON document, decoded as they stream by while they can still be
+/// embedded files.
+struct EmbeddedStrings<'l> {
+    limits: &'l BodyLimits,
+    max_bytes: u64,
+    count: usize,
+    bytes: u64,
+    files: Vec<Body>,
+    current: Option<(EmbeddedFile, Option<BodyBuffer>)>,
+    decoded: Vec<u8>,
+}
+
+impl EmbeddedStrings<'_> {
+    fn on(&mut self, event: JsonEvent<'_>) -> Result<(), Stop> {
+        match event {
+            JsonEvent::StringStart { .. } => self.current = Some((EmbeddedFile::new(), None)),
+            JsonEvent::StringData(data) => {
+                if let Some((file, out)) = &mut self.current
+                    && file.is_candidate()
+                {
+                    self.decoded.clear();
+                    if file.feed(data, &mut self.decoded) {
+                        Self::keep(out, &self.decoded, self.limits, self.bytes, self.max_bytes)?;
+                    } else {
+                        *out = None;
+                    }
+                }
+            }
+            JsonEvent::StringEnd => {
+                let Some((file, mut out)) = self.current.take() else {
+                    return Ok(());
+                };
+                self.decoded.clear();
+                if file.finish(&mut self.decoded).is_none() {
+                    return Ok(());
+                }
+                Self::keep(
+                    &mut out,
+                    &self.decoded,
+                    self.limits,
+                    self.bytes,
+                    self.max_bytes,
+                )?;
+                let Some(out) = out else {
+                    return Ok(());
+                };
+                self.bytes += out.len();
+                self.count += 1;
+                if self.count > MAX_EMBEDDED_FILES {
+                    return Err(Stop::Refused(format!(
+                        "more than {MAX_EMBEDDED_FILES} files embedded in JSON"
+                    )));
+                }
+                self.files.push(out.finish()?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends decoded bytes of the current string; the cap counts them before the
+    /// string is known to be a file, so that no string outgrows it meanwhile.
+    fn keep(
+        out: &mut Option<BodyBuffer>,
+        decoded: &[u8],
+        limits: &BodyLimits,
+        bytes: u64,
+        max_bytes: u64,
+    ) -> Result<(), Stop> {
+        if decoded.is_empty() {
+            return Ok(());
+        }
+        let out = out.get_or_insert_with(|| BodyBuffer::new(limits.clone()));
+        if bytes + out.len() + decoded.len() as u64 > max_bytes {
+            return Err(Stop::Unscannable(format!(
+                "files embedded in JSON exceed {max_bytes} bytes decoded"
+            )));
+        }
+        out.push(decoded)?;
+        Ok(())
     }
 }
 
@@ -240,18 +666,28 @@ mod tests {
         }
     }
 
+    fn opts(max_decoded: u64) -> UnpackOptions {
+        UnpackOptions {
+            max_decoded,
+            embedded_files: true,
+        }
+    }
+
+    fn read(b: &Body) -> Vec<u8> {
+        let mut v = Vec::new();
+        b.reader().unwrap().read_to_end(&mut v).unwrap();
+        v
+    }
+
     fn contents(u: Unpacked) -> Vec<Vec<u8>> {
         match u {
             Unpacked::Original => vec![b"<original>".to_vec()],
-            Unpacked::Files(files) => files
-                .iter()
-                .map(|b| {
-                    let mut v = Vec::new();
-                    b.reader().unwrap().read_to_end(&mut v).unwrap();
-                    v
-                })
+            Unpacked::Files(files) => files.iter().map(read).collect(),
+            Unpacked::OriginalAnd(files) => std::iter::once(b"<original>".to_vec())
+                .chain(files.iter().map(read))
                 .collect(),
             Unpacked::Unscannable(why) => panic!("unscannable: {why}"),
+            Unpacked::Refused(why) => panic!("refused: {why}"),
         }
     }
 
@@ -265,6 +701,7 @@ mod tests {
         BodyHeaders {
             content_encoding: ce.map(str::to_owned),
             content_type: ct.map(str::to_owned),
+            refusal: None,
         }
     }
 
@@ -276,7 +713,13 @@ mod tests {
         let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
         z.write_all(&gzip(&data)).unwrap();
         let body = Body::from_vec(z.finish().unwrap(), &l).unwrap();
-        let out = unpack(&body, &headers(Some("gzip, deflate"), None), &l, 1 << 20).unwrap();
+        let out = unpack(
+            &body,
+            &headers(Some("gzip, deflate"), None),
+            &l,
+            &opts(1 << 20),
+        )
+        .unwrap();
         assert_eq!(contents(out), vec![data]);
     }
 
@@ -288,13 +731,13 @@ mod tests {
         d.write_all(b"raw").unwrap();
         let body = Body::from_vec(d.finish().unwrap(), &l).unwrap();
         assert_eq!(
-            contents(unpack(&body, &headers(Some("deflate"), None), &l, 100).unwrap()),
+            contents(unpack(&body, &headers(Some("deflate"), None), &l, &opts(100)).unwrap()),
             vec![b"raw".to_vec()]
         );
         let body = Body::from_vec(b"plain".to_vec(), &l).unwrap();
         assert!(!headers(Some("identity"), None).needs_unpacking());
         assert!(matches!(
-            unpack(&body, &headers(Some("identity"), None), &l, 100).unwrap(),
+            unpack(&body, &headers(Some("identity"), None), &l, &opts(100)).unwrap(),
             Unpacked::Original
         ));
     }
@@ -306,7 +749,7 @@ mod tests {
         let bomb = gzip(&vec![0u8; 10 << 20]);
         assert!(bomb.len() < 64 * 1024);
         let body = Body::from_vec(bomb, &l).unwrap();
-        let out = unpack(&body, &headers(Some("gzip"), None), &l, 1 << 20).unwrap();
+        let out = unpack(&body, &headers(Some("gzip"), None), &l, &opts(1 << 20)).unwrap();
         assert!(
             matches!(out, Unpacked::Unscannable(ref w) if w.contains("exceeds")),
             "{out:?}"
@@ -323,12 +766,12 @@ mod tests {
         let l = limits(dir.path());
         let body = Body::from_vec(b"not gzip at all".to_vec(), &l).unwrap();
         assert!(matches!(
-            unpack(&body, &headers(Some("gzip"), None), &l, 100).unwrap(),
+            unpack(&body, &headers(Some("gzip"), None), &l, &opts(100)).unwrap(),
             Unpacked::Unscannable(_)
         ));
         let body = Body::from_vec(b"x".to_vec(), &l).unwrap();
         assert!(matches!(
-            unpack(&body, &headers(Some("compress"), None), &l, 100).unwrap(),
+            unpack(&body, &headers(Some("compress"), None), &l, &opts(100)).unwrap(),
             Unpacked::Unscannable(_)
         ));
     }
@@ -346,7 +789,7 @@ mod tests {
             &body,
             &headers(None, Some("multipart/form-data; boundary=B")),
             &l,
-            1 << 20,
+            &opts(1 << 20),
         )
         .unwrap();
         assert_eq!(contents(out), vec![b"field".to_vec(), big]);
@@ -362,24 +805,349 @@ mod tests {
             &body,
             &headers(Some("gzip"), Some("multipart/form-data; boundary=B")),
             &l,
-            1 << 20,
+            &opts(1 << 20),
         )
         .unwrap();
         assert_eq!(contents(out), vec![b"file".to_vec()]);
     }
 
+    /// Unpacks `body` sent with that Content-Type (and Content-Encoding).
+    fn unpack_with(
+        l: &BodyLimits,
+        ce: Option<&str>,
+        ct: &str,
+        body: &[u8],
+        embedded_files: bool,
+    ) -> Unpacked {
+        let body = Body::from_vec(body.to_vec(), l).unwrap();
+        let options = UnpackOptions {
+            max_decoded: 1 << 20,
+            embedded_files,
+        };
+        unpack(&body, &headers(ce, Some(ct)), l, &options).unwrap()
+    }
+
+    fn refused(u: Unpacked) -> String {
+        match u {
+            Unpacked::Refused(why) => why,
+            other => panic!("not refused: {:?}", contents(other)),
+        }
+    }
+
+    const EICAR: &[u8] = br"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";
+    const EICAR_B64: &str = "WDVPIVAlQEFQWzRcUFpYNTQoUF4pN0NDKTd9JEVJQ0FSLVNUQU5EQVJELUFOVElWSVJVUy1URVNULUZJTEUhJEgrSCo=";
+
     #[test]
-    fn malformed_multipart_is_scanned_whole() {
+    fn malformed_multipart_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let l = limits(dir.path());
-        let body = Body::from_vec(b"--B\r\n\r\nno end".to_vec(), &l).unwrap();
+        let ct = "multipart/form-data; boundary=B";
+        for body in [
+            &b"--B\r\n\r\nno end"[..],
+            b"no delimiter",
+            b"--B\r\n\r\na\r\n--B--x\r\n",
+            b"--B\nContent-Type: text/plain\n\nbare LF lines\n--B--\n",
+        ] {
+            let why = refused(unpack_with(&l, None, ct, body, true));
+            assert!(why.contains("does not parse"), "{why}");
+        }
+        let mut big_head = b"--B\r\nX: ".to_vec();
+        big_head.extend(std::iter::repeat_n(b'h', 9000));
+        big_head.extend_from_slice(b"\r\n\r\nbody\r\n--B--");
+        refused(unpack_with(&l, None, ct, &big_head, true));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn boundary_hidden_in_a_quoted_parameter_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = limits(dir.path());
+        // A quoted-string aware server splits at B; one that splits the header at every
+        // `;` or searches it for `boundary=` splits at A, where the file is.
+        let body = b"--A\r\nContent-Type: application/octet-stream\r\n\r\nfile\r\n--A--\r\n";
+        for ct in [
+            r#"multipart/form-data; x="; boundary=A;"; boundary=B"#,
+            "multipart/form-data; boundary=A; boundary=B",
+            "multipart/form-data; boundary=A; boundary*=B",
+            r#"multipart/form-data; x="boundary=A""#,
+        ] {
+            let why = refused(unpack_with(&l, None, ct, body, true));
+            assert!(why.starts_with("multipart content type"), "{why}");
+        }
+        // Without a boundary at all no server splits it: one file.
+        assert!(matches!(
+            unpack_with(&l, None, "multipart/form-data", body, true),
+            Unpacked::Original
+        ));
+    }
+
+    #[test]
+    fn preamble_and_epilogue_become_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = limits(dir.path());
+        let body = b"hidden before\r\n--B\r\n\r\npart\r\n--B--\r\nhidden after";
+        let out = unpack_with(&l, None, "multipart/mixed; boundary=B", body, true);
+        assert_eq!(
+            contents(out),
+            vec![
+                b"part".to_vec(),
+                b"hidden before".to_vec(),
+                b"hidden after".to_vec()
+            ]
+        );
+        let body = b"\r\n \r\n--B\r\n\r\npart\r\n--B--\r\n\r\n";
+        let out = unpack_with(&l, None, "multipart/mixed; boundary=B", body, true);
+        assert_eq!(contents(out), vec![b"part".to_vec()]);
+    }
+
+    #[test]
+    fn transfer_encoded_parts_are_decoded_and_spill_when_large() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = limits(dir.path());
+        let big: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut b64 = Vec::new();
+        {
+            // MIME wraps base64 at 76 characters.
+            let text = encode_base64(&big);
+            for line in text.as_bytes().chunks(76) {
+                b64.extend_from_slice(line);
+                b64.extend_from_slice(b"\r\n");
+            }
+        }
+        let mut body = b"--B\r\nContent-Transfer-Encoding: BASE64\r\n\r\n".to_vec();
+        body.extend_from_slice(&b64);
+        body.extend_from_slice(
+            b"\r\n--B\r\ncontent-transfer-encoding: quoted-printable\r\n\r\ncaf=C3=A9 =\r\nau lait\r\n--B\r\nContent-Transfer-Encoding: 8bit\r\n\r\nraw\r\n--B--",
+        );
+        let out = unpack_with(&l, None, "multipart/mixed; boundary=B", &body, true);
+        assert_eq!(
+            contents(out),
+            vec![big, "café au lait".as_bytes().to_vec(), b"raw".to_vec()]
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    /// Standard base64, padded.
+    fn encode_base64(data: &[u8]) -> String {
+        const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::new();
+        for group in data.chunks(3) {
+            let n =
+                group.iter().fold(0u32, |n, &b| n << 8 | u32::from(b)) << (8 * (3 - group.len()));
+            for i in 0..4 {
+                if i <= group.len() {
+                    out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn unknown_or_broken_transfer_encodings_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = limits(dir.path());
+        let ct = "multipart/form-data; boundary=B";
+        for body in [
+            &b"--B\r\nContent-Transfer-Encoding: x-uuencode\r\n\r\nbegin 644 f\r\n--B--"[..],
+            b"--B\r\nContent-Transfer-Encoding: base64\r\n\r\nnot*base64\r\n--B--",
+            b"--B\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\nbad =ZZ escape\r\n--B--",
+            b"--B\r\nContent-Transfer-Encoding: base64\r\nContent-Transfer-Encoding: 7bit\r\n\r\nQUJD\r\n--B--",
+        ] {
+            refused(unpack_with(&l, None, ct, body, true));
+        }
+    }
+
+    #[test]
+    fn nested_multipart_is_split_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = limits(dir.path());
+        let inner =
+            b"--in\r\nContent-Type: text/plain\r\n\r\nfirst\r\n--in\r\n\r\nsecond\r\n--in--";
+        let mut body =
+            b"--out\r\n\r\nfield\r\n--out\r\nContent-Type: multipart/mixed; boundary=in\r\n\r\n"
+                .to_vec();
+        body.extend_from_slice(inner);
+        body.extend_from_slice(b"\r\n--out--\r\n");
+        let out = unpack_with(&l, None, "multipart/form-data; boundary=out", &body, true);
+        assert_eq!(
+            contents(out),
+            vec![b"field".to_vec(), b"first".to_vec(), b"second".to_vec()]
+        );
+        // Depth 1 holds depth 2 ... up to MAX_DEPTH; one more is refused.
+        let nest = |levels: usize| {
+            let mut body = b"file".to_vec();
+            let mut ct = "text/plain".to_owned();
+            for level in 0..levels {
+                let b = format!("b{level}");
+                let mut outer = format!("--{b}\r\nContent-Type: {ct}\r\n\r\n").into_bytes();
+                outer.extend_from_slice(&body);
+                outer.extend_from_slice(format!("\r\n--{b}--").as_bytes());
+                body = outer;
+                ct = format!("multipart/mixed; boundary={b}");
+            }
+            unpack_with(&l, None, &ct, &body, true)
+        };
+        assert_eq!(contents(nest(MAX_DEPTH)), vec![b"file".to_vec()]);
+        assert!(refused(nest(MAX_DEPTH + 1)).contains("deeper"));
+        // A multipart part is never transfer-encoded (RFC 2045 §6.4).
+        let body = b"--out\r\nContent-Type: multipart/mixed; boundary=in\r\nContent-Transfer-Encoding: base64\r\n\r\nLS1pbi0t\r\n--out--";
+        refused(unpack_with(
+            &l,
+            None,
+            "multipart/mixed; boundary=out",
+            body,
+            true,
+        ));
+    }
+
+    #[test]
+    fn too_many_parts_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = limits(dir.path());
+        let body = b"--B\r\n\r\nx\r\n".repeat(MAX_PARTS + 1);
+        let body = [&body[..], b"--B--"].concat();
+        assert!(
+            refused(unpack_with(
+                &l,
+                None,
+                "multipart/mixed; boundary=B",
+                &body,
+                true
+            ))
+            .contains("parts")
+        );
+    }
+
+    #[test]
+    fn base64_files_in_json_strings_are_scanned_besides_the_body() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = limits(dir.path());
+        // `\/` and `\u` escapes are undone as every JSON parser does.
+        let escaped = EICAR_B64.replacen('W', r"\u0057", 1);
+        let json = format!(
+            r#"{{"name":"report.pdf","id":"123e4567-e89b-12d3-a456-426614174000","file":"{escaped}","thumb":"data:image/png;base64,aGk=","note":"Hello world 2024 is here and Today","nested":[{{"k":"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo0\/"}}]}}"#
+        );
+        let out = unpack_with(
+            &l,
+            None,
+            "application/json; charset=utf-8",
+            json.as_bytes(),
+            true,
+        );
+        let files = contents(out);
+        assert_eq!(files.len(), 4, "{files:?}");
+        assert_eq!(files[0], b"<original>");
+        assert_eq!(files[1], EICAR);
+        assert_eq!(files[2], b"hi");
+        assert_eq!(&files[3][..10], b"ABCDEFGHIJ");
+        // Off: the body alone.
+        let out = unpack_with(&l, None, "application/json", json.as_bytes(), false);
+        assert!(matches!(out, Unpacked::Original));
+        // Not JSON after all: the body alone, nothing kept on disk.
+        let broken = format!("{json},");
+        let out = unpack_with(
+            &l,
+            None,
+            "application/vnd.api+json",
+            broken.as_bytes(),
+            true,
+        );
+        assert!(matches!(out, Unpacked::Original));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn json_files_are_found_in_decoded_bodies_and_json_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = limits(dir.path());
+        let json = format!(r#"["{EICAR_B64}"]"#);
+        let out = unpack_with(
+            &l,
+            Some("gzip"),
+            "application/json",
+            &gzip(json.as_bytes()),
+            true,
+        );
+        assert_eq!(
+            contents(out),
+            vec![json.as_bytes().to_vec(), EICAR.to_vec()]
+        );
+        let mut body = b"--B\r\nContent-Type: application/json\r\n\r\n".to_vec();
+        body.extend_from_slice(json.as_bytes());
+        body.extend_from_slice(b"\r\n--B--");
+        let out = unpack_with(&l, None, "multipart/related; boundary=B", &body, true);
+        assert_eq!(
+            contents(out),
+            vec![EICAR.to_vec(), json.as_bytes().to_vec()]
+        );
+    }
+
+    #[test]
+    fn embedded_files_past_their_bounds_are_refused_or_unscannable() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = limits(dir.path());
+        let many: Vec<String> = (0..=MAX_EMBEDDED_FILES)
+            .map(|i| {
+                format!(
+                    r#""data:;base64,{}""#,
+                    encode_base64(format!("file {i}").as_bytes())
+                )
+            })
+            .collect();
+        let json = format!("[{}]", many.join(","));
+        assert!(
+            refused(unpack_with(
+                &l,
+                None,
+                "application/json",
+                json.as_bytes(),
+                true
+            ))
+            .contains("embedded")
+        );
+        let deep = "[".repeat(2000) + &"]".repeat(2000);
+        refused(unpack_with(
+            &l,
+            None,
+            "application/json",
+            deep.as_bytes(),
+            true,
+        ));
+        let big = encode_base64(&vec![1u8; 3000]);
+        let json = format!(r#"["data:;base64,{big}"]"#);
+        let body = Body::from_vec(json.into_bytes(), &l).unwrap();
+        let options = UnpackOptions {
+            max_decoded: 2000,
+            embedded_files: true,
+        };
         let out = unpack(
             &body,
-            &headers(None, Some("multipart/form-data; boundary=B")),
+            &headers(None, Some("application/json")),
             &l,
-            100,
+            &options,
         )
         .unwrap();
-        assert!(matches!(out, Unpacked::Original));
+        assert!(
+            matches!(out, Unpacked::Unscannable(ref w) if w.contains("embedded")),
+            "{out:?}"
+        );
+        drop(body);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn json_and_multipart_types_need_unpacking() {
+        for ct in [
+            "application/json",
+            "application/problem+json; charset=utf-8",
+            "multipart/form-data",
+            "multipart/form-data; boundary=\"x",
+        ] {
+            assert!(headers(None, Some(ct)).needs_unpacking(), "{ct}");
+        }
+        assert!(!headers(None, Some("text/plain")).needs_unpacking());
     }
 }

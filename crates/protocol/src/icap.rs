@@ -415,6 +415,50 @@ pub fn response_head(status: u16, reason: &str, headers: &[(&str, &str)]) -> Vec
     out.into_bytes()
 }
 
+/// An encapsulated HTTP head without the header fields named in `names` (any case),
+/// continuation lines of a removed field included. Everything else, line endings and
+/// order, is kept byte for byte.
+pub fn remove_header_fields(head: &[u8], names: &[&str]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(head.len());
+    let mut removing = false;
+    let mut first = true;
+    let mut rest = head;
+    while !rest.is_empty() {
+        let end = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(rest.len(), |i| i + 1);
+        let (line, tail) = rest.split_at(end);
+        rest = tail;
+        let content = line.strip_suffix(b"\n").unwrap_or(line);
+        let content = content.strip_suffix(b"\r").unwrap_or(content);
+        if first || content.is_empty() {
+            // The start line, and the empty line that ends the head.
+            first = false;
+            removing = false;
+            out.extend_from_slice(line);
+            continue;
+        }
+        if matches!(content[0], b' ' | b'\t') {
+            if !removing {
+                out.extend_from_slice(line);
+            }
+            continue;
+        }
+        let name = content
+            .iter()
+            .position(|&b| b == b':')
+            .map_or(content, |i| &content[..i]);
+        removing = names
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n.as_bytes()));
+        if !removing {
+            out.extend_from_slice(line);
+        }
+    }
+    out
+}
+
 /// One chunk of a chunked body.
 pub fn chunk(data: &[u8], out: &mut Vec<u8>) {
     if data.is_empty() {
@@ -614,5 +658,16 @@ mod tests {
             infection_found("Eicar\r\nX: y"),
             "Type=0; Resolution=2; Threat=Eicar  X: y;"
         );
+    }
+
+    #[test]
+    fn named_header_fields_are_removed_and_the_rest_kept_byte_for_byte() {
+        let head = b"GET /f HTTP/1.1\r\nHost: a\r\nRange: bytes=0-9\r\nX-A: 1\r\nIF-RANGE: \"e\"\r\n  folded\r\nAccept: */*\r\n\r\n";
+        assert_eq!(
+            remove_header_fields(head, &["range", "if-range"]),
+            b"GET /f HTTP/1.1\r\nHost: a\r\nX-A: 1\r\nAccept: */*\r\n\r\n".to_vec()
+        );
+        let plain = b"GET / HTTP/1.1\nHost: a\n\n";
+        assert_eq!(remove_header_fields(plain, &["range"]), plain.to_vec());
     }
 }
