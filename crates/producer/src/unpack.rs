@@ -259,7 +259,7 @@ struct Level {
 }
 
 enum Part {
-    File(PartFile),
+    File(Box<PartFile>),
     Nested(Box<Level>),
 }
 
@@ -502,7 +502,7 @@ impl<'a> Found<'a> {
             }
             Boundary::Missing | Boundary::NotMultipart => {}
         }
-        Ok(Part::File(PartFile {
+        Ok(Part::File(Box::new(PartFile {
             decoder: match encoding {
                 TransferEncoding::Identity => PartDecoder::Identity,
                 TransferEncoding::Base64 => {
@@ -515,7 +515,7 @@ impl<'a> Found<'a> {
             out: BodyBuffer::new(self.limits.clone()),
             json: is_json(content_type),
             decoded: Vec::new(),
-        }))
+        })))
     }
 
     /// Adds the files that the strings of a JSON document carry as base64. They are kept
@@ -1028,7 +1028,7 @@ mod tests {
         // `\/` and `\u` escapes are undone as every JSON parser does.
         let escaped = EICAR_B64.replacen('W', r"\u0057", 1);
         let json = format!(
-            r#"{{"name":"report.pdf","id":"123e4567-e89b-12d3-a456-426614174000","file":"{escaped}","thumb":"data:image/png;base64,aGk=","note":"Hello world 2024 is here and Today","nested":[{{"k":"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo0\/"}}]}}"#
+            r#"{{"name":"report.pdf","id":"123e4567-e89b-12d3-a456-426614174000","file":"{escaped}","thumb":"data:image/png;base64,aGk=","note":"Hello world 2024 is here and Today","nested":[{{"k":"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo\/\/\/4="}}]}}"#
         );
         let out = unpack_with(
             &l,

@@ -4,10 +4,14 @@
 #![forbid(unsafe_code)]
 
 pub mod clamd;
+pub mod embedded;
 pub mod icap;
+pub mod json_strings;
 pub mod legacy;
+pub mod media_type;
 pub mod multipart;
 pub mod task;
+pub mod transfer_encoding;
 
 /// Generated from `proto/virusscanner/v1/scan.proto`.
 pub mod v1 {

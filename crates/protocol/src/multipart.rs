@@ -4,10 +4,12 @@
 
 use memchr::memmem;
 
-/// Longest part header block accepted.
-pub const MAX_PART_HEADERS: usize = 16 * 1024;
+/// Longest part header block accepted: form parts carry two or three short fields.
+pub const MAX_PART_HEADERS: usize = 8 * 1024;
 /// Longest boundary allowed by RFC 2046.
 pub const MAX_BOUNDARY: usize = 70;
+/// Transport padding after a delimiter longer than this is not padding.
+const MAX_PADDING: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MultipartError {
@@ -21,59 +23,153 @@ pub enum MultipartError {
     Truncated,
     #[error("multipart body has no parts")]
     NoParts,
+    #[error("multipart part header line is malformed")]
+    BadPartHeader,
+    #[error("multipart part has more than one {0} header")]
+    DuplicatePartHeader(&'static str),
 }
 
 /// What the splitter found, in order.
 #[derive(Debug, PartialEq, Eq)]
 pub enum PartEvent<'a> {
+    /// Bytes before the first delimiter (without the CRLF that belongs to it).
+    Preamble(&'a [u8]),
     /// A part begins; its raw header block (without the empty line).
     Start(&'a [u8]),
     /// Bytes of the current part's body.
     Data(&'a [u8]),
     /// The current part ended.
     End,
+    /// Bytes after the line of the closing delimiter.
+    Epilogue(&'a [u8]),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    Preamble,
-    AfterDelimiter,
-    Headers,
-    Body,
-    Epilogue,
+/// The `boundary` of a `Content-Type`, as every reader of it would see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Boundary {
+    /// Not a `multipart/*` media type.
+    NotMultipart,
+    /// Multipart without any boundary: no reader can split it.
+    Missing,
+    Found(String),
+    /// Readers could split the body at different boundaries, or at one RFC 2046 forbids
+    /// and that some readers accept and others trim or refuse: no single reading to scan.
+    Ambiguous(&'static str),
 }
 
-#[derive(Debug)]
-pub struct MultipartSplitter {
-    /// `\r\n--boundary`
-    delimiter: Vec<u8>,
-    buf: Vec<u8>,
-    state: State,
-    parts: usize,
-}
-
-/// Extracts the `boundary` parameter of a `multipart/*` Content-Type, or None when the
-/// content type is not multipart.
-pub fn boundary_of(content_type: &str) -> Option<Result<String, MultipartError>> {
-    let mut params = content_type.split(';');
-    let media = params.next()?.trim().to_ascii_lowercase();
-    if !media.starts_with("multipart/") {
-        return None;
+/// Finds the boundary of a `Content-Type`. Servers read this header differently: RFC 2045
+/// parsers honour quoted strings, others split at every `;`, PHP and several form libraries
+/// search the raw value for `boundary=` (PHP's `rfc1867.c`, formidable's regex), some take
+/// the first of two parameters and some the last, and RFC 2231 readers also accept
+/// `boundary*=`. Only a value on which all of them agree is [`Boundary::Found`].
+pub fn boundary_of(content_type: &[u8]) -> Boundary {
+    let media = match crate::media_type::parse(content_type) {
+        Ok(m) => m,
+        Err(_) if crate::media_type::loose_essence(content_type).starts_with("multipart/") => {
+            return Boundary::Ambiguous("multipart content type does not parse");
+        }
+        Err(_) => return Boundary::NotMultipart,
+    };
+    if !media.is_multipart() {
+        return Boundary::NotMultipart;
     }
-    for param in params {
-        let Some((name, value)) = param.split_once('=') else {
+    let raw_mentions = boundary_mentions(content_type);
+    if media.params.iter().any(|p| p.name.starts_with("boundary*")) {
+        return Boundary::Ambiguous("RFC 2231 boundary parameter");
+    }
+    let mut params = media.params_named("boundary");
+    let (Some(param), None) = (params.next(), params.next()) else {
+        return if raw_mentions == 0 {
+            Boundary::Missing
+        } else if media.params_named("boundary").count() == 0 {
+            Boundary::Ambiguous("boundary= only inside another parameter")
+        } else {
+            Boundary::Ambiguous("more than one boundary parameter")
+        };
+    };
+    if raw_mentions != 1 {
+        return Boundary::Ambiguous("boundary= also inside another parameter");
+    }
+    if param.escaped {
+        return Boundary::Ambiguous("boundary with a backslash escape");
+    }
+    match std::str::from_utf8(&param.value) {
+        Ok(b) if validate_boundary(b).is_ok() => Boundary::Found(b.to_owned()),
+        _ => Boundary::Ambiguous("boundary that RFC 2046 does not allow"),
+    }
+}
+
+/// How often `boundary` followed by `=` or `*` (after optional whitespace) occurs anywhere in
+/// the value, in any case: what a reader that searches the raw header can find.
+fn boundary_mentions(value: &[u8]) -> usize {
+    let lower = value.to_ascii_lowercase();
+    memmem::find_iter(&lower, b"boundary")
+        .filter(|&at| {
+            let rest = &lower[at + b"boundary".len()..];
+            let rest = rest.trim_ascii_start();
+            rest.first().is_some_and(|&c| c == b'=' || c == b'*')
+        })
+        .count()
+}
+
+/// The fields of a part head that decide how its body is read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PartHeaders {
+    pub content_type: Option<Vec<u8>>,
+    pub transfer_encoding: Option<Vec<u8>>,
+}
+
+/// Reads a part's header block (RFC 2045 §3, RFC 5322 §2.2 folding). A line that readers
+/// would split or join differently (bare CR or LF, no colon, whitespace before the colon,
+/// a control byte) and a second `Content-Type` or `Content-Transfer-Encoding` (first wins
+/// in some readers, last in others) are errors.
+pub fn parse_part_headers(block: &[u8]) -> Result<PartHeaders, MultipartError> {
+    let mut headers = PartHeaders::default();
+    if block.is_empty() {
+        return Ok(headers);
+    }
+    // Unfolded (name, value) fields.
+    let mut fields: Vec<(&[u8], Vec<u8>)> = Vec::new();
+    let mut rest = block;
+    while !rest.is_empty() {
+        let (line, next) = match memmem::find(rest, b"\r\n") {
+            Some(at) => (&rest[..at], &rest[at + 2..]),
+            None => (rest, &b""[..]),
+        };
+        rest = next;
+        if line
+            .iter()
+            .any(|&c| c == b'\r' || c == b'\n' || c == 0 || c == 0x7f)
+        {
+            return Err(MultipartError::BadPartHeader);
+        }
+        if line.first().is_some_and(|&c| c == b' ' || c == b'\t') {
+            let (_, value) = fields.last_mut().ok_or(MultipartError::BadPartHeader)?;
+            value.push(b' ');
+            value.extend_from_slice(line.trim_ascii());
+            continue;
+        }
+        let colon = memchr::memchr(b':', line).ok_or(MultipartError::BadPartHeader)?;
+        let name = &line[..colon];
+        if name.is_empty() || !name.iter().all(|&c| crate::media_type::is_tchar(c)) {
+            return Err(MultipartError::BadPartHeader);
+        }
+        fields.push((name, line[colon + 1..].trim_ascii().to_vec()));
+    }
+    for (name, value) in fields {
+        let (slot, label) = if name.eq_ignore_ascii_case(b"content-type") {
+            (&mut headers.content_type, "Content-Type")
+        } else if name.eq_ignore_ascii_case(b"content-transfer-encoding") {
+            (&mut headers.transfer_encoding, "Content-Transfer-Encoding")
+        } else {
             continue;
         };
-        if name.trim().eq_ignore_ascii_case("boundary") {
-            let value = value.trim();
-            let value = value
-                .strip_prefix('"')
-                .and_then(|v| v.strip_suffix('"'))
-                .unwrap_or(value);
-            return Some(validate_boundary(value).map(|()| value.to_owned()));
+        if slot.is_some() {
+            return Err(MultipartError::DuplicatePartHeader(label));
         }
+        *slot = Some(value);
     }
-    Some(Err(MultipartError::BadBoundary))
+    Ok(headers)
 }
 
 fn validate_boundary(b: &str) -> Result<(), MultipartError> {
@@ -89,6 +185,28 @@ fn validate_boundary(b: &str) -> Result<(), MultipartError> {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Preamble,
+    AfterDelimiter,
+    Headers,
+    Body,
+    /// After `--` of the closing delimiter, before the end of its line.
+    AfterClose,
+    Epilogue,
+}
+
+#[derive(Debug)]
+pub struct MultipartSplitter {
+    /// `\r\n--boundary`
+    delimiter: Vec<u8>,
+    buf: Vec<u8>,
+    state: State,
+    parts: usize,
+    /// Bytes of the CRLF put in front of the body that are still in `buf`.
+    fake_crlf: usize,
+}
+
 impl MultipartSplitter {
     pub fn new(boundary: &str) -> Result<MultipartSplitter, MultipartError> {
         validate_boundary(boundary)?;
@@ -100,6 +218,7 @@ impl MultipartSplitter {
             buf: b"\r\n".to_vec(),
             state: State::Preamble,
             parts: 0,
+            fake_crlf: 2,
         })
     }
 
@@ -120,10 +239,25 @@ impl MultipartSplitter {
     /// The body ended: checks that the closing delimiter was seen.
     pub fn finish(mut self, on: &mut dyn FnMut(PartEvent<'_>)) -> Result<usize, MultipartError> {
         self.process(on)?;
+        if self.state == State::AfterClose {
+            // The closing delimiter may end the body without a CRLF.
+            if !self.buf.iter().all(|&b| b == b' ' || b == b'\t') {
+                return Err(MultipartError::BadDelimiter);
+            }
+            self.state = State::Epilogue;
+        }
         match self.state {
             State::Epilogue if self.parts > 0 => Ok(self.parts),
             State::Epilogue => Err(MultipartError::NoParts),
             _ => Err(MultipartError::Truncated),
+        }
+    }
+
+    fn emit_preamble(&mut self, end: usize, on: &mut dyn FnMut(PartEvent<'_>)) {
+        let skip = self.fake_crlf.min(end);
+        self.fake_crlf -= skip;
+        if end > skip {
+            on(PartEvent::Preamble(&self.buf[skip..end]));
         }
     }
 
@@ -139,6 +273,8 @@ impl MultipartSplitter {
                                     on(PartEvent::Data(&self.buf[..pos]));
                                 }
                                 on(PartEvent::End);
+                            } else {
+                                self.emit_preamble(pos, on);
                             }
                             self.buf.drain(..pos + self.delimiter.len());
                             self.state = State::AfterDelimiter;
@@ -150,6 +286,8 @@ impl MultipartSplitter {
                                 let emit = self.buf.len() - keep;
                                 if in_body {
                                     on(PartEvent::Data(&self.buf[..emit]));
+                                } else {
+                                    self.emit_preamble(emit, on);
                                 }
                                 self.buf.drain(..emit);
                             }
@@ -162,21 +300,13 @@ impl MultipartSplitter {
                         return Ok(());
                     }
                     if self.buf.starts_with(b"--") {
-                        self.buf.clear();
-                        self.state = State::Epilogue;
+                        self.buf.drain(..2);
+                        self.state = State::AfterClose;
                         continue;
                     }
-                    // Transport padding (spaces, tabs) may precede the CRLF.
-                    let Some(crlf) = memmem::find(&self.buf, b"\r\n") else {
-                        if self.buf.len() > 256 {
-                            return Err(MultipartError::BadDelimiter);
-                        }
+                    if !self.end_of_delimiter_line()? {
                         return Ok(());
-                    };
-                    if !self.buf[..crlf].iter().all(|&b| b == b' ' || b == b'\t') {
-                        return Err(MultipartError::BadDelimiter);
                     }
-                    self.buf.drain(..crlf + 2);
                     self.state = State::Headers;
                 }
                 State::Headers => {
@@ -204,12 +334,44 @@ impl MultipartSplitter {
                         None => return Ok(()),
                     }
                 }
+                State::AfterClose => {
+                    // `--boundary--garbage` is a close delimiter to some readers and part
+                    // data to others (Go's reader): no single reading.
+                    if !self.end_of_delimiter_line()? {
+                        return Ok(());
+                    }
+                    self.state = State::Epilogue;
+                }
                 State::Epilogue => {
-                    self.buf.clear();
+                    if !self.buf.is_empty() {
+                        on(PartEvent::Epilogue(&self.buf));
+                        self.buf.clear();
+                    }
                     return Ok(());
                 }
             }
         }
+    }
+
+    /// Consumes transport padding (spaces, tabs) and the CRLF that end a delimiter line;
+    /// false while the CRLF has not arrived yet.
+    fn end_of_delimiter_line(&mut self) -> Result<bool, MultipartError> {
+        let Some(crlf) = memmem::find(&self.buf, b"\r\n") else {
+            if self.buf.len() > MAX_PADDING
+                || self
+                    .buf
+                    .iter()
+                    .any(|&b| b != b' ' && b != b'\t' && b != b'\r')
+            {
+                return Err(MultipartError::BadDelimiter);
+            }
+            return Ok(false);
+        };
+        if !self.buf[..crlf].iter().all(|&b| b == b' ' || b == b'\t') {
+            return Err(MultipartError::BadDelimiter);
+        }
+        self.buf.drain(..crlf + 2);
+        Ok(true)
     }
 }
 
@@ -220,23 +382,39 @@ mod tests {
     /// Headers and data of one part.
     type Part = (Vec<u8>, Vec<u8>);
 
+    /// What a body splits into: preamble, parts, epilogue.
+    #[derive(Debug, Default, PartialEq, Eq)]
+    struct Split {
+        preamble: Vec<u8>,
+        parts: Vec<Part>,
+        epilogue: Vec<u8>,
+    }
+
     /// Splits `body` fed in chunks of `step` bytes.
-    fn split(boundary: &str, body: &[u8], step: usize) -> Result<Vec<Part>, MultipartError> {
-        let mut parts: Vec<Part> = Vec::new();
+    fn split_all(boundary: &str, body: &[u8], step: usize) -> Result<Split, MultipartError> {
+        let mut out = Split::default();
         let mut open = false;
         let mut on = |e: PartEvent<'_>| match e {
+            PartEvent::Preamble(d) => {
+                assert!(!open && out.parts.is_empty());
+                out.preamble.extend_from_slice(d);
+            }
             PartEvent::Start(h) => {
                 assert!(!open);
                 open = true;
-                parts.push((h.to_vec(), Vec::new()));
+                out.parts.push((h.to_vec(), Vec::new()));
             }
             PartEvent::Data(d) => {
                 assert!(open);
-                parts.last_mut().unwrap().1.extend_from_slice(d);
+                out.parts.last_mut().unwrap().1.extend_from_slice(d);
             }
             PartEvent::End => {
                 assert!(open);
                 open = false;
+            }
+            PartEvent::Epilogue(d) => {
+                assert!(!open);
+                out.epilogue.extend_from_slice(d);
             }
         };
         let mut s = MultipartSplitter::new(boundary)?;
@@ -244,7 +422,11 @@ mod tests {
             s.feed(chunk, &mut on)?;
         }
         s.finish(&mut on)?;
-        Ok(parts)
+        Ok(out)
+    }
+
+    fn split(boundary: &str, body: &[u8], step: usize) -> Result<Vec<Part>, MultipartError> {
+        split_all(boundary, body, step).map(|s| s.parts)
     }
 
     const FORM: &[u8] = b"preamble\r\n--XyZ\r\n\
@@ -267,6 +449,24 @@ bin\r\n--XyY\r\ndata\r\n--XyZ--\r\nepilogue";
             );
             assert_eq!(parts[1].1, b"bin\r\n--XyY\r\ndata", "step {step}");
         }
+    }
+
+    #[test]
+    fn preamble_and_epilogue_come_out_without_the_delimiter_lines() {
+        for step in [1, 2, 3, 7, 4096] {
+            let s = split_all("XyZ", FORM, step).unwrap();
+            assert_eq!(s.preamble, b"preamble", "step {step}");
+            assert_eq!(s.epilogue, b"epilogue", "step {step}");
+        }
+        let s = split_all("b", b"\r\n\r\n--b\r\n\r\nx\r\n--b-- \t\r\n\r\n", 1).unwrap();
+        assert_eq!(
+            (s.preamble, s.epilogue),
+            (b"\r\n".to_vec(), b"\r\n".to_vec())
+        );
+        let s = split_all("b", b"--b\r\n\r\nx\r\n--b--", 2).unwrap();
+        assert_eq!((s.preamble, s.epilogue), (vec![], vec![]));
+        let s = split_all("b", b"--b\r\n\r\nx\r\n--b--  ", 3).unwrap();
+        assert_eq!(s.parts.len(), 1);
     }
 
     #[test]
@@ -317,6 +517,17 @@ bin\r\n--XyY\r\ndata\r\n--XyZ--\r\nepilogue";
             split("b", b"--bX\r\n\r\na\r\n--b--", 4),
             Err(MultipartError::BadDelimiter)
         );
+        // Go's reader takes `--b--x` for part data, others for the end.
+        for step in [1, 4, 100] {
+            assert_eq!(
+                split("b", b"--b\r\n\r\na\r\n--b--x\r\n", step),
+                Err(MultipartError::BadDelimiter)
+            );
+        }
+        assert_eq!(
+            split("b", b"--b\r\n\r\na\r\n--b--x", 100),
+            Err(MultipartError::BadDelimiter)
+        );
         let mut long = b"--b\r\n".to_vec();
         long.extend(std::iter::repeat_n(b'h', MAX_PART_HEADERS + 10));
         assert_eq!(split("b", &long, 512), Err(MultipartError::HeadersTooLong));
@@ -332,18 +543,100 @@ bin\r\n--XyY\r\ndata\r\n--XyZ--\r\nepilogue";
 
     #[test]
     fn boundary_parameter_is_found() {
+        let found = |b: &str| Boundary::Found(b.to_owned());
         assert_eq!(
-            boundary_of("multipart/form-data; boundary=----WebKit123"),
-            Some(Ok("----WebKit123".to_string()))
+            boundary_of(b"multipart/form-data; boundary=----WebKit123"),
+            found("----WebKit123")
         );
         assert_eq!(
-            boundary_of("Multipart/Mixed; charset=utf-8; BOUNDARY=\"a b\""),
-            Some(Ok("a b".to_string()))
+            boundary_of(b"Multipart/Mixed; charset=utf-8; BOUNDARY=\"a b\""),
+            found("a b")
         );
         assert_eq!(
-            boundary_of("multipart/form-data"),
-            Some(Err(MultipartError::BadBoundary))
+            boundary_of(b"multipart/form-data;boundary=\"a=b?c\""),
+            found("a=b?c")
         );
-        assert_eq!(boundary_of("application/json"), None);
+        assert_eq!(boundary_of(b"multipart/form-data"), Boundary::Missing);
+        assert_eq!(boundary_of(b"application/json"), Boundary::NotMultipart);
+        assert_eq!(
+            boundary_of(b"text/plain; boundary=x"),
+            Boundary::NotMultipart
+        );
+    }
+
+    #[test]
+    fn boundaries_readers_disagree_on_are_ambiguous() {
+        for ct in [
+            // A quoted-string aware reader sees B, a `;` splitter or a raw search sees A.
+            &b"multipart/form-data; x=\"; boundary=A;\"; boundary=B"[..],
+            b"multipart/form-data; boundary=A; boundary=B",
+            b"multipart/form-data; boundary=A; Boundary=A",
+            b"multipart/form-data; x=\"boundary=A\"",
+            b"multipart/form-data; myboundary=A; boundary=B",
+            b"multipart/form-data; boundary*=utf-8''A",
+            b"multipart/form-data; boundary*0=A; boundary=B",
+            b"multipart/form-data; boundary=\"A\\\"B\"",
+            b"multipart/form-data; boundary=\"A\\B\"",
+            b"multipart/form-data; boundary=\"ends in space \"",
+            b"multipart/form-data; boundary=\"a@b\"",
+            b"multipart/form-data boundary=A",
+            b"multipart/form-data; boundary=\"A",
+            b"multipart/form-data, text/plain; boundary=A",
+        ] {
+            assert!(
+                matches!(boundary_of(ct), Boundary::Ambiguous(_)),
+                "{}",
+                String::from_utf8_lossy(ct)
+            );
+        }
+        let long = format!("multipart/mixed; boundary={}", "a".repeat(71));
+        assert!(matches!(
+            boundary_of(long.as_bytes()),
+            Boundary::Ambiguous(_)
+        ));
+    }
+
+    #[test]
+    fn part_headers_are_read_with_folding() {
+        let h = parse_part_headers(
+            b"Content-Disposition: form-data; name=\"f\"\r\ncontent-type: multipart/mixed;\r\n\tboundary=x\r\nContent-Transfer-Encoding:  Base64 ",
+        )
+        .unwrap();
+        assert_eq!(
+            h.content_type.as_deref(),
+            Some(&b"multipart/mixed; boundary=x"[..])
+        );
+        assert_eq!(h.transfer_encoding.as_deref(), Some(&b"Base64"[..]));
+        assert_eq!(parse_part_headers(b""), Ok(PartHeaders::default()));
+    }
+
+    #[test]
+    fn part_headers_readers_disagree_on_are_errors() {
+        for (block, err) in [
+            (
+                &b"Content-Type: a/b\r\nContent-Type: c/d"[..],
+                MultipartError::DuplicatePartHeader("Content-Type"),
+            ),
+            (
+                b"Content-Transfer-Encoding: base64\r\ncontent-transfer-encoding: 7bit",
+                MultipartError::DuplicatePartHeader("Content-Transfer-Encoding"),
+            ),
+            (
+                b"Content-Type: a/b\nContent-Transfer-Encoding: base64",
+                MultipartError::BadPartHeader,
+            ),
+            (b"Content-Type : a/b", MultipartError::BadPartHeader),
+            (b"no colon", MultipartError::BadPartHeader),
+            (b" folded first", MultipartError::BadPartHeader),
+            (b"X: a\rb", MultipartError::BadPartHeader),
+            (b": empty name", MultipartError::BadPartHeader),
+        ] {
+            assert_eq!(
+                parse_part_headers(block),
+                Err(err),
+                "{}",
+                String::from_utf8_lossy(block)
+            );
+        }
     }
 }
