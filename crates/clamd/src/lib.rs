@@ -17,10 +17,13 @@ use std::time::Duration;
 
 use session::{Command, Output, Session};
 
-/// What INSTREAM sends: bytes in memory or a file read from its start.
+/// What INSTREAM sends: bytes in memory, a file read from its start, or a reader read to its
+/// end (from where it is). A failed read ends the scan with [`ClamdError::Input`] at once: a
+/// partial stream is never finished, so clamd never judges part of the content.
 pub enum ScanInput<'a> {
     Bytes(&'a [u8]),
     File(&'a mut tokio::fs::File),
+    Reader(&'a mut (dyn tokio::io::AsyncRead + Send + Unpin)),
 }
 
 #[derive(Debug, Clone)]
@@ -93,8 +96,12 @@ impl ClamdClient {
 
     /// Runs one command on a pooled session. A failure on a reused session before any reply
     /// arrived is most likely clamd having closed it while idle: retry once on a new one.
+    /// A reader cannot be sent again from its start, so it goes to a new session at once: a
+    /// retry would send only what the failed attempt had not read.
     async fn run(&self, command: &mut Command<'_, '_>) -> Result<Output, ClamdError> {
-        if let Some(mut session) = self.take_idle() {
+        let replayable = !matches!(command, Command::Scan(ScanInput::Reader(_)));
+        let idle = if replayable { self.take_idle() } else { None };
+        if let Some(mut session) = idle {
             match session.run(command, self.config.chunk_size).await {
                 Ok(output) => {
                     self.put_idle(session);

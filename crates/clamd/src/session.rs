@@ -105,11 +105,15 @@ impl Session {
         self.broken = true;
         self.last_id += 1;
         let sent = self.send_instream(input, chunk_size).await;
+        // The stream stopped short of its end: clamd waits for the rest and has nothing to
+        // say. The session is left broken and is dropped.
+        if let Err(e @ ClamdError::Input(_)) = sent {
+            return Err(e);
+        }
         // clamd answers "INSTREAM size limit exceeded" and closes while we are still
         // writing: a failed write may still have a reply waiting.
         let reply = match (sent, self.read_reply().await) {
             (_, Ok(reply)) => reply,
-            (Err(e @ ClamdError::Input(_)), _) => return Err(e),
             (Err(e), Err(_)) | (Ok(()), Err(e)) => return Err(self.mark_stale(e)),
         };
         let reply = proto::parse_scan_reply(proto::strip_session_id(&reply, self.last_id)?)?;
@@ -140,22 +144,32 @@ impl Session {
             ScanInput::File(file) => {
                 use tokio::io::AsyncSeekExt;
                 file.rewind().await.map_err(ClamdError::Input)?;
-                self.buf.resize(4 + chunk_size, 0);
-                loop {
-                    let n = file
-                        .read(&mut self.buf[4..])
-                        .await
-                        .map_err(ClamdError::Input)?;
-                    if n == 0 {
-                        break;
-                    }
-                    self.buf[..4].copy_from_slice(&proto::chunk_header(n as u32));
-                    timed(io_timeout, self.stream.write_all(&self.buf[..4 + n])).await?;
-                }
+                self.send_chunks(&mut **file, chunk_size).await?;
             }
+            ScanInput::Reader(reader) => self.send_chunks(&mut **reader, chunk_size).await?,
         }
         timed(io_timeout, self.stream.write_all(&proto::INSTREAM_END)).await?;
         Ok(())
+    }
+
+    /// Sends what `reader` yields until its end, one INSTREAM chunk per read.
+    async fn send_chunks(
+        &mut self,
+        reader: &mut (dyn AsyncRead + Send + Unpin),
+        chunk_size: usize,
+    ) -> Result<(), ClamdError> {
+        self.buf.resize(4 + chunk_size, 0);
+        loop {
+            let n = reader
+                .read(&mut self.buf[4..])
+                .await
+                .map_err(ClamdError::Input)?;
+            if n == 0 {
+                return Ok(());
+            }
+            self.buf[..4].copy_from_slice(&proto::chunk_header(n as u32));
+            timed(self.io_timeout, self.stream.write_all(&self.buf[..4 + n])).await?;
+        }
     }
 
     async fn command(&mut self, command: &[u8]) -> Result<Vec<u8>, ClamdError> {

@@ -55,6 +55,45 @@ async fn hash_signature_matches_the_whole_file_from_disk() {
     );
 }
 
+/// Yields an error on every read, like a body store that went away mid-stream.
+struct FailingRead;
+
+impl tokio::io::AsyncRead for FailingRead {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        _: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Err(std::io::Error::other("the store went away")))
+    }
+}
+
+#[tokio::test]
+async fn a_reader_is_scanned_to_its_end_and_a_failed_read_ends_the_scan_at_once() {
+    use tokio::io::AsyncReadExt;
+    let clamd = Clamd::start();
+    let client = client(&clamd);
+    let mut body = clean_bytes(600_000, 4);
+    body.extend_from_slice(EICAR);
+    let mut reader = &body[..];
+    assert_eq!(
+        client.scan(ScanInput::Reader(&mut reader)).await.unwrap(),
+        ScanReply::Infected(EICAR_BODY_SIGNATURE.into())
+    );
+    // EICAR was sent, but the stream never ended: no verdict, and no wait for one.
+    let started = std::time::Instant::now();
+    let mut broken = (&body[..]).chain(FailingRead);
+    assert!(matches!(
+        client.scan(ScanInput::Reader(&mut broken)).await,
+        Err(virus_scanner_clamd::ClamdError::Input(_))
+    ));
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!(
+        client.scan(ScanInput::Bytes(b"x")).await.unwrap(),
+        ScanReply::Clean
+    );
+}
+
 #[tokio::test]
 async fn version_reports_engine_and_database() {
     let clamd = Clamd::start_with(ClamdOptions {
