@@ -1,11 +1,13 @@
 //! One worker: claim, scan, answer, repeat.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 use virus_scanner_clamd::{ClamdError, ScanInput, ScanReply};
 use virus_scanner_protocol::task::{Content, ScanTask, Verdict, VerdictStatus};
 use virus_scanner_queue::{Consumer, Delivery, now_ns};
@@ -141,6 +143,11 @@ async fn complete(
 enum Input<'a> {
     Bytes(&'a [u8]),
     File(tokio::fs::File),
+    /// Chunks in Redis, read anew by each attempt and hashed on their way to clamd; the
+    /// SHA-256 of the last attempt that read them to the end.
+    Stored {
+        sha256: Option<Vec<u8>>,
+    },
 }
 
 /// Scans the task; returns the verdict and, when it may be cached, the cache key
@@ -165,8 +172,11 @@ async fn scan(
             let size = file.metadata().map(|m| m.len()).unwrap_or(0);
             (Input::File(tokio::fs::File::from_std(file)), size)
         }
+        // The size the chunks must add up to; the reader refuses any other.
+        Some(Content::RedisChunks(_)) => (Input::Stored { sha256: None }, task.size),
         None => return (Verdict::error(&task.id, "task has no content"), None),
     };
+    let stored = matches!(input, Input::Stored { .. });
     let engine = shared.engine();
     let unscannable = |detail: String| Verdict {
         status: VerdictStatus::Unscannable as i32,
@@ -186,9 +196,9 @@ async fn scan(
     }
 
     let sha = match &mut input {
-        Input::Bytes(b) => Sha256::digest(b).to_vec(),
+        Input::Bytes(b) => Some(Sha256::digest(b).to_vec()),
         Input::File(f) => match hash_file(f).await {
-            Ok(sha) => sha,
+            Ok(sha) => Some(sha),
             Err(e) => {
                 shared.metrics.error("path");
                 return (
@@ -197,16 +207,23 @@ async fn scan(
                 );
             }
         },
+        // Hashed as it streams to clamd: reading it from Redis twice would double the
+        // traffic. So it is not looked up in the cache before the scan.
+        Input::Stored { .. } => None,
     };
     let db_version = engine.as_ref().and_then(|e| e.database.clone());
     // A task whose producer found nothing in the cache as it queued it is not looked up again.
-    if let (true, false, Some(db)) = (shared.config.cache_enabled, task.cache_checked, &db_version)
-    {
-        match consumer.cached_verdict(db, &sha).await {
+    if let (true, false, Some(db), Some(sha)) = (
+        shared.config.cache_enabled,
+        task.cache_checked,
+        &db_version,
+        &sha,
+    ) {
+        match consumer.cached_verdict(db, sha).await {
             Ok(Some(mut hit)) => {
                 shared.metrics.cache_hits.inc();
                 hit.cached = true;
-                return (hit, Some((db.clone(), sha)));
+                return (hit, Some((db.clone(), sha.clone())));
             }
             Ok(None) => {}
             Err(e) => tracing::debug!(error = %e, "verdict cache lookup failed"),
@@ -214,8 +231,12 @@ async fn scan(
     }
 
     let started = Instant::now();
-    let reply = scan_with_heartbeat(shared, consumer, d, &mut input).await;
+    let reply = scan_with_heartbeat(shared, consumer, d, task, &mut input).await;
     let elapsed = started.elapsed();
+    let sha = match input {
+        Input::Stored { sha256 } => sha256,
+        _ => sha,
+    };
     let mut verdict = Verdict {
         engine_version: engine
             .as_ref()
@@ -241,10 +262,32 @@ async fn scan(
             verdict.set_status(VerdictStatus::Error);
             verdict.detail = format!("clamd: {msg}");
         }
+        Err(ClamdError::Input(e)) if stored => {
+            shared.metrics.error("redis");
+            verdict.set_status(VerdictStatus::Error);
+            verdict.detail = format!("cannot read the body stored in Redis: {e}");
+        }
         Err(e) => {
             shared.metrics.error("clamd");
             verdict.set_status(VerdictStatus::Error);
             verdict.detail = format!("scanner unavailable: {e}");
+        }
+    }
+    // Only the bytes its producer hashed may pass: anything else in the body's key (written
+    // by someone else) was not what the gateway holds. An infection stays one, whatever it
+    // was found in.
+    if stored && verdict.status() == VerdictStatus::Clean {
+        let mismatch = match &sha {
+            None => Some("the body stored in Redis was not read to its end"),
+            Some(sha) if task.sha256.len() == 32 && task.sha256 != *sha => {
+                Some("the body stored in Redis is not the one its producer hashed")
+            }
+            Some(_) => None,
+        };
+        if let Some(why) = mismatch {
+            shared.metrics.error("redis");
+            verdict.set_status(VerdictStatus::Error);
+            verdict.detail = why.into();
         }
     }
     if matches!(
@@ -255,7 +298,7 @@ async fn scan(
         shared.metrics.scanned_bytes.inc_by(size);
         shared.metrics.scan_seconds.observe(elapsed.as_secs_f64());
     }
-    (verdict, db_version.map(|db| (db, sha)))
+    (verdict, db_version.zip(sha))
 }
 
 async fn hash_file(file: &mut tokio::fs::File) -> std::io::Result<Vec<u8>> {
@@ -276,6 +319,7 @@ async fn scan_with_heartbeat(
     shared: &Shared,
     consumer: &Consumer,
     d: &Delivery,
+    task: &ScanTask,
     input: &mut Input<'_>,
 ) -> Result<ScanReply, ClamdError> {
     let heartbeat = async {
@@ -290,18 +334,20 @@ async fn scan_with_heartbeat(
     let attempts = async {
         let mut attempt = 1;
         loop {
-            let scan_input = match input {
-                Input::Bytes(b) => ScanInput::Bytes(b),
-                Input::File(f) => ScanInput::File(f),
-            };
-            let result = match tokio::time::timeout(
-                shared.config.scan_timeout,
-                shared.clamd.scan(scan_input),
-            )
-            .await
-            {
-                Ok(r) => r,
-                Err(_) => Err(ClamdError::Timeout(shared.config.scan_timeout)),
+            let result = match input {
+                Input::Bytes(b) => scan_once(shared, ScanInput::Bytes(b)).await,
+                Input::File(f) => scan_once(shared, ScanInput::File(f)).await,
+                Input::Stored { sha256 } => match consumer.stored_body(task) {
+                    Some(body) => {
+                        let mut body = Hashing::new(body);
+                        let result = scan_once(shared, ScanInput::Reader(&mut body)).await;
+                        *sha256 = body.finish();
+                        result
+                    }
+                    None => Err(ClamdError::Input(std::io::Error::other(
+                        "task has no body in Redis",
+                    ))),
+                },
             };
             match result {
                 Err(e) if attempt < CLAMD_ATTEMPTS && !matches!(e, ClamdError::Input(_)) => {
@@ -319,6 +365,54 @@ async fn scan_with_heartbeat(
     tokio::select! {
         r = attempts => r,
         _ = heartbeat => unreachable!("the heartbeat loop never ends"),
+    }
+}
+
+async fn scan_once(shared: &Shared, input: ScanInput<'_>) -> Result<ScanReply, ClamdError> {
+    match tokio::time::timeout(shared.config.scan_timeout, shared.clamd.scan(input)).await {
+        Ok(r) => r,
+        Err(_) => Err(ClamdError::Timeout(shared.config.scan_timeout)),
+    }
+}
+
+/// Hashes what is read through it.
+struct Hashing<R> {
+    inner: R,
+    hasher: Sha256,
+    at_end: bool,
+}
+
+impl<R: AsyncRead + Unpin> Hashing<R> {
+    fn new(inner: R) -> Hashing<R> {
+        Hashing {
+            inner,
+            hasher: Sha256::new(),
+            at_end: false,
+        }
+    }
+
+    /// The SHA-256 of everything read, if it was read to the end.
+    fn finish(self) -> Option<Vec<u8>> {
+        self.at_end.then(|| self.hasher.finalize().to_vec())
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Hashing<R> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let room = buf.remaining();
+        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        let read = &buf.filled()[before..];
+        if read.is_empty() && room > 0 {
+            this.at_end = true;
+        }
+        this.hasher.update(read);
+        Poll::Ready(Ok(()))
     }
 }
 

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use virus_scanner_protocol::task::{Content, Priority, ScanTask, Verdict, VerdictStatus};
+use virus_scanner_protocol::task::{Content, Labels, Priority, ScanTask, Verdict, VerdictStatus};
 use virus_scanner_queue::{Producer, QueueConfig, RedisConfig, now_ns};
 use virus_scanner_test_support::{
     Clamd, ClamdOptions, EICAR, EICAR_BODY_SIGNATURE, HASH_SAMPLE_SIGNATURE, Redis, RedisOptions,
@@ -493,6 +493,85 @@ async fn same_bytes_reach_clamd_once_and_a_new_database_misses_the_cache() {
         metric(metrics, "virus_scanner_consumer_scanned_bytes_total"),
         600_000.0
     );
+}
+
+/// Stores `bytes` in Redis as a producer without a shared spool does, and waits for the
+/// verdict of a task that says its producer hashed them to `sha256`.
+async fn scan_stored(p: &Producer, id: &str, bytes: &[u8], sha256: Vec<u8>) -> Verdict {
+    let spool = tempfile::tempdir().unwrap();
+    let path = spool.path().join(id);
+    std::fs::write(&path, bytes).unwrap();
+    let deadline = deadline(30);
+    let stored = p
+        .store_body("tenant-a", id, &path, bytes.len() as u64, deadline)
+        .await
+        .unwrap();
+    let task = ScanTask {
+        id: id.into(),
+        content: Some(stored.content()),
+        size: bytes.len() as u64,
+        sha256,
+        labels: Some(Labels {
+            tenant: "tenant-a".into(),
+            ..Labels::default()
+        }),
+        enqueued_at_ns: now_ns(),
+        ..ScanTask::default()
+    };
+    p.scan(&task, deadline).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_in_redis_are_scanned_whole_cached_under_their_own_hash_and_removed() {
+    use sha2::Digest;
+    let stack = Stack::start();
+    let (h, metrics) = stack.handler(&[]);
+    let p = stack.producer().await;
+    let sha = |b: &[u8]| sha2::Sha256::digest(b).to_vec();
+
+    // EICAR at the very end of three chunks.
+    let mut infected = clean_bytes(5 << 20, 31);
+    infected.extend_from_slice(EICAR);
+    let v = scan_stored(&p, "stored-bad", &infected, sha(&infected)).await;
+    assert_eq!(v.status(), VerdictStatus::Infected, "{}", h.log_tail());
+    assert_eq!(v.signature, EICAR_BODY_SIGNATURE);
+
+    let clean = clean_bytes(5 << 20, 32);
+    let v = scan_stored(&p, "stored-ok", &clean, sha(&clean)).await;
+    assert_eq!(v.status(), VerdictStatus::Clean, "{}", h.log_tail());
+    assert_eq!(v.bytes_scanned, clean.len() as u64);
+    let cached = p.cached_verdict(&sha(&clean)).await.unwrap().unwrap();
+    assert_eq!(cached.status(), VerdictStatus::Clean);
+
+    // Bytes that are not the ones the task's producer hashed never pass, and nothing is
+    // cached for either hash.
+    let other = clean_bytes(3 << 20, 33);
+    let claimed = sha(&clean_bytes(3 << 20, 34));
+    let v = scan_stored(&p, "stored-swapped", &other, claimed.clone()).await;
+    assert_eq!(v.status(), VerdictStatus::Error);
+    assert!(
+        v.detail.contains("not the one its producer hashed"),
+        "{}",
+        v.detail
+    );
+    assert!(p.cached_verdict(&claimed).await.unwrap().is_none());
+    assert!(p.cached_verdict(&sha(&other)).await.unwrap().is_none());
+
+    assert_eq!(
+        metric(metrics, "virus_scanner_consumer_scanned_bytes_total"),
+        (infected.len() + clean.len()) as f64
+    );
+    let mut conn = redis::Client::open(stack.redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let left: Vec<String> = redis::cmd("KEYS")
+        .arg("{virus-scanner}:body:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "the verdicts left {left:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

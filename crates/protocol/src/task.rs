@@ -4,7 +4,8 @@ use prost::Message;
 pub use prost::bytes::Bytes;
 
 pub use crate::v1::{
-    Direction, Labels, Priority, ReplyFormat, ScanTask, Verdict, VerdictStatus, scan_task::Content,
+    Direction, Labels, Priority, RedisChunks, ReplyFormat, ScanTask, Verdict, VerdictStatus,
+    scan_task::Content,
 };
 
 /// Stream entry field that carries an encoded v1 [`ScanTask`].
@@ -12,6 +13,9 @@ pub const TASK_FIELD: &str = "v1";
 
 /// Largest identifier accepted from the wire; ids end up in Redis key names and logs.
 pub const MAX_TASK_ID_LEN: usize = 128;
+
+/// Longest tenant label that may name a Redis key (the key of a body stored in chunks).
+pub const MAX_TENANT_KEY_LEN: usize = 128;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TaskDecodeError {
@@ -21,10 +25,15 @@ pub enum TaskDecodeError {
     BadId,
     #[error("task id contains characters outside [A-Za-z0-9._:-]")]
     IdCharacters,
-    #[error("task has neither a body nor a path")]
+    #[error("task has no content (body, path or chunks in Redis)")]
     NoContent,
     #[error("task sha256 has {0} bytes, expected 0 or 32")]
     BadSha256(usize),
+    #[error(
+        "tenant label of a task stored in Redis is longer than {MAX_TENANT_KEY_LEN} bytes or \
+         contains characters outside [A-Za-z0-9._-]"
+    )]
+    TenantCharacters,
 }
 
 /// Task ids appear in Redis key names, file names and log lines: keep them boring.
@@ -37,6 +46,20 @@ pub fn validate_task_id(id: &str) -> Result<(), TaskDecodeError> {
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
     {
         return Err(TaskDecodeError::IdCharacters);
+    }
+    Ok(())
+}
+
+/// A tenant label that becomes part of a Redis key name, where a per-tenant ACL can match
+/// it: no `:` (the key's separator), nothing a glob or a log line could misread. May be
+/// empty.
+pub fn validate_tenant_key(tenant: &str) -> Result<(), TaskDecodeError> {
+    if tenant.len() > MAX_TENANT_KEY_LEN
+        || !tenant
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(TaskDecodeError::TenantCharacters);
     }
     Ok(())
 }
@@ -62,6 +85,9 @@ pub fn decode_task(bytes: &[u8]) -> Result<ScanTask, TaskDecodeError> {
     }
     if !(task.sha256.is_empty() || task.sha256.len() == 32) {
         return Err(TaskDecodeError::BadSha256(task.sha256.len()));
+    }
+    if let Some(Content::RedisChunks(_)) = task.content {
+        validate_tenant_key(task.labels.as_ref().map_or("", |l| l.tenant.as_str()))?;
     }
     Ok(task)
 }
@@ -170,6 +196,35 @@ mod tests {
             decode_task(&encode_task(&t)),
             Err(TaskDecodeError::BadSha256(5))
         );
+    }
+
+    #[test]
+    fn a_task_stored_in_redis_needs_a_tenant_that_can_name_a_key() {
+        let mut t = task();
+        t.content = Some(Content::RedisChunks(RedisChunks { count: 3 }));
+        t.size = 5;
+        assert_eq!(decode_task(&encode_task(&t)), Ok(t.clone()));
+        for tenant in ["tenant-a", "team_1.prod", ""] {
+            t.labels = Some(Labels {
+                tenant: tenant.into(),
+                ..Labels::default()
+            });
+            assert_eq!(decode_task(&encode_task(&t)), Ok(t.clone()), "{tenant:?}");
+        }
+        for tenant in ["a:b", "a*", "a b", "x\n", &"x".repeat(129)] {
+            t.labels = Some(Labels {
+                tenant: tenant.into(),
+                ..Labels::default()
+            });
+            assert_eq!(
+                decode_task(&encode_task(&t)),
+                Err(TaskDecodeError::TenantCharacters),
+                "{tenant:?}"
+            );
+        }
+        // Other tasks never name a key by their tenant: any label goes.
+        t.content = Some(Content::Body(Bytes::from_static(b"x")));
+        assert!(decode_task(&encode_task(&t)).is_ok());
     }
 
     #[test]

@@ -1,21 +1,27 @@
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
 use redis::streams::{StreamClaimReply, StreamId, StreamPendingCountReply, StreamReadReply};
 use virus_scanner_protocol::legacy;
 use virus_scanner_protocol::task::{
-    Priority, ReplyFormat, ScanTask, TASK_FIELD, Verdict, decode_task, decode_verdict,
+    Content, Priority, ReplyFormat, ScanTask, TASK_FIELD, Verdict, decode_task, decode_verdict,
     encode_verdict,
 };
 
-use crate::{Keys, QueueConfig, QueueError};
+use crate::{Keys, QueueConfig, QueueError, StoredBodyReader};
 
 /// Writes the verdict only if the caller still owns the entry, then acknowledges and deletes
-/// it, in one step. KEYS: stream, verdict list, cache key. ARGV: group, consumer, entry id,
-/// verdict, verdict TTL, push verdict (1/0), cache the verdict (1/0), cache TTL.
+/// it, in one step, with the body the task stored in Redis. KEYS: stream, verdict list, cache
+/// key, stored body. ARGV: group, consumer, entry id, verdict, verdict TTL, push verdict
+/// (1/0), cache the verdict (1/0), cache TTL, remove the stored body (1/0). A consumer that no
+/// longer owns the entry leaves the body to the one that does.
 const COMPLETE_SCRIPT: &str = r"
 local owned = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2])
 if #owned == 0 then return 0 end
+if ARGV[9] == '1' then
+  redis.call('UNLINK', KEYS[4])
+end
 if ARGV[6] == '1' then
   redis.call('RPUSH', KEYS[2], ARGV[4])
   redis.call('EXPIRE', KEYS[2], ARGV[5])
@@ -82,6 +88,7 @@ pub struct Consumer {
     complete_script: redis::Script,
     claim_new_script: redis::Script,
     forget_script: redis::Script,
+    read_chunk_script: Arc<redis::Script>,
     last_reclaim: Option<Instant>,
     group_ready: bool,
 }
@@ -100,6 +107,7 @@ impl Consumer {
             complete_script: redis::Script::new(COMPLETE_SCRIPT),
             claim_new_script: redis::Script::new(CLAIM_NEW_SCRIPT),
             forget_script: redis::Script::new(FORGET_SCRIPT),
+            read_chunk_script: Arc::new(StoredBodyReader::read_chunk_script()),
             last_reclaim: None,
             group_ready: false,
         })
@@ -368,11 +376,13 @@ impl Consumer {
         };
         let mut cached_form = verdict.clone();
         cached_form.task_id.clear();
+        let body_key = task.and_then(|t| self.stored_body_key(t));
         let owned: i64 = self
             .complete_script
             .key(self.keys.stream(d.priority))
             .key(&verdict_key)
             .key(&cache_key)
+            .key(body_key.as_ref().unwrap_or(&verdict_key))
             .arg(&self.config.group)
             .arg(&self.name)
             .arg(&d.entry_id)
@@ -381,6 +391,7 @@ impl Consumer {
             .arg(if task.is_some() && !legacy { "1" } else { "0" })
             .arg(if cache.is_some() { "1" } else { "0" })
             .arg(self.config.cache_ttl.as_secs().max(1))
+            .arg(if body_key.is_some() { "1" } else { "0" })
             .invoke_async(&mut self.conn.clone())
             .await?;
         if let (1, true, Some(task)) = (owned, legacy, task) {
@@ -393,6 +404,30 @@ impl Consumer {
             .await?;
         }
         Ok(owned == 1)
+    }
+
+    /// The body of a task whose content is stored in Redis, as a byte stream from its start
+    /// (each call starts again); `None` for other tasks.
+    pub fn stored_body(&self, task: &ScanTask) -> Option<StoredBodyReader> {
+        let Some(Content::RedisChunks(chunks)) = &task.content else {
+            return None;
+        };
+        Some(StoredBodyReader::new(
+            self.conn.clone(),
+            self.read_chunk_script.clone(),
+            self.stored_body_key(task)?,
+            chunks.count,
+            task.size,
+        ))
+    }
+
+    /// Derived from the task's tenant and id, which `decode_task` checked.
+    fn stored_body_key(&self, task: &ScanTask) -> Option<String> {
+        let Some(Content::RedisChunks(_)) = task.content else {
+            return None;
+        };
+        let tenant = task.labels.as_ref().map_or("", |l| l.tenant.as_str());
+        Some(self.keys.body(tenant, &task.id))
     }
 
     /// Acknowledges and deletes an entry that cannot be answered (it does not decode).

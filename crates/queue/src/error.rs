@@ -8,6 +8,8 @@ pub enum QueueError {
     DeadlineExceeded,
     #[error("malformed verdict from the queue: {0}")]
     BadVerdict(String),
+    #[error("cannot read the spilled body to store it in Redis: {0}")]
+    Body(std::io::Error),
 }
 
 impl QueueError {
@@ -23,6 +25,7 @@ impl QueueError {
             QueueError::Config(_) => "config",
             QueueError::DeadlineExceeded => "deadline",
             QueueError::BadVerdict(_) => "protocol",
+            QueueError::Body(_) => "spill",
         }
     }
 }

@@ -37,6 +37,14 @@ impl Keys {
     pub fn cache(&self, db_version: &str, sha256: &[u8]) -> String {
         format!("{}:cache:{db_version}:{}", self.tag, hex::encode(sha256))
     }
+
+    /// The hash that holds the chunks of a body sent through Redis. Derived from the task,
+    /// never named by it: a task cannot make a consumer read or delete another key. The
+    /// tenant (checked by `validate_tenant_key`) comes first, so that a per-tenant ACL can
+    /// grant `{prefix}:body:<tenant>:*` alone.
+    pub fn body(&self, tenant: &str, task_id: &str) -> String {
+        format!("{}:body:{tenant}:{task_id}", self.tag)
+    }
 }
 
 #[cfg(test)]
@@ -53,9 +61,11 @@ mod tests {
             k.canary.clone(),
             k.verdict("t1"),
             k.cache("27000", &[0xab; 32]),
+            k.body("tenant-a", "t1"),
         ] {
             assert!(key.starts_with("{vs}:"), "{key}");
         }
         assert_eq!(k.cache("1", &[0xab, 0x01]), "{vs}:cache:1:ab01");
+        assert_eq!(k.body("tenant-a", "t1"), "{vs}:body:tenant-a:t1");
     }
 }

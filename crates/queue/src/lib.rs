@@ -14,6 +14,9 @@
 //!   they computed themselves over the bytes they scanned. The producer looks it up and, on a
 //!   miss, enqueues in one script, with the `BLPOP` pipelined behind it: one round trip per
 //!   body. A short-lived in-process memo of recent verdicts, per database version, comes first.
+//! * A producer whose scan directory the consumers cannot open sends a spilled body through
+//!   Redis in chunks, in the hash `{p}:body:<tenant>:<id>` ([`StoredBody`]); the consumer
+//!   streams it to clamd chunk by chunk ([`StoredBodyReader`]) and removes it with the verdict.
 //!
 //! Every key shares the hash tag `{p}`, so multi-key scripts also run on Redis Cluster.
 #![forbid(unsafe_code)]
@@ -29,6 +32,7 @@ mod keys;
 mod legacy;
 mod memo;
 mod producer;
+mod stored_body;
 
 pub use args::RedisArgs;
 pub use config::{QueueConfig, RedisConfig};
@@ -37,6 +41,7 @@ pub use error::QueueError;
 pub use keys::Keys;
 pub use legacy::LegacyBridge;
 pub use producer::Producer;
+pub use stored_body::{CHUNK_BYTES, MAX_CHUNK_BYTES, StoredBody, StoredBodyReader};
 
 /// Nanoseconds since the Unix epoch.
 pub fn now_ns() -> u64 {

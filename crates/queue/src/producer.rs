@@ -8,7 +8,7 @@ use virus_scanner_protocol::task::{
 };
 
 use crate::memo::VerdictMemo;
-use crate::{Keys, QueueConfig, QueueError};
+use crate::{Keys, QueueConfig, QueueError, StoredBody};
 
 /// How long a looked-up signature-database version is trusted before asking Redis again.
 const DB_VERSION_REFRESH: Duration = Duration::from_secs(5);
@@ -152,6 +152,22 @@ impl Producer {
             .query_async(&mut self.conn.clone())
             .await?;
         Ok(())
+    }
+
+    /// Stores the `size` bytes of the spilled file at `path` in Redis, in chunks, for a task
+    /// of `tenant` with id `task_id` whose consumers cannot open the file. The returned body
+    /// names itself in the task ([`StoredBody::content`]) and is removed from Redis when it is
+    /// dropped; its TTL removes it after the deadline otherwise.
+    pub async fn store_body(
+        &self,
+        tenant: &str,
+        task_id: &str,
+        path: &std::path::Path,
+        size: u64,
+        deadline: Instant,
+    ) -> Result<StoredBody, QueueError> {
+        let key = self.keys.body(tenant, task_id);
+        crate::stored_body::store(&self.conn, key, path, size, deadline).await
     }
 
     pub async fn enqueue(&self, task: &ScanTask) -> Result<(), QueueError> {

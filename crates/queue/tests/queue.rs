@@ -4,11 +4,15 @@
 
 use std::time::{Duration, Instant};
 
+use tokio::io::AsyncReadExt;
 use virus_scanner_protocol::task::{
-    Content, Priority, ReplyFormat, ScanTask, Verdict, VerdictStatus,
+    Content, Labels, Priority, RedisChunks, ReplyFormat, ScanTask, Verdict, VerdictStatus,
 };
-use virus_scanner_queue::{Consumer, LegacyBridge, Producer, QueueConfig, QueueError, RedisConfig};
-use virus_scanner_test_support::{Redis, RedisOptions};
+use virus_scanner_queue::{
+    CHUNK_BYTES, Consumer, LegacyBridge, MAX_CHUNK_BYTES, Producer, QueueConfig, QueueError,
+    RedisConfig,
+};
+use virus_scanner_test_support::{Redis, RedisOptions, clean_bytes};
 
 fn config(redis: &Redis) -> QueueConfig {
     let mut c = QueueConfig::new(RedisConfig::from_host_port(
@@ -442,4 +446,212 @@ async fn tls_redis_with_a_private_ca_works_and_an_unknown_ca_is_refused() {
         Ok(p) => p.ping().await.is_err(),
     };
     assert!(refused, "an untrusted certificate was accepted");
+}
+
+/// A producer's spilled body: a file removed on drop.
+struct SpilledFile(std::path::PathBuf);
+
+impl SpilledFile {
+    fn new(name: &str, bytes: &[u8]) -> SpilledFile {
+        let path =
+            std::env::temp_dir().join(format!("vs-queue-test-{}-{name}", std::process::id()));
+        std::fs::write(&path, bytes).unwrap();
+        SpilledFile(path)
+    }
+}
+
+impl Drop for SpilledFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn stored_task(id: &str, tenant: &str, count: u32, size: u64) -> ScanTask {
+    ScanTask {
+        id: id.into(),
+        content: Some(Content::RedisChunks(RedisChunks { count })),
+        size,
+        labels: Some(Labels {
+            tenant: tenant.into(),
+            ..Labels::default()
+        }),
+        ..ScanTask::default()
+    }
+}
+
+async fn exists(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> bool {
+    redis::cmd("EXISTS")
+        .arg(key)
+        .query_async::<i64>(conn)
+        .await
+        .unwrap()
+        == 1
+}
+
+async fn read_all(mut body: virus_scanner_queue::StoredBodyReader) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    body.read_to_end(&mut out).await?;
+    Ok(out)
+}
+
+#[tokio::test]
+async fn a_body_stored_in_chunks_is_read_whole_and_removed_with_its_verdict() {
+    let redis = Redis::start();
+    let producer = Producer::connect(config(&redis)).await.unwrap();
+    let mut consumer = Consumer::connect(config(&redis), "c1").await.unwrap();
+    let mut conn = redis_conn(&redis.url()).await;
+    let body = clean_bytes(2 * CHUNK_BYTES + 12345, 5);
+    let file = SpilledFile::new("whole", &body);
+    let stored = producer
+        .store_body(
+            "tenant-a",
+            "big-1",
+            &file.0,
+            body.len() as u64,
+            Instant::now() + Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let key = "{virus-scanner}:body:tenant-a:big-1";
+    assert_eq!(stored.key(), key);
+    assert_eq!(
+        stored.content(),
+        Content::RedisChunks(RedisChunks { count: 3 })
+    );
+    // Kept past the deadline for a scan that began just before it, not for ever.
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!((10_000..=70_000).contains(&ttl), "{ttl}");
+
+    let t = stored_task("big-1", "tenant-a", 3, body.len() as u64);
+    producer.enqueue(&t).await.unwrap();
+    let d = claim_one(&mut consumer).await;
+    let claimed = d.task.as_ref().unwrap();
+    assert_eq!(claimed, &t);
+    // Every reader starts from the beginning, as a retried scan does.
+    for _ in 0..2 {
+        let got = read_all(consumer.stored_body(claimed).unwrap())
+            .await
+            .unwrap();
+        assert!(got == body, "the stored body differs");
+    }
+    assert!(
+        consumer
+            .stored_body(&task("inline", Priority::Normal))
+            .is_none()
+    );
+    assert!(consumer.complete(&d, &clean("big-1"), None).await.unwrap());
+    assert!(
+        !exists(&mut conn, key).await,
+        "the verdict removes the body"
+    );
+    drop(stored);
+}
+
+#[tokio::test]
+async fn a_stored_body_goes_when_its_producer_stops_waiting() {
+    let redis = Redis::start();
+    let producer = Producer::connect(config(&redis)).await.unwrap();
+    let mut conn = redis_conn(&redis.url()).await;
+    let body = clean_bytes(CHUNK_BYTES + 1, 6);
+    let file = SpilledFile::new("abandoned", &body);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stored = producer
+        .store_body("", "abandoned", &file.0, body.len() as u64, deadline)
+        .await
+        .unwrap();
+    let key = stored.key().to_owned();
+    assert_eq!(key, "{virus-scanner}:body::abandoned");
+    assert!(exists(&mut conn, &key).await);
+    drop(stored);
+    let start = Instant::now();
+    while exists(&mut conn, &key).await {
+        assert!(start.elapsed() < Duration::from_secs(5), "{key} stayed");
+        tokio::task::yield_now().await;
+    }
+
+    // Past the deadline nothing is stored, and the error says why.
+    let late = producer
+        .store_body("", "late", &file.0, body.len() as u64, Instant::now())
+        .await;
+    assert!(
+        matches!(late, Err(QueueError::DeadlineExceeded)),
+        "{late:?}"
+    );
+    // A file that is not the size the body had is refused, not sent in part.
+    let short = producer
+        .store_body("", "short", &file.0, body.len() as u64 + 1, deadline)
+        .await;
+    assert!(matches!(short, Err(QueueError::Body(_))), "{short:?}");
+    let start = Instant::now();
+    while exists(&mut conn, "{virus-scanner}:body::short").await {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "a refused body stayed"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn a_stored_body_that_is_short_long_or_has_a_huge_chunk_never_reads_as_complete() {
+    let redis = Redis::start();
+    let producer = Producer::connect(config(&redis)).await.unwrap();
+    let consumer = Consumer::connect(config(&redis), "c1").await.unwrap();
+    let mut conn = redis_conn(&redis.url()).await;
+    let body = clean_bytes(2 * CHUNK_BYTES + 1, 7);
+    let size = body.len() as u64;
+    let file = SpilledFile::new("checked", &body);
+    let stored = producer
+        .store_body(
+            "t",
+            "checked",
+            &file.0,
+            size,
+            Instant::now() + Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let read = |count, size| {
+        read_all(
+            consumer
+                .stored_body(&stored_task("checked", "t", count, size))
+                .unwrap(),
+        )
+    };
+    assert!(read(3, size).await.unwrap() == body);
+    let kind = |r: std::io::Result<Vec<u8>>| r.unwrap_err().kind();
+    assert_eq!(
+        kind(read(3, size + 1).await),
+        std::io::ErrorKind::UnexpectedEof
+    );
+    assert_eq!(
+        kind(read(3, size - 1).await),
+        std::io::ErrorKind::InvalidData
+    );
+    assert_eq!(kind(read(4, size).await), std::io::ErrorKind::NotFound);
+
+    // A chunk removed (expired, or the producer gave up) mid-body.
+    let _: i64 = redis::cmd("HDEL")
+        .arg(stored.key())
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(kind(read(3, size).await), std::io::ErrorKind::NotFound);
+    // A chunk larger than any producer writes is refused before it is sent.
+    let _: i64 = redis::cmd("HSET")
+        .arg(stored.key())
+        .arg(1)
+        .arg(vec![0u8; MAX_CHUNK_BYTES + 1])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let huge = read(3, size + MAX_CHUNK_BYTES as u64 + 1)
+        .await
+        .unwrap_err();
+    assert!(huge.to_string().contains("more than"), "{huge}");
 }
