@@ -56,9 +56,12 @@ pub struct VirusScanPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisSettings>,
 
-    /// A ReadWriteMany volume shared with the scanners, for bodies above the spill
-    /// threshold. Without it, large bodies are spilled to an emptyDir and scanned by path
-    /// only when the scanners can read it; otherwise they are sent inline.
+    /// A ReadWriteMany volume shared with the scanners (they mount it at
+    /// /var/spool/virus-scanner), for bodies above `scan.fileThresholdMB`: such bodies are
+    /// spilled to it and queued by path, so they never pass through Redis. Without it, the
+    /// spool is an emptyDir that only the sidecar can read: bodies above the threshold are
+    /// still held on it, but are sent to the scanners through Redis (so Redis needs room
+    /// for bodies up to `scan.maxBodyMB`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shared_volume: Option<SharedVolume>,
 
@@ -90,7 +93,9 @@ pub struct ScanSettings {
     #[schemars(range(min = 1, max = 16384))]
     pub max_body_mb: u32,
 
-    /// Bodies above this many MiB are spilled to disk and scanned by path.
+    /// Bodies above this many MiB are held on the spool volume instead of in memory. With
+    /// `sharedVolume` the scanners read them from there (queued by path); without it they
+    /// are sent to the scanners through Redis.
     #[serde(default = "default_file_threshold_mb", rename = "fileThresholdMB")]
     #[schemars(range(min = 1, max = 16384))]
     pub file_threshold_mb: u32,
@@ -116,6 +121,19 @@ pub struct ScanSettings {
     /// The queue a request goes to when it carries no `X-Priority: high`.
     #[serde(default)]
     pub default_priority: Priority,
+
+    /// `Range` and `If-Range` request headers on scanned routes. Strip (default): removed,
+    /// so the upstream sends the whole representation, which is scanned. Refuse: a request
+    /// with `Range` is answered 416. Allow: passed on; a 206 answer that does not cover the
+    /// whole representation is unscannable, since a part cannot be judged alone.
+    #[serde(default)]
+    pub range_requests: RangeRequests,
+
+    /// Files carried base64-encoded in the string values of a JSON body are decoded and
+    /// scanned too (default true). With false, a JSON body is scanned only as it is, and a
+    /// file inside it reaches the scanner as base64 text, which signatures do not match.
+    #[serde(default = "default_true")]
+    pub embedded_files: bool,
 }
 
 impl Default for ScanSettings {
@@ -130,6 +148,8 @@ impl Default for ScanSettings {
             infected_status_code: default_infected_status(),
             allow_unscannable: false,
             default_priority: Priority::default(),
+            range_requests: RangeRequests::default(),
+            embedded_files: true,
         }
     }
 }
@@ -175,6 +195,14 @@ pub enum Priority {
     #[default]
     Normal,
     High,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RangeRequests {
+    #[default]
+    Strip,
+    Refuse,
+    Allow,
 }
 
 /// A route that is not scanned, matched the way Envoy matches routes: by path prefix, exact

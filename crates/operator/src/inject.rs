@@ -15,7 +15,9 @@ use kube::ResourceExt;
 use sha2::{Digest, Sha256};
 
 use crate::controller::{ANNOTATION_GENERATION, ANNOTATION_POLICY, derived_bootstrap_name};
-use crate::crd::{FailureMode, Priority, RedisSettings, Transport, VirusScanPolicy};
+use crate::crd::{
+    FailureMode, Priority, RangeRequests, RedisSettings, Transport, VirusScanPolicy,
+};
 use crate::envoy::SOCKET_DIR;
 use crate::selector;
 
@@ -221,6 +223,18 @@ fn sidecar(policy: &VirusScanPolicy, defaults: &InjectDefaults) -> Container {
         env("TENANT", policy.namespace().unwrap_or_default()),
         env("POLICY", policy.name_any()),
         env("HTTP_ADDR", format!("0.0.0.0:{OPS_PORT}")),
+        // Without a shared volume the spool is this pod's emptyDir, which no scanner can
+        // open: a body queued by path there could never be scanned.
+        env("SPOOL_SHARED", spec.shared_volume.is_some()),
+        env(
+            "RANGE_REQUESTS",
+            match scan.range_requests {
+                RangeRequests::Strip => "strip",
+                RangeRequests::Refuse => "refuse",
+                RangeRequests::Allow => "allow",
+            },
+        ),
+        env("EMBEDDED_FILES", scan.embedded_files),
     ];
     if redis.tls {
         envs.push(env("REDIS_TLS", true));
@@ -446,6 +460,51 @@ mod tests {
             panic!("not denied")
         };
         assert!(why.contains("a, b"), "{why}");
+    }
+
+    fn sidecar_env(policy: &VirusScanPolicy) -> BTreeMap<String, String> {
+        let injected = inject(&pod(json!({}), json!({})), policy, &defaults());
+        let spec = injected.spec.expect("spec");
+        let sidecar = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(&spec.containers)
+            .find(|c| c.name == SIDECAR)
+            .expect("sidecar");
+        sidecar
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+            .collect()
+    }
+
+    #[test]
+    fn spool_is_shared_with_the_scanners_only_on_a_shared_volume() {
+        let local = sidecar_env(&policy("p", json!({"selector": {}})));
+        assert_eq!(local["SPOOL_SHARED"], "false");
+        let shared = sidecar_env(&policy(
+            "p",
+            json!({"selector": {}, "sharedVolume": {"claimName": "spool"}}),
+        ));
+        assert_eq!(shared["SPOOL_SHARED"], "true");
+    }
+
+    #[test]
+    fn range_requests_and_embedded_files_follow_the_policy() {
+        let defaults = sidecar_env(&policy("p", json!({"selector": {}})));
+        assert_eq!(defaults["RANGE_REQUESTS"], "strip");
+        assert_eq!(defaults["EMBEDDED_FILES"], "true");
+        for (value, env) in [("Strip", "strip"), ("Refuse", "refuse"), ("Allow", "allow")] {
+            let p = policy(
+                "p",
+                json!({"selector": {}, "scan": {"rangeRequests": value, "embeddedFiles": false}}),
+            );
+            let got = sidecar_env(&p);
+            assert_eq!(got["RANGE_REQUESTS"], env);
+            assert_eq!(got["EMBEDDED_FILES"], "false");
+        }
     }
 
     #[test]

@@ -264,6 +264,11 @@ async fn invalid_policies_are_refused_by_the_api_server() {
             r#"scan: {mode: Streamed}"#,
             "Unsupported value: \"Streamed\"",
         ),
+        (
+            "unknown-range-requests",
+            r#"scan: {rangeRequests: Partial}"#,
+            "Unsupported value: \"Partial\"",
+        ),
     ];
     for (name, spec, message) in cases {
         let file = dir.path().join(format!("{name}.yaml"));
@@ -302,6 +307,10 @@ async fn invalid_policies_are_refused_by_the_api_server() {
     .await;
     assert!(explained.contains("failureMode"), "{explained}");
     assert!(explained.contains("FailClosed (default)"), "{explained}");
+    assert!(explained.contains("rangeRequests"), "{explained}");
+    assert!(explained.contains("embeddedFiles"), "{explained}");
+    let shared = plane.kubectl(&["explain", "virusscanpolicy.spec.sharedVolume"]);
+    assert!(shared.contains("Redis"), "{shared}");
 }
 
 const TENANT_BOOTSTRAP: &str = include_str!("../../../testdata/envoy/tenant-bootstrap.yaml");
