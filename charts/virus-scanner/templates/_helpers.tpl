@@ -32,3 +32,34 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "vs.redisPort" -}}
 {{- if eq .Values.redis.mode "bundled" -}}6379{{- else -}}{{ .Values.redis.external.port }}{{- end -}}
 {{- end -}}
+
+{{/*
+clamd.conf of the consumers' clamd, mounted over the clamav/clamav image's
+/etc/clamav/clamd.conf (clamd reads nothing else). The image's stock file is the sample
+with only the sockets, user and log set; those are kept, since the image's entrypoint waits
+for the local socket and freshclam (NotifyClamd) and clamdcheck.sh reach clamd through them.
+*/}}
+{{- define "vs.clamdConf" -}}
+{{- $body := int .Values.consumer.maxScanSizeMB -}}
+# Rendered by the virus-scanner chart from its values; do not edit in place.
+LocalSocket /tmp/clamd.sock
+TCPSocket 3310
+User clamav
+LogFile /var/log/clamav/clamd.log
+LogTime yes
+# The consumer hands clamd bodies of up to consumer.maxScanSizeMB (MAX_SCAN_SIZE_MB); none
+# of them may be cut short by a smaller clamd limit. MaxScanSize also counts an archive's
+# unpacked contents: four times the body, clamd's own default ratio.
+MaxFileSize {{ $body }}M
+StreamMaxLength {{ $body }}M
+PCREMaxFileSize {{ $body }}M
+MaxScanSize {{ min 4095 (mul 4 $body) }}M
+# Without these clamd answers OK for what it did not scan: data past a limit and encrypted
+# archives and documents. With them it reports Heuristics.Limits.Exceeded.* and
+# Heuristics.Encrypted.*, which the consumer turns into an unscannable verdict.
+HeuristicAlerts yes
+AlertExceedsMax yes
+AlertEncrypted yes
+AlertEncryptedArchive yes
+AlertEncryptedDoc yes
+{{- end -}}

@@ -367,3 +367,121 @@ async fn chart_lints_validates_installs_and_its_operator_patches_the_ca_bundle()
         operator.process.log_tail()
     );
 }
+
+/// `helm template` of the chart with `sets`: every object, by kind and name.
+fn template(sets: &[&str]) -> Vec<Value> {
+    let mut cmd =
+        std::process::Command::new(virus_scanner_test_support::kube::k8s_bin_dir().join("helm"));
+    cmd.args(["template", RELEASE, CHART, "-n", NAMESPACE]);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let out = virus_scanner_test_support::run_checked(&mut cmd, "helm template");
+    serde_saphyr::from_multiple::<Value>(&String::from_utf8_lossy(&out.stdout))
+        .unwrap()
+        .into_iter()
+        .filter(|o| !o.is_null())
+        .collect()
+}
+
+fn object<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+#[test]
+fn clamd_alerts_on_what_it_cannot_scan_and_its_limits_follow_the_values() {
+    let fullname = format!("{RELEASE}-virus-scanner");
+    for (sets, body_mb, scan_mb) in [
+        (vec![], 100, 400),
+        (vec!["consumer.maxScanSizeMB=250"], 250, 1000),
+        (vec!["consumer.maxScanSizeMB=2000"], 2000, 4095),
+    ] {
+        let objects = template(&sets);
+        let conf = object(&objects, "ConfigMap", &format!("{fullname}-clamd"))["data"]
+            ["clamd.conf"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let settings: Vec<(&str, &str)> = conf
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(|l| l.split_once(' ').unwrap())
+            .collect();
+        let setting = |key: &str| {
+            let values: Vec<&str> = settings
+                .iter()
+                .filter(|(k, _)| *k == key)
+                .map(|(_, v)| *v)
+                .collect();
+            assert_eq!(values.len(), 1, "{key} in\n{conf}");
+            values[0].to_owned()
+        };
+        for alert in [
+            "HeuristicAlerts",
+            "AlertExceedsMax",
+            "AlertEncrypted",
+            "AlertEncryptedArchive",
+            "AlertEncryptedDoc",
+        ] {
+            assert_eq!(setting(alert), "yes", "{sets:?}");
+        }
+        let megabytes = |key: &str| -> u64 {
+            setting(key)
+                .strip_suffix('M')
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{key} is not in MiB: {conf}"))
+        };
+        for limit in ["MaxFileSize", "StreamMaxLength", "PCREMaxFileSize"] {
+            assert_eq!(megabytes(limit), body_mb, "{limit} {sets:?}");
+        }
+        assert_eq!(megabytes("MaxScanSize"), scan_mb, "{sets:?}");
+        // The image's entrypoint waits for this socket before it declares clamd started.
+        assert_eq!(setting("LocalSocket"), "/tmp/clamd.sock");
+        assert_eq!(setting("TCPSocket"), "3310");
+
+        let deployment = object(&objects, "Deployment", &format!("{fullname}-consumer"));
+        let pod = &deployment["spec"]["template"];
+        let container = |name: &str| {
+            pod["spec"]["containers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == name)
+                .unwrap()
+                .clone()
+        };
+        let consumer_env = container("consumer")["env"].clone();
+        let max_scan = consumer_env
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "MAX_SCAN_SIZE_MB")
+            .unwrap();
+        assert_eq!(max_scan["value"], body_mb.to_string());
+        let clamd = container("clamd");
+        let mount = clamd["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["mountPath"] == "/etc/clamav/clamd.conf")
+            .unwrap_or_else(|| panic!("clamd.conf not mounted: {clamd}"))
+            .clone();
+        assert_eq!(mount["subPath"], "clamd.conf");
+        let volume = pod["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .unwrap();
+        assert_eq!(volume["configMap"]["name"], format!("{fullname}-clamd"));
+        assert!(
+            pod["metadata"]["annotations"]["checksum/clamd-conf"]
+                .as_str()
+                .is_some_and(|c| c.len() == 64),
+            "a new clamd.conf must roll the pods"
+        );
+    }
+}
