@@ -1,8 +1,9 @@
 //! Bootstrap merge: the tenant's own Envoy bootstrap with the policy's pieces put in. The
-//! ext_proc filter goes before the router of every HTTP connection manager, the producer
-//! cluster is added (or replaced), and each tenant route that a policy route names (by route
-//! name, or by the same prefix, path or regex) gets the `disabled` override. Merging twice
-//! gives the same result, so the derived bootstrap can be regenerated at will.
+//! ext_proc filter goes before the router of every HTTP connection manager (and of every
+//! per-upgrade filter chain), each connection manager normalises paths, the producer cluster
+//! is added (or replaced), and each tenant route that a policy route names (by route name,
+//! or by the same prefix, path or regex) gets the `disabled` override. Merging twice gives
+//! the same result, so the derived bootstrap can be regenerated at will.
 
 use serde_json::{Value, json};
 
@@ -17,6 +18,19 @@ pub enum MergeError {
     NoListeners,
     #[error("listener {listener:?}: an HTTP connection manager has no router filter")]
     NoRouter { listener: String },
+    #[error(
+        "listener {listener:?}: the filters of upgrade {upgrade:?} have no router filter to put the scanner before"
+    )]
+    UpgradeWithoutRouter { listener: String, upgrade: String },
+    #[error(
+        "listener {listener:?}: an HTTP connection manager sets {field}: {value}; paths must be normalised ({expected}, or leave it out), or a path that only looks like an opted-out route skips the scan"
+    )]
+    PathNotNormalised {
+        listener: String,
+        field: &'static str,
+        value: String,
+        expected: String,
+    },
     #[error(
         "listener {listener:?} takes its routes from RDS: opted-out routes cannot be applied to it"
     )]
@@ -113,7 +127,9 @@ fn merge_chain(
 ) -> Result<usize, MergeError> {
     let mut count = 0;
     for hcm in http_connection_managers(chain) {
+        normalise_paths(hcm, listener)?;
         insert_filter(hcm, filter, listener)?;
+        insert_upgrade_filters(hcm, filter, listener)?;
         disable_routes(hcm, &spec.routes, matched, report, listener)?;
         report.connection_managers += 1;
         count += 1;
@@ -166,6 +182,79 @@ fn insert_filter(hcm: &mut Value, filter: &Value, listener: &str) -> Result<(), 
     filters.retain(|f| f["name"] != EXT_PROC_FILTER);
     let router = filters.iter().position(is_router).ok_or_else(no_router)?;
     filters.insert(router, filter.clone());
+    Ok(())
+}
+
+/// Sets the path handling of [`envoy::connection_manager_settings`] where the tenant left it
+/// out; a tenant value that lets the routed path differ from the forwarded one is refused.
+fn normalise_paths(hcm: &mut Value, listener: &str) -> Result<(), MergeError> {
+    let refuse = |field: &'static str, value: &Value, expected: String| {
+        Err(MergeError::PathNotNormalised {
+            listener: listener.to_owned(),
+            field,
+            value: value.to_string(),
+            expected,
+        })
+    };
+    for field in ["normalize_path", "merge_slashes"] {
+        match &hcm[field] {
+            Value::Null | Value::Bool(true) => {}
+            other => return refuse(field, other, "true".to_owned()),
+        }
+    }
+    let field = "path_with_escaped_slashes_action";
+    let action = &hcm[field];
+    let safe = match action {
+        Value::Null => true,
+        Value::String(name) => envoy::SAFE_ESCAPED_SLASHES_ACTIONS.contains(&name.as_str()),
+        // The enum's numbers: REJECT_REQUEST = 2, UNESCAPE_AND_REDIRECT = 3.
+        Value::Number(n) => matches!(n.as_u64(), Some(2 | 3)),
+        _ => false,
+    };
+    if !safe {
+        return refuse(field, action, envoy::SAFE_ESCAPED_SLASHES_ACTIONS.join(" or "));
+    }
+    if let Some(hcm) = hcm.as_object_mut() {
+        for (key, value) in envoy::connection_manager_settings() {
+            hcm.entry(key).or_insert(value);
+        }
+    }
+    Ok(())
+}
+
+/// An upgrade (WebSocket, CONNECT) with filters of its own runs those instead of the
+/// connection manager's: the scanner goes before their router too, or upgraded requests
+/// would not be scanned at all.
+fn insert_upgrade_filters(
+    hcm: &mut Value,
+    filter: &Value,
+    listener: &str,
+) -> Result<(), MergeError> {
+    let upgrades = hcm
+        .get_mut("upgrade_configs")
+        .and_then(Value::as_array_mut)
+        .into_iter()
+        .flatten();
+    for upgrade in upgrades {
+        let name = upgrade["upgrade_type"].as_str().unwrap_or_default().to_owned();
+        // An empty list means the connection manager's own filters, which have the scanner.
+        let Some(filters) = upgrade
+            .get_mut("filters")
+            .and_then(Value::as_array_mut)
+            .filter(|f| !f.is_empty())
+        else {
+            continue;
+        };
+        filters.retain(|f| f["name"] != EXT_PROC_FILTER);
+        let router = filters
+            .iter()
+            .position(is_router)
+            .ok_or_else(|| MergeError::UpgradeWithoutRouter {
+                listener: listener.to_owned(),
+                upgrade: name,
+            })?;
+        filters.insert(router, filter.clone());
+    }
     Ok(())
 }
 
@@ -315,6 +404,117 @@ mod tests {
         assert_eq!(
             once["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"],
             json!(100 * 1024 * 1024 + 64 * 1024)
+        );
+    }
+
+    /// The tenant bootstrap with `line` added to the first listener's connection manager.
+    fn tenant_with(line: &str) -> String {
+        TENANT.replacen(
+            "          stat_prefix: public\n",
+            &format!("          stat_prefix: public\n          {line}\n"),
+            1,
+        )
+    }
+
+    fn hcm(root: &Value, listener: usize) -> &Value {
+        &root["static_resources"]["listeners"][listener]["filter_chains"][0]["filters"][0]
+            ["typed_config"]
+    }
+
+    #[test]
+    fn every_connection_manager_normalises_paths() {
+        let (root, _) = merge(TENANT, &policy()).expect("merge");
+        for listener in [0, 1] {
+            let hcm = hcm(&root, listener);
+            assert_eq!(hcm["normalize_path"], true);
+            assert_eq!(hcm["merge_slashes"], true);
+            assert_eq!(
+                hcm["path_with_escaped_slashes_action"],
+                "UNESCAPE_AND_REDIRECT"
+            );
+        }
+        // The tenant's own safe choices are kept.
+        let tenant = tenant_with("path_with_escaped_slashes_action: REJECT_REQUEST");
+        let (root, _) = merge(&tenant, &policy()).expect("merge");
+        assert_eq!(hcm(&root, 0)["path_with_escaped_slashes_action"], "REJECT_REQUEST");
+        assert_eq!(hcm(&root, 0)["normalize_path"], true);
+        let tenant = tenant_with("normalize_path: true");
+        assert!(merge(&tenant, &policy()).is_ok());
+    }
+
+    #[test]
+    fn path_settings_that_let_a_path_pass_as_an_opted_out_route_are_refused() {
+        for (line, field) in [
+            ("normalize_path: false", "normalize_path"),
+            ("merge_slashes: false", "merge_slashes"),
+            (
+                "path_with_escaped_slashes_action: KEEP_UNCHANGED",
+                "path_with_escaped_slashes_action",
+            ),
+            (
+                "path_with_escaped_slashes_action: UNESCAPE_AND_FORWARD",
+                "path_with_escaped_slashes_action",
+            ),
+            (
+                "path_with_escaped_slashes_action: IMPLEMENTATION_SPECIFIC_DEFAULT",
+                "path_with_escaped_slashes_action",
+            ),
+            (
+                "path_with_escaped_slashes_action: 1",
+                "path_with_escaped_slashes_action",
+            ),
+        ] {
+            match merge(&tenant_with(line), &policy()) {
+                Err(MergeError::PathNotNormalised {
+                    listener, field: f, ..
+                }) => {
+                    assert_eq!((listener.as_str(), f), ("public", field), "{line}");
+                }
+                other => panic!("{line}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn upgrade_filter_chains_get_the_filter_before_their_router() {
+        let tenant = tenant_with(
+            "upgrade_configs:\n          \
+             - upgrade_type: websocket\n            \
+               filters:\n            \
+               - name: envoy.filters.http.router\n              \
+                 typed_config: { \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }\n          \
+             - upgrade_type: CONNECT\n            \
+               filters: []\n          \
+             - upgrade_type: h2c",
+        );
+        let (once, _) = merge(&tenant, &policy()).expect("merge");
+        let upgrades = &hcm(&once, 0)["upgrade_configs"];
+        let names: Vec<&str> = upgrades[0]["filters"]
+            .as_array()
+            .expect("filters")
+            .iter()
+            .map(|f| f["name"].as_str().unwrap_or_default())
+            .collect();
+        assert_eq!(names, [EXT_PROC_FILTER, "envoy.filters.http.router"]);
+        // An empty list runs the connection manager's filters, which carry the scanner.
+        assert_eq!(upgrades[1]["filters"], json!([]));
+        assert!(upgrades[2].get("filters").is_none());
+        let (twice, _) = merge(&envoy::to_yaml(&once), &policy()).expect("merge");
+        assert_eq!(once, twice);
+
+        let no_router = tenant_with(
+            "upgrade_configs:\n          \
+             - upgrade_type: websocket\n            \
+               filters:\n            \
+               - name: envoy.filters.http.cors\n              \
+                 typed_config: { \"@type\": type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors }",
+        );
+        assert_eq!(
+            merge(&no_router, &policy()),
+            Err(MergeError::UpgradeWithoutRouter {
+                listener: "public".to_owned(),
+                upgrade: "websocket".to_owned()
+            })
         );
     }
 

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use crate::crd::{
     Direction, FailureMode, ProcessingMode, RouteOptOut, Transport, VirusScanPolicySpec,
@@ -25,6 +25,18 @@ pub const KEY_FILTER: &str = "ext-proc-filter.yaml";
 pub const KEY_CLUSTER: &str = "producer-cluster.yaml";
 pub const KEY_ROUTES: &str = "route-overrides.yaml";
 pub const KEY_BOOTSTRAP: &str = "bootstrap.yaml";
+pub const KEY_CONNECTION_MANAGER: &str = "connection-manager.yaml";
+
+/// What an HTTP connection manager does with a path that carries escaped slashes (`%2F`,
+/// `%5C`). UNESCAPE_AND_REDIRECT answers with a redirect to the unescaped, normalised path,
+/// so a client ends up on the path that is routed (and scanned) as what it is, and the
+/// upstream never gets a path whose meaning differs from the one Envoy routed on.
+/// REJECT_REQUEST is as safe, and is accepted in a tenant's bootstrap, but answers 400 to
+/// every client that escapes a slash, even where the resolved path is harmless.
+pub const ESCAPED_SLASHES_ACTION: &str = "UNESCAPE_AND_REDIRECT";
+/// The escaped-slash actions a tenant's bootstrap may keep (by name or enum number): both
+/// route on the unescaped path or not at all.
+pub const SAFE_ESCAPED_SLASHES_ACTIONS: [&str; 2] = ["UNESCAPE_AND_REDIRECT", "REJECT_REQUEST"];
 
 /// Envoy's own margin over the producer's deadline: the producer answers 503 itself at
 /// `timeoutSeconds`, Envoy's message timeout is only the backstop for a producer that hangs.
@@ -79,6 +91,23 @@ pub fn ext_proc_filter(spec: &VirusScanPolicySpec) -> Value {
             }
         }
     })
+}
+
+/// Path handling of every HTTP connection manager that carries the filter. Opted-out routes
+/// are matched on the path, and without these Envoy routes on the path as the client wrote
+/// it while the upstream resolves it: `/static/../upload`, `/static/%2e%2e/upload`,
+/// `//static/../upload` or `/static%2F..%2Fupload` match an opted-out `/static/` prefix
+/// and reach `/upload` unscanned. Normalised (RFC 3986 section 6, dot segments removed,
+/// slashes merged, escaped slashes unescaped), the path routed is the path forwarded.
+pub fn connection_manager_settings() -> Map<String, Value> {
+    Map::from_iter([
+        ("normalize_path".to_owned(), json!(true)),
+        ("merge_slashes".to_owned(), json!(true)),
+        (
+            "path_with_escaped_slashes_action".to_owned(),
+            json!(ESCAPED_SLASHES_ACTION),
+        ),
+    ])
 }
 
 /// The cluster that reaches the producer sidecar in the same pod.
@@ -164,29 +193,33 @@ pub fn example_bootstrap(spec: &VirusScanPolicySpec) -> Value {
         "match": { "prefix": "/" },
         "route": { "cluster": "upstream", "timeout": "0s" }
     }));
+    let mut hcm = json!({
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "gateway",
+        "codec_type": "AUTO",
+        "route_config": {
+            "name": "gateway",
+            "virtual_hosts": [{ "name": "all", "domains": ["*"], "routes": routes }]
+        },
+        "http_filters": [
+            ext_proc_filter(spec),
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                }
+            }
+        ]
+    });
+    if let Some(hcm) = hcm.as_object_mut() {
+        hcm.extend(connection_manager_settings());
+    }
     let mut listener = json!({
         "name": "gateway",
         "address": { "socket_address": { "address": "0.0.0.0", "port_value": 8000 } },
         "filter_chains": [{ "filters": [{
             "name": "envoy.filters.network.http_connection_manager",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                "stat_prefix": "gateway",
-                "codec_type": "AUTO",
-                "route_config": {
-                    "name": "gateway",
-                    "virtual_hosts": [{ "name": "all", "domains": ["*"], "routes": routes }]
-                },
-                "http_filters": [
-                    ext_proc_filter(spec),
-                    {
-                        "name": "envoy.filters.http.router",
-                        "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-                        }
-                    }
-                ]
-            }
+            "typed_config": hcm
         }]}]
     });
     let mut upstream = json!({
@@ -217,6 +250,10 @@ pub fn config_map_data(spec: &VirusScanPolicySpec) -> BTreeMap<String, String> {
     let mut data = BTreeMap::new();
     data.insert(KEY_FILTER.to_owned(), to_yaml(&ext_proc_filter(spec)));
     data.insert(KEY_CLUSTER.to_owned(), to_yaml(&producer_cluster(spec)));
+    data.insert(
+        KEY_CONNECTION_MANAGER.to_owned(),
+        to_yaml(&Value::Object(connection_manager_settings())),
+    );
     data.insert(
         KEY_ROUTES.to_owned(),
         to_yaml(&json!(route_overrides(spec))),

@@ -52,7 +52,8 @@ pub struct EnvoyConfigArgs {
     /// Merge into this Envoy bootstrap and print the derived bootstrap.
     #[arg(long)]
     pub bootstrap: Option<PathBuf>,
-    /// Print one piece only: filter, cluster, routes or bootstrap (the example).
+    /// Print one piece only: filter, cluster, connection-manager, routes or bootstrap (the
+    /// example).
     #[arg(long)]
     pub piece: Option<String>,
 }
@@ -380,12 +381,15 @@ pub fn envoy_config(args: &EnvoyConfigArgs) -> anyhow::Result<String> {
     let piece = |name: &str| match name {
         "filter" => Ok(envoy::to_yaml(&envoy::ext_proc_filter(spec))),
         "cluster" => Ok(envoy::to_yaml(&envoy::producer_cluster(spec))),
+        "connection-manager" => Ok(envoy::to_yaml(&serde_json::Value::Object(
+            envoy::connection_manager_settings(),
+        ))),
         "routes" => Ok(envoy::to_yaml(&serde_json::json!(envoy::route_overrides(
             spec
         )))),
         "bootstrap" => Ok(envoy::to_yaml(&envoy::example_bootstrap(spec))),
         other => Err(anyhow::anyhow!(
-            "--piece must be filter, cluster, routes or bootstrap, got {other:?}"
+            "--piece must be filter, cluster, connection-manager, routes or bootstrap, got {other:?}"
         )),
     };
     match &args.piece {
@@ -398,6 +402,10 @@ pub fn envoy_config(args: &EnvoyConfigArgs) -> anyhow::Result<String> {
                     "the http filter, before envoy.filters.http.router",
                 ),
                 ("cluster", "the producer cluster"),
+                (
+                    "connection-manager",
+                    "path handling for every http_connection_manager with the filter",
+                ),
                 ("routes", "typed_per_filter_config for each opted-out route"),
                 ("bootstrap", "a complete example bootstrap"),
             ] {

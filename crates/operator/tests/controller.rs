@@ -418,6 +418,16 @@ async fn tenant_bootstrap_is_merged_into_a_derived_bootstrap_that_envoy_validate
         disabled,
         [json!({"path": "/healthz"}), json!({"prefix": "/static/"})]
     );
+    // Every connection manager routes on the normalised path.
+    for listener in merged["static_resources"]["listeners"].as_array().unwrap() {
+        let hcm = &listener["filter_chains"][0]["filters"][0]["typed_config"];
+        assert_eq!(hcm["normalize_path"], true);
+        assert_eq!(hcm["merge_slashes"], true);
+        assert_eq!(
+            hcm["path_with_escaped_slashes_action"],
+            "UNESCAPE_AND_REDIRECT"
+        );
+    }
     let clusters: Vec<&str> = merged["static_resources"]["clusters"]
         .as_array()
         .unwrap()
@@ -476,6 +486,46 @@ async fn tenant_bootstrap_is_merged_into_a_derived_bootstrap_that_envoy_validate
         },
     )
     .await;
+    // So is one that tells Envoy to route on the path as the client wrote it.
+    let unnormalised = TENANT_BOOTSTRAP.replacen(
+        "          stat_prefix: public\n",
+        "          stat_prefix: public\n          normalize_path: false\n",
+        1,
+    );
+    assert_ne!(unnormalised, TENANT_BOOTSTRAP);
+    config_maps
+        .patch(
+            "gateway-envoy",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"envoy.yaml": unnormalised}})),
+        )
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "BootstrapInvalid naming normalize_path",
+        || async {
+            policies
+                .get("merged")
+                .await
+                .unwrap()
+                .status
+                .is_some_and(|s| {
+                    s.conditions.iter().any(|c| {
+                        c.type_ == "Ready"
+                            && c.status == "False"
+                            && c.reason == "BootstrapInvalid"
+                            && c.message.contains("normalize_path: false")
+                    })
+                })
+        },
+    )
+    .await;
+    assert_eq!(
+        data(&config_maps.get("vsp-merged-bootstrap").await.unwrap(), "envoy.yaml"),
+        text,
+        "the derived bootstrap was rewritten from a refused tenant bootstrap"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
