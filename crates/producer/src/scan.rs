@@ -11,7 +11,7 @@ use virus_scanner_queue::{Producer, QueueError, now_ns};
 use crate::body::{Body, BodyData, BodyLimits};
 use crate::config::ProducerConfig;
 use crate::metrics::{DirectionLabels, Metrics, RequestLabels};
-use crate::unpack::{BodyHeaders, Unpacked, unpack};
+use crate::unpack::{BodyHeaders, UnpackOptions, Unpacked, unpack};
 
 /// Who is asking, for the task labels and the audit log.
 #[derive(Debug, Clone, Default)]
@@ -55,6 +55,7 @@ pub struct ScanService {
     pub producer: Producer,
     pub metrics: Metrics,
     pub limits: BodyLimits,
+    unpack_options: UnpackOptions,
 }
 
 impl ScanService {
@@ -64,11 +65,16 @@ impl ScanService {
             spill_threshold: config.spill_threshold,
             max: config.max_body,
         };
+        let unpack_options = UnpackOptions {
+            max_decoded: config.max_decoded,
+            embedded_files: config.embedded_files,
+        };
         ScanService {
             config,
             producer,
             metrics,
             limits,
+            unpack_options,
         }
     }
 
@@ -144,7 +150,7 @@ impl ScanService {
         let unpacked = if headers.needs_unpacking() {
             // Decoding and splitting are CPU and disk work on this request's own thread.
             match tokio::task::block_in_place(|| {
-                unpack(body, headers, &self.limits, self.config.max_decoded)
+                unpack(body, headers, &self.limits, &self.unpack_options)
             }) {
                 Ok(u) => u,
                 Err(e) => {
@@ -158,6 +164,8 @@ impl ScanService {
         let files: Vec<&Body> = match &unpacked {
             Unpacked::Original => vec![body],
             Unpacked::Files(files) => files.iter().collect(),
+            Unpacked::OriginalAnd(files) => std::iter::once(body).chain(files).collect(),
+            Unpacked::Refused(why) => return self.refuse(why, sha),
             // What the sender chose (an unknown or corrupt coding, a decompression bomb, a
             // body in too many parts) is refused whatever ALLOW_UNSCANNABLE says: that
             // setting is about sizes an operator accepts, not about shapes an attacker picks.
