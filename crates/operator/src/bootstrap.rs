@@ -212,7 +212,11 @@ fn normalise_paths(hcm: &mut Value, listener: &str) -> Result<(), MergeError> {
         _ => false,
     };
     if !safe {
-        return refuse(field, action, envoy::SAFE_ESCAPED_SLASHES_ACTIONS.join(" or "));
+        return refuse(
+            field,
+            action,
+            envoy::SAFE_ESCAPED_SLASHES_ACTIONS.join(" or "),
+        );
     }
     if let Some(hcm) = hcm.as_object_mut() {
         for (key, value) in envoy::connection_manager_settings() {
@@ -236,7 +240,10 @@ fn insert_upgrade_filters(
         .into_iter()
         .flatten();
     for upgrade in upgrades {
-        let name = upgrade["upgrade_type"].as_str().unwrap_or_default().to_owned();
+        let name = upgrade["upgrade_type"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         // An empty list means the connection manager's own filters, which have the scanner.
         let Some(filters) = upgrade
             .get_mut("filters")
@@ -246,13 +253,14 @@ fn insert_upgrade_filters(
             continue;
         };
         filters.retain(|f| f["name"] != EXT_PROC_FILTER);
-        let router = filters
-            .iter()
-            .position(is_router)
-            .ok_or_else(|| MergeError::UpgradeWithoutRouter {
-                listener: listener.to_owned(),
-                upgrade: name,
-            })?;
+        let router =
+            filters
+                .iter()
+                .position(is_router)
+                .ok_or_else(|| MergeError::UpgradeWithoutRouter {
+                    listener: listener.to_owned(),
+                    upgrade: name,
+                })?;
         filters.insert(router, filter.clone());
     }
     Ok(())
@@ -417,8 +425,7 @@ mod tests {
     }
 
     fn hcm(root: &Value, listener: usize) -> &Value {
-        &root["static_resources"]["listeners"][listener]["filter_chains"][0]["filters"][0]
-            ["typed_config"]
+        &root["static_resources"]["listeners"][listener]["filter_chains"][0]["filters"][0]["typed_config"]
     }
 
     #[test]
@@ -436,7 +443,10 @@ mod tests {
         // The tenant's own safe choices are kept.
         let tenant = tenant_with("path_with_escaped_slashes_action: REJECT_REQUEST");
         let (root, _) = merge(&tenant, &policy()).expect("merge");
-        assert_eq!(hcm(&root, 0)["path_with_escaped_slashes_action"], "REJECT_REQUEST");
+        assert_eq!(
+            hcm(&root, 0)["path_with_escaped_slashes_action"],
+            "REJECT_REQUEST"
+        );
         assert_eq!(hcm(&root, 0)["normalize_path"], true);
         let tenant = tenant_with("normalize_path: true");
         assert!(merge(&tenant, &policy()).is_ok());

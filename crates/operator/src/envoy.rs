@@ -316,6 +316,25 @@ mod tests {
     }
 
     #[test]
+    fn generated_connection_managers_route_on_the_normalised_path() {
+        let s =
+            spec(json!({"selector": {}, "routes": [{"name": "static", "pathPrefix": "/static/"}]}));
+        let b = example_bootstrap(&s);
+        let hcm = &b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+        assert_eq!(hcm["normalize_path"], true);
+        assert_eq!(hcm["merge_slashes"], true);
+        assert_eq!(
+            hcm["path_with_escaped_slashes_action"],
+            "UNESCAPE_AND_REDIRECT"
+        );
+        let data = config_map_data(&s);
+        let piece: Value =
+            serde_saphyr::from_str(&data[KEY_CONNECTION_MANAGER]).expect("connection manager");
+        assert_eq!(piece, Value::Object(connection_manager_settings()));
+        assert_eq!(piece["normalize_path"], true);
+    }
+
+    #[test]
     fn opted_out_routes_come_first_in_the_example() {
         let s = spec(json!({"selector": {}, "routes": [
             {"name": "health", "path": "/healthz"},

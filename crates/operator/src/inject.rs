@@ -15,9 +15,7 @@ use kube::ResourceExt;
 use sha2::{Digest, Sha256};
 
 use crate::controller::{ANNOTATION_GENERATION, ANNOTATION_POLICY, derived_bootstrap_name};
-use crate::crd::{
-    FailureMode, Priority, RangeRequests, RedisSettings, Transport, VirusScanPolicy,
-};
+use crate::crd::{FailureMode, Priority, RangeRequests, RedisSettings, Transport, VirusScanPolicy};
 use crate::envoy::SOCKET_DIR;
 use crate::selector;
 

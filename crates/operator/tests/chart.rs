@@ -400,11 +400,11 @@ fn clamd_alerts_on_what_it_cannot_scan_and_its_limits_follow_the_values() {
         (vec!["consumer.maxScanSizeMB=2000"], 2000, 4095),
     ] {
         let objects = template(&sets);
-        let conf = object(&objects, "ConfigMap", &format!("{fullname}-clamd"))["data"]
-            ["clamd.conf"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let conf =
+            object(&objects, "ConfigMap", &format!("{fullname}-clamd"))["data"]["clamd.conf"]
+                .as_str()
+                .unwrap()
+                .to_owned();
         let settings: Vec<(&str, &str)> = conf
             .lines()
             .filter(|l| !l.starts_with('#') && !l.trim().is_empty())

@@ -522,7 +522,10 @@ async fn tenant_bootstrap_is_merged_into_a_derived_bootstrap_that_envoy_validate
     )
     .await;
     assert_eq!(
-        data(&config_maps.get("vsp-merged-bootstrap").await.unwrap(), "envoy.yaml"),
+        data(
+            &config_maps.get("vsp-merged-bootstrap").await.unwrap(),
+            "envoy.yaml"
+        ),
         text,
         "the derived bootstrap was rewritten from a refused tenant bootstrap"
     );
