@@ -291,10 +291,9 @@ impl<S: BodyScan> ExtProcStream<S> {
         {
             return self.release_or_block(d, true).await;
         }
-        if self.message(d).awaiting_body {
-            // Trailers end the body: one that never came cannot pass.
-            return Err(Status::invalid_argument("trailers before the body"));
-        }
+        // Trailers end the message: a BUFFERED body that never came was empty, and no byte
+        // of it can pass unseen.
+        self.message(d).awaiting_body = false;
         self.send(respond::trailers_continue(d)).await?;
         Ok(Flow::Continue)
     }
