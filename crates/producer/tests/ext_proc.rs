@@ -480,3 +480,57 @@ fn unix_socket_processor_blocks_eicar() {
     );
     assert_eq!(r.status, 200);
 }
+
+#[test]
+fn without_a_shared_spool_large_bodies_are_scanned_through_redis_and_leave_nothing() {
+    let mut options = StackOptions::new(BodyMode::Buffered);
+    options.spool_shared = false;
+    options.producer_args = vec!["--scan-file-threshold-mb".into(), "1".into()];
+    let stack = Stack::start(options);
+    let files = tempfile::tempdir().unwrap();
+
+    // Spilled to a directory the consumer cannot open: infected, and never upstream.
+    let mut infected = clean_bytes(12 << 20, 21);
+    infected.extend_from_slice(EICAR);
+    let r = post_file(
+        &stack.url("/upload/big-bad"),
+        &temp_file(&files, "bad", &infected),
+        &[],
+    );
+    assert_eq!(r.status, 406, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("x-virus-name"), Some(EICAR_BODY_SIGNATURE));
+    assert_eq!(r.json()["sha256"], sha256_hex(&infected));
+    assert!(stack.upstream.received().is_empty());
+
+    // A clean body of the same size passes byte for byte.
+    let clean = clean_bytes(infected.len(), 22);
+    let r = post_file(
+        &stack.url("/upload/big-ok"),
+        &temp_file(&files, "ok", &clean),
+        &[],
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let got = stack.upstream.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (got[0].len, got[0].sha256.clone()),
+        (clean.len() as u64, sha256_hex(&clean))
+    );
+
+    // Downloads take the same way (other bytes, so that no cached verdict answers).
+    let mut download = clean_bytes(12 << 20, 23);
+    download.extend_from_slice(EICAR);
+    stack.upstream.serve("big-bad", download, &[]);
+    assert_eq!(curl(&[&stack.url("/files/big-bad")]).status, 406);
+
+    assert!(
+        stack.producer_metric("virus_scanner_producer_spilled_bytes_total")
+            >= (3 * infected.len()) as f64,
+        "the bodies were not spilled"
+    );
+    assert_eq!(
+        stack.redis_keys("{virus-scanner}:body:*"),
+        Vec::<String>::new()
+    );
+    assert!(stack.leftovers().is_empty(), "{:?}", stack.leftovers());
+}

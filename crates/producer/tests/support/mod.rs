@@ -16,6 +16,9 @@ pub struct StackOptions {
     pub consumer_args: Vec<String>,
     pub clamd: ClamdOptions,
     pub unix_socket: bool,
+    /// False: the producer spills into a directory of its own, which the consumer cannot
+    /// open (a pod-local spool), and runs with `SPOOL_SHARED=false`.
+    pub spool_shared: bool,
 }
 
 impl StackOptions {
@@ -26,6 +29,7 @@ impl StackOptions {
             consumer_args: Vec::new(),
             clamd: ClamdOptions::default(),
             unix_socket: false,
+            spool_shared: true,
         }
     }
 }
@@ -40,6 +44,8 @@ pub struct Stack {
     pub redis: Redis,
     pub clamd: Clamd,
     pub scan_dir: tempfile::TempDir,
+    /// The producer's own spool, when it shares none with the consumer.
+    pub producer_spool: Option<tempfile::TempDir>,
     pub upstream: Upstream,
     pub producer: ServiceProcess,
     pub producer_http: u16,
@@ -72,6 +78,13 @@ impl Stack {
             extra.push("--grpc-socket".into());
             extra.push(socket.display().to_string());
         }
+        let producer_spool = (!options.spool_shared).then(|| {
+            extra.extend(["--spool-shared".into(), "false".into()]);
+            tempfile::Builder::new()
+                .prefix("vs-producer-spool-")
+                .tempdir()
+                .unwrap()
+        });
         extra.extend(options.producer_args.iter().cloned());
         let ProducerProcess {
             process: producer,
@@ -81,7 +94,9 @@ impl Stack {
         } = ProducerProcess::start(
             Path::new(env!("CARGO_BIN_EXE_virus-scanner-producer")),
             redis.port(),
-            scan_dir.path(),
+            producer_spool
+                .as_ref()
+                .map_or(scan_dir.path(), |d| d.path()),
             &extra,
             &[],
         );
@@ -96,6 +111,7 @@ impl Stack {
             redis,
             clamd,
             scan_dir,
+            producer_spool,
             upstream,
             producer,
             producer_http: http,
@@ -156,12 +172,26 @@ impl Stack {
         }
     }
 
-    /// Files the producer left in the scan directory.
+    /// Files the producer left in the scan directory (and in its own spool).
     pub fn leftovers(&self) -> Vec<PathBuf> {
-        std::fs::read_dir(self.scan_dir.path())
-            .unwrap()
+        std::iter::once(self.scan_dir.path())
+            .chain(self.producer_spool.as_ref().map(|d| d.path()))
+            .flat_map(|dir| std::fs::read_dir(dir).unwrap())
             .map(|e| e.unwrap().path())
             .collect()
+    }
+
+    /// Keys in Redis that match `pattern`.
+    pub fn redis_keys(&self, pattern: &str) -> Vec<String> {
+        self.rt.block_on(async {
+            let client = redis::Client::open(self.redis.url()).unwrap();
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            redis::cmd("KEYS")
+                .arg(pattern)
+                .query_async(&mut conn)
+                .await
+                .unwrap()
+        })
     }
 
     pub fn producer_metric(&self, name: &str) -> f64 {
