@@ -359,9 +359,17 @@ fn malformed_icap_gets_400_and_a_closed_connection() {
     assert!(previewed.starts_with("ICAP/1.0 204"), "{previewed}");
 
     // Max-Connections: with three held open (conn, and two more), the next is refused.
-    let _a = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let _b = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    // Each holds its slot once it has been answered: the server accepted it by then.
+    let options = format!("OPTIONS icap://127.0.0.1:{port}/avscan ICAP/1.0\r\nHost: x\r\n\r\n");
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(options.as_bytes()).unwrap();
+        let answer = read_answer(&mut c, "\r\n\r\n");
+        assert!(answer.starts_with("ICAP/1.0 200 OK"), "{answer}");
+        held.push(c);
+    }
     let refused = exchange(port, b"");
     assert!(refused.starts_with("ICAP/1.0 503"), "{refused:?}");
 
