@@ -257,10 +257,16 @@ mod tests {
     fn deflate_is_read_zlib_wrapped_or_raw() {
         let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
         z.write_all(b"zlib").unwrap();
-        assert_eq!(decode(Coding::Deflate, &z.finish().unwrap()).unwrap(), b"zlib");
+        assert_eq!(
+            decode(Coding::Deflate, &z.finish().unwrap()).unwrap(),
+            b"zlib"
+        );
         let mut r = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
         r.write_all(b"raw").unwrap();
-        assert_eq!(decode(Coding::Deflate, &r.finish().unwrap()).unwrap(), b"raw");
+        assert_eq!(
+            decode(Coding::Deflate, &r.finish().unwrap()).unwrap(),
+            b"raw"
+        );
         assert!(decode(Coding::Deflate, b"\xff").is_err());
     }
 

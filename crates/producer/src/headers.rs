@@ -117,9 +117,12 @@ pub fn partial_content(
     if status.map(str::trim) != Some("206") {
         return None;
     }
-    let whole = content_range.and_then(parse_content_range).is_some_and(
-        |(first, last, complete)| first == 0 && complete.is_some_and(|c| last.checked_add(1) == Some(c)),
-    );
+    let whole =
+        content_range
+            .and_then(parse_content_range)
+            .is_some_and(|(first, last, complete)| {
+                first == 0 && complete.is_some_and(|c| last.checked_add(1) == Some(c))
+            });
     if whole {
         None
     } else {
@@ -201,7 +204,10 @@ mod tests {
             ("Content-Type", "multipart/form-data; boundary=B"),
         ]);
         assert!(f.body_headers().refusal.is_some());
-        let same = read(&[("content-type", "text/plain"), ("content-type", "text/plain ")]);
+        let same = read(&[
+            ("content-type", "text/plain"),
+            ("content-type", "text/plain "),
+        ]);
         assert_eq!(same.body_headers().refusal, None);
     }
 
@@ -222,12 +228,7 @@ mod tests {
         assert!(partial_content(Some("200"), Some("bytes 0-1/9"), None).is_none());
         assert!(partial_content(None, None, None).is_none());
         assert!(
-            partial_content(
-                Some("200"),
-                None,
-                Some("Multipart/ByteRanges; boundary=x")
-            )
-            .is_some()
+            partial_content(Some("200"), None, Some("Multipart/ByteRanges; boundary=x")).is_some()
         );
     }
 }

@@ -20,10 +20,10 @@ use virus_scanner_protocol::icap::{
 use virus_scanner_protocol::task::{Direction, VerdictStatus};
 
 use crate::body::{Body, BodyBuffer, BodyData, BodyError};
-use crate::metrics::IcapLabels;
-use crate::scan::{Decision, Outcome, ScanContext, ScanService};
 use crate::config::RangeRequests;
 use crate::headers::HeaderFields;
+use crate::metrics::IcapLabels;
+use crate::scan::{Decision, Outcome, ScanContext, ScanService};
 
 /// Settings of the ICAP front end.
 #[derive(Debug, Clone)]
@@ -276,8 +276,8 @@ impl IcapServer {
             f
         };
 
-        let asks_for_range = direction == Direction::Request
-            && request.is_some_and(|(_, h, _)| fields(h).range);
+        let asks_for_range =
+            direction == Direction::Request && request.is_some_and(|(_, h, _)| fields(h).range);
         if asks_for_range {
             match self.scan.config.range_requests {
                 RangeRequests::Allow => {}
@@ -348,9 +348,7 @@ impl IcapServer {
             (Some(_), false) => false,
             (None, _) => true,
         };
-        let headers = http
-            .map(|h| fields(h).body_headers())
-            .unwrap_or_default();
+        let headers = http.map(|h| fields(h).body_headers()).unwrap_or_default();
         let outcome = if too_large {
             self.scan.refuse_unscanned(
                 format!("body larger than {} bytes", self.scan.limits.max),
@@ -516,7 +514,10 @@ impl IcapServer {
         for (section, range) in encapsulated.header_ranges() {
             if section == Section::ReqHdr {
                 sections.push((section, echoed.len()));
-                echoed.extend(icap::remove_header_fields(&area[range], &["range", "if-range"]));
+                echoed.extend(icap::remove_header_fields(
+                    &area[range],
+                    &["range", "if-range"],
+                ));
             }
         }
         let echo = Encapsulated {

@@ -6,8 +6,8 @@
 pub mod body;
 pub mod codings;
 pub mod config;
-pub mod headers;
 pub mod ext_proc;
+pub mod headers;
 pub mod icap;
 pub mod metrics;
 pub mod scan;

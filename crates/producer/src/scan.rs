@@ -452,7 +452,10 @@ mod tests {
             "415",
         ]);
         assert_eq!(decision(&c, VerdictStatus::Error, false), Decision::Allow);
-        assert_eq!(decision(&c, VerdictStatus::Unscannable, false), Decision::Allow);
+        assert_eq!(
+            decision(&c, VerdictStatus::Unscannable, false),
+            Decision::Allow
+        );
         assert_eq!(
             decision(&c, VerdictStatus::Infected, false),
             Decision::Block { status: 451 }

@@ -123,7 +123,9 @@ impl<S: BodyScan> ExtProcStream<S> {
     /// what it holds.
     fn ended(&self) -> Result<(), Status> {
         if self.request.awaiting_body || self.response.awaiting_body {
-            return Err(Status::aborted("the stream ended before the body was complete"));
+            return Err(Status::aborted(
+                "the stream ended before the body was complete",
+            ));
         }
         Ok(())
     }
@@ -286,8 +288,7 @@ impl<S: BodyScan> ExtProcStream<S> {
     }
 
     async fn on_trailers(&mut self, d: HttpDirection) -> Result<Flow, Status> {
-        if self.body_mode(d) == BodySendMode::FullDuplexStreamed
-            && self.message(d).buffer.is_some()
+        if self.body_mode(d) == BodySendMode::FullDuplexStreamed && self.message(d).buffer.is_some()
         {
             return self.release_or_block(d, true).await;
         }
@@ -389,7 +390,11 @@ impl<S: BodyScan> ExtProcStream<S> {
         self.scan.scan(body, headers, &ctx).await
     }
 
-    async fn reject_unscannable(&mut self, d: HttpDirection, e: &BodyError) -> Result<Flow, Status> {
+    async fn reject_unscannable(
+        &mut self,
+        d: HttpDirection,
+        e: &BodyError,
+    ) -> Result<Flow, Status> {
         if let BodyError::Spill(io) = e {
             return Err(Status::internal(format!("buffering the body: {io}")));
         }
