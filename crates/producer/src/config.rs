@@ -124,6 +124,21 @@ pub struct ProducerArgs {
     pub worker_threads: usize,
 }
 
+/// Settings of the ICAP front end.
+#[derive(Debug, Clone)]
+pub struct IcapConfig {
+    pub service_path: String,
+    pub max_connections: usize,
+    pub preview: u64,
+    pub options_ttl: Duration,
+    /// How long a persistent connection may wait for its next request.
+    pub idle_timeout: Duration,
+    /// How long one read inside a request may take (slowloris).
+    pub read_timeout: Duration,
+    /// HTTP status of the block page for an infected body.
+    pub block_status: u16,
+}
+
 /// Validated configuration.
 #[derive(Debug, Clone)]
 pub struct ProducerConfig {
@@ -150,7 +165,7 @@ pub struct ProducerConfig {
     pub policy: String,
     pub log_format: LogFormat,
     pub icap_addr: SocketAddr,
-    pub icap: crate::icap::IcapConfig,
+    pub icap: IcapConfig,
     pub verdict_memo_entries: usize,
     pub verdict_memo_ttl: Duration,
     pub worker_threads: usize,
@@ -267,7 +282,7 @@ impl ProducerArgs {
                 "ICAP_IDLE_TIMEOUT_SECONDS and ICAP_READ_TIMEOUT_SECONDS must be positive".into(),
             );
         }
-        let icap = crate::icap::IcapConfig {
+        let icap = IcapConfig {
             service_path: self.icap_service.clone(),
             max_connections: self.icap_max_connections,
             preview: self.icap_preview_bytes,

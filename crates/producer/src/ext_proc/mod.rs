@@ -22,12 +22,10 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, Processin
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
-use virus_scanner_protocol::task::{Direction, Priority};
+use virus_scanner_protocol::task::Direction;
 
-use crate::body::{Body, BodyLimits};
-use crate::config::RangeRequests;
-use crate::scan::{Outcome, ScanContext, ScanService};
-use crate::unpack::BodyHeaders;
+pub use crate::scan::BodyScan;
+use crate::scan::ScanService;
 
 mod respond;
 mod stream;
@@ -57,54 +55,6 @@ impl HttpDirection {
     }
 }
 
-/// What a stream needs of the scan path. The producer's is [`ScanService`]; the fuzz
-/// target of the stream's state machine brings one that needs no Redis.
-pub trait BodyScan: Send + Sync + 'static {
-    fn limits(&self) -> &BodyLimits;
-    fn priority_header(&self) -> &str;
-    fn priority(&self, header_value: Option<&str>) -> Priority;
-    fn range_requests(&self) -> RangeRequests;
-    fn scan(
-        &self,
-        body: &Body,
-        headers: &BodyHeaders,
-        ctx: &ScanContext,
-    ) -> impl Future<Output = Outcome> + Send;
-    /// The answer for a body that could not be held for a scan (too large).
-    fn refuse_unscanned(&self, why: String, ctx: &ScanContext) -> Outcome;
-    /// A stream ended with an error status.
-    fn stream_failed(&self);
-}
-
-impl BodyScan for ScanService {
-    fn limits(&self) -> &BodyLimits {
-        &self.limits
-    }
-    fn priority_header(&self) -> &str {
-        &self.config.priority_header
-    }
-    fn priority(&self, header_value: Option<&str>) -> Priority {
-        self.config.priority(header_value)
-    }
-    fn range_requests(&self) -> RangeRequests {
-        self.config.range_requests
-    }
-    fn scan(
-        &self,
-        body: &Body,
-        headers: &BodyHeaders,
-        ctx: &ScanContext,
-    ) -> impl Future<Output = Outcome> + Send {
-        ScanService::scan(self, body, headers, ctx)
-    }
-    fn refuse_unscanned(&self, why: String, ctx: &ScanContext) -> Outcome {
-        ScanService::refuse_unscanned(self, why, ctx)
-    }
-    fn stream_failed(&self) {
-        self.metrics.error("ext_proc");
-    }
-}
-
 pub struct ExtProcService<S: BodyScan = ScanService> {
     scan: Arc<S>,
 }
@@ -126,7 +76,7 @@ impl<S: BodyScan> ExtProcService<S> {
         let work = async move {
             let result = stream.run(inbound).await;
             if let Err(status) = &result {
-                stream.scan.stream_failed();
+                stream.scan.front_end_error("ext_proc");
                 tracing::warn!(code = ?status.code(), message = status.message(), "ext_proc stream failed");
             }
             result

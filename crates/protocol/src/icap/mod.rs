@@ -1,8 +1,11 @@
 //! ICAP (RFC 3507) without I/O: the request head, `Encapsulated`, the embedded HTTP heads,
-//! chunk-size lines with their extensions, and the bytes of our answers. Every parser takes
-//! a byte slice, returns `Ok(None)` when it needs more bytes, and bounds every length.
+//! chunk-size lines with their extensions; the bytes of our answers are in [`answer`]. Every
+//! parser takes a byte slice, returns `Ok(None)` when it needs more bytes, and bounds every
+//! length.
 
-use std::fmt::Write as _;
+mod answer;
+
+pub use answer::*;
 
 /// The largest ICAP head (request line and headers) we read.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -405,105 +408,6 @@ pub fn parse_chunk_header(buf: &[u8]) -> Result<Option<(ChunkHeader, usize)>, Ic
     Ok(Some((ChunkHeader { size, ieof }, nl + 1)))
 }
 
-/// An ICAP response head: status line, headers, empty line.
-pub fn response_head(status: u16, reason: &str, headers: &[(&str, &str)]) -> Vec<u8> {
-    let mut out = format!("ICAP/1.0 {status} {reason}\r\n");
-    for (name, value) in headers {
-        let _ = write!(out, "{name}: {value}\r\n");
-    }
-    out.push_str("\r\n");
-    out.into_bytes()
-}
-
-/// An encapsulated HTTP head without the header fields named in `names` (any case),
-/// continuation lines of a removed field included. Everything else, line endings and
-/// order, is kept byte for byte.
-pub fn remove_header_fields(head: &[u8], names: &[&str]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(head.len());
-    let mut removing = false;
-    let mut first = true;
-    let mut rest = head;
-    while !rest.is_empty() {
-        let end = rest
-            .iter()
-            .position(|&b| b == b'\n')
-            .map_or(rest.len(), |i| i + 1);
-        let (line, tail) = rest.split_at(end);
-        rest = tail;
-        let content = line.strip_suffix(b"\n").unwrap_or(line);
-        let content = content.strip_suffix(b"\r").unwrap_or(content);
-        if first || content.is_empty() {
-            // The start line, and the empty line that ends the head.
-            first = false;
-            removing = false;
-            out.extend_from_slice(line);
-            continue;
-        }
-        if matches!(content[0], b' ' | b'\t') {
-            if !removing {
-                out.extend_from_slice(line);
-            }
-            continue;
-        }
-        let name = content
-            .iter()
-            .position(|&b| b == b':')
-            .map_or(content, |i| &content[..i]);
-        removing = names
-            .iter()
-            .any(|n| name.eq_ignore_ascii_case(n.as_bytes()));
-        if !removing {
-            out.extend_from_slice(line);
-        }
-    }
-    out
-}
-
-/// One chunk of a chunked body.
-pub fn chunk(data: &[u8], out: &mut Vec<u8>) {
-    if data.is_empty() {
-        return;
-    }
-    let _ = write!(StringSink(out), "{:x}\r\n", data.len());
-    out.extend_from_slice(data);
-    out.extend_from_slice(b"\r\n");
-}
-
-pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
-
-struct StringSink<'a>(&'a mut Vec<u8>);
-
-impl std::fmt::Write for StringSink<'_> {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        self.0.extend_from_slice(s.as_bytes());
-        Ok(())
-    }
-}
-
-/// `X-Infection-Found` as c-icap writes it (draft-stecher-icap-subid): type 0 (virus),
-/// resolution 2 (blocked).
-pub fn infection_found(threat: &str) -> String {
-    format!("Type=0; Resolution=2; Threat={};", sanitize(threat))
-}
-
-/// `X-Violations-Found` as c-icap writes it: a count, then per violation the file name,
-/// the threat, a violation id and the resolution on folded lines.
-pub fn violations_found(file: &str, threat: &str) -> String {
-    format!(
-        "1\r\n\t{}\r\n\t{}\r\n\t0\r\n\t2",
-        sanitize(file),
-        sanitize(threat)
-    )
-}
-
-/// Header values must not carry line breaks or control characters.
-pub fn sanitize(value: &str) -> String {
-    value
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -647,27 +551,5 @@ mod tests {
         assert_eq!(h.target(), Some("/files/a.txt"));
         assert_eq!(h.headers.get("content-encoding"), Some("gzip"));
         assert!(parse_http_head(b"GET / HTTP/1.1\r\nHost: x\r\n").is_err());
-        let mut out = Vec::new();
-        chunk(b"hello", &mut out);
-        assert_eq!(out, b"5\r\nhello\r\n");
-        assert_eq!(
-            response_head(204, "No Content", &[("ISTag", "\"x\"")]),
-            b"ICAP/1.0 204 No Content\r\nISTag: \"x\"\r\n\r\n"
-        );
-        assert_eq!(
-            infection_found("Eicar\r\nX: y"),
-            "Type=0; Resolution=2; Threat=Eicar  X: y;"
-        );
-    }
-
-    #[test]
-    fn named_header_fields_are_removed_and_the_rest_kept_byte_for_byte() {
-        let head = b"GET /f HTTP/1.1\r\nHost: a\r\nRange: bytes=0-9\r\nX-A: 1\r\nIF-RANGE: \"e\"\r\n  folded\r\nAccept: */*\r\n\r\n";
-        assert_eq!(
-            remove_header_fields(head, &["range", "if-range"]),
-            b"GET /f HTTP/1.1\r\nHost: a\r\nX-A: 1\r\nAccept: */*\r\n\r\n".to_vec()
-        );
-        let plain = b"GET / HTTP/1.1\nHost: a\n\n";
-        assert_eq!(remove_header_fields(plain, &["range"]), plain.to_vec());
     }
 }
