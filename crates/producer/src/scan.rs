@@ -227,13 +227,28 @@ impl ScanService {
                 unpack(body, headers, &self.limits, &self.unpack_options)
             }) {
                 Ok(u) => u,
+                // A sender can make unpacking fail (fill the spool with its own decoded
+                // bytes): that error is refused even under FAIL_OPEN.
                 Err(e) => {
                     self.metrics.error("spill");
-                    return self.decide(Verdict::error("", e.to_string()), sha, String::new());
+                    return Outcome {
+                        decision: decision(&self.config, VerdictStatus::Error, true),
+                        verdict: Verdict::error("", e.to_string()),
+                        sha256: sha,
+                        task_id: String::new(),
+                    };
                 }
             }
         } else {
             Unpacked::Original
+        };
+        // Files taken out of the body (decoded, split, embedded) are the sender's choice: a
+        // size limit reached by one of them is refused, not passed by ALLOW_UNSCANNABLE
+        // (a small gzip that decodes past the scanner's limit).
+        let derived_from = match &unpacked {
+            Unpacked::Original => usize::MAX,
+            Unpacked::OriginalAnd(_) => 1,
+            _ => 0,
         };
         let files: Vec<&Body> = match &unpacked {
             Unpacked::Original => vec![body],
@@ -253,10 +268,19 @@ impl ScanService {
             files.into_iter().map(|f| self.scan_file(f, ctx, deadline)),
         )
         .await;
-        let (verdict, file_sha, task_id) = results
+        let (index, (verdict, file_sha, task_id)) = results
             .into_iter()
-            .max_by_key(|(v, _, _)| severity(v.status()))
-            .unwrap_or_else(|| (clean(), sha, String::new()));
+            .enumerate()
+            .max_by_key(|(i, (v, _, _))| (severity(v.status()), *i >= derived_from))
+            .unwrap_or_else(|| (0, (clean(), sha, String::new())));
+        if index >= derived_from && verdict.status() == VerdictStatus::Unscannable {
+            return Outcome {
+                decision: decision(&self.config, VerdictStatus::Unscannable, true),
+                verdict,
+                sha256: file_sha,
+                task_id,
+            };
+        }
         self.decide(verdict, file_sha, task_id)
     }
 

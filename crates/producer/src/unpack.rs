@@ -106,15 +106,27 @@ pub fn unpack(
     let max_decoded = options.max_decoded;
     let encodings: Vec<String> = headers.encodings().collect();
     let mut decoded: Option<Body> = None;
+    let mut first_member: Option<Body> = None;
     // Codings are listed in the order they were applied: undo them from the last.
-    for coding in encodings.iter().rev() {
+    for (left, coding) in encodings.iter().enumerate().rev() {
         let decoded_limits = BodyLimits {
             max: max_decoded,
             ..limits.clone()
         };
         let source = decoded.as_ref().unwrap_or(body);
         decoded = Some(match decode(source, coding, decoded_limits) {
-            Ok(decoded) => decoded,
+            Ok((decoded, None)) => decoded,
+            // The first member of an outer gzip layer would be decoded further by a
+            // receiver that stops there: one more reading than we follow.
+            Ok((_, Some(_))) if left > 0 => {
+                return Ok(Unpacked::Refused(format!(
+                    "content-encoding {coding} of several members under another coding"
+                )));
+            }
+            Ok((decoded, Some(first))) => {
+                first_member = Some(first);
+                decoded
+            }
             Err(DecodeFailure::Unsupported) => {
                 return Ok(Unpacked::Unscannable(format!(
                     "unsupported content-encoding {coding:?}"
@@ -149,6 +161,7 @@ pub fn unpack(
         }
         Boundary::NotMultipart => Ok(false),
     };
+    found.files.extend(first_member);
     match split {
         Ok(true) => Ok(Unpacked::Files(found.files)),
         Ok(false) | Err(Stop::NotJson) => Ok(match decoded {
@@ -169,15 +182,47 @@ enum DecodeFailure {
     Body(BodyError),
 }
 
-fn decode(body: &Body, coding: &str, limits: BodyLimits) -> Result<Body, DecodeFailure> {
+/// The decoded body and, for a gzip body of several members, its first member alone:
+/// curl and Firefox decode every member, Chromium only the first, so both are files a
+/// receiver may get.
+fn decode(
+    body: &Body,
+    coding: &str,
+    limits: BodyLimits,
+) -> Result<(Body, Option<Body>), DecodeFailure> {
     let coding = Coding::parse(coding).ok_or(DecodeFailure::Unsupported)?;
     let source = body.reader().map_err(|e| DecodeFailure::Body(e.into()))?;
+    if coding == Coding::Gzip {
+        let mut first = flate2::bufread::GzDecoder::new(std::io::BufReader::new(source));
+        let mut out = BodyBuffer::new(limits.clone());
+        copy_decoded(&mut first, &mut out)?;
+        let mut rest = first.into_inner();
+        let more = std::io::BufRead::fill_buf(&mut rest).map_err(DecodeFailure::Corrupt)?;
+        let first = out.finish().map_err(DecodeFailure::Body)?;
+        if more.is_empty() {
+            return Ok((first, None));
+        }
+        let mut whole = BodyBuffer::new(limits);
+        copy_decoded(
+            &mut first.reader().map_err(|e| DecodeFailure::Body(e.into()))?,
+            &mut whole,
+        )?;
+        copy_decoded(&mut flate2::bufread::MultiGzDecoder::new(rest), &mut whole)?;
+        let whole = whole.finish().map_err(DecodeFailure::Body)?;
+        let first = (whole.len != first.len).then_some(first);
+        return Ok((whole, first));
+    }
     let mut decoder = codings::decoder(coding, source).map_err(DecodeFailure::Corrupt)?;
     let mut out = BodyBuffer::new(limits);
+    copy_decoded(&mut decoder, &mut out)?;
+    Ok((out.finish().map_err(DecodeFailure::Body)?, None))
+}
+
+fn copy_decoded(decoder: &mut impl Read, out: &mut BodyBuffer) -> Result<(), DecodeFailure> {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match decoder.read(&mut buf) {
-            Ok(0) => break,
+            Ok(0) => return Ok(()),
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(DecodeFailure::Corrupt(e)),
@@ -188,7 +233,6 @@ fn decode(body: &Body, coding: &str, limits: BodyLimits) -> Result<Body, DecodeF
             Err(e) => return Err(DecodeFailure::Body(e)),
         }
     }
-    out.finish().map_err(DecodeFailure::Body)
 }
 
 /// Why unpacking stopped short of a list of files.
@@ -703,6 +747,38 @@ mod tests {
             content_type: ct.map(str::to_owned),
             refusal: None,
         }
+    }
+
+    #[test]
+    fn a_gzip_body_of_several_members_is_scanned_whole_and_as_its_first_member() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = limits(dir.path());
+        let mut body = gzip(b"the file");
+        body.extend(gzip(b" and more"));
+        let body = Body::from_vec(body, &l).unwrap();
+        let out = unpack(&body, &headers(Some("gzip"), None), &l, &opts(1 << 20)).unwrap();
+        assert_eq!(
+            contents(out),
+            vec![b"the file and more".to_vec(), b"the file".to_vec()]
+        );
+        // One member (or an empty second one): one file.
+        let mut body = gzip(b"the file");
+        body.extend(gzip(b""));
+        let body = Body::from_vec(body, &l).unwrap();
+        let out = unpack(&body, &headers(Some("gzip"), None), &l, &opts(1 << 20)).unwrap();
+        assert_eq!(contents(out), vec![b"the file".to_vec()]);
+        // Several members under another coding: refused.
+        let mut two = gzip(&gzip(b"a"));
+        two.extend(gzip(&gzip(b"b")));
+        let body = Body::from_vec(two, &l).unwrap();
+        let out = unpack(
+            &body,
+            &headers(Some("gzip, gzip"), None),
+            &l,
+            &opts(1 << 20),
+        )
+        .unwrap();
+        assert!(matches!(out, Unpacked::Refused(_)), "{out:?}");
     }
 
     #[test]

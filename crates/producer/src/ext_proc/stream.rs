@@ -48,6 +48,9 @@ pub(super) struct ExtProcStream<S: BodyScan> {
     ctx: ScanContext,
     request: Message,
     response: Message,
+    /// Envoy said which body modes it uses (`protocol_config`, sent by Envoy 1.30 and
+    /// later); without it BUFFERED is assumed, and only what BUFFERED can send is taken.
+    modes_known: bool,
 }
 
 enum Flow {
@@ -70,6 +73,7 @@ impl<S: BodyScan> ExtProcStream<S> {
             ctx: ScanContext::default(),
             request: Message::default(),
             response: Message::default(),
+            modes_known: false,
         }
     }
 
@@ -90,6 +94,7 @@ impl<S: BodyScan> ExtProcStream<S> {
                 if let Some(pc) = &message.protocol_config {
                     self.request_mode = mode(pc.request_body_mode)?;
                     self.response_mode = mode(pc.response_body_mode)?;
+                    self.modes_known = true;
                 }
                 if message.observability_mode {
                     return Err(Status::failed_precondition(
@@ -148,9 +153,9 @@ impl<S: BodyScan> ExtProcStream<S> {
                 let e = BodyError::TooLarge(self.scan.limits().max);
                 self.reject_unscannable(d, &e).await.map(|_| ())
             }
-            (_, Some(_)) => Err(status),
-            // Nothing waits for a verdict (Envoy reset a finished exchange).
-            (_, None) => Ok(()),
+            // Even with no body waiting, an OK end would tell Envoy that processing is done,
+            // and a response still to come would pass unscanned.
+            _ => Err(status),
         }
     }
 
@@ -238,6 +243,19 @@ impl<S: BodyScan> ExtProcStream<S> {
     }
 
     async fn on_body(&mut self, d: HttpDirection, b: HttpBody) -> Result<Flow, Status> {
+        // Without its headers a body would be scanned without its coding, media type or
+        // status (a route that skips the headers): undecoded, unsplit, a 206 unnoticed.
+        if !self.message(d).headers_seen {
+            return Err(Status::failed_precondition(
+                "a body without its headers cannot be scanned as sent; send the headers (SEND)",
+            ));
+        }
+        // An Envoy that does not say its mode may be streaming: a first chunk is not the body.
+        if !self.modes_known && !b.end_of_stream {
+            return Err(Status::failed_precondition(
+                "without protocol_config a body in pieces cannot be told from a whole one",
+            ));
+        }
         match self.body_mode(d) {
             BodySendMode::Buffered => {
                 // One message holds the whole body (even when trailers follow and
@@ -288,6 +306,11 @@ impl<S: BodyScan> ExtProcStream<S> {
     }
 
     async fn on_trailers(&mut self, d: HttpDirection) -> Result<Flow, Status> {
+        if !self.message(d).headers_seen {
+            return Err(Status::failed_precondition(
+                "trailers without their headers",
+            ));
+        }
         if self.body_mode(d) == BodySendMode::FullDuplexStreamed && self.message(d).buffer.is_some()
         {
             return self.release_or_block(d, true).await;
