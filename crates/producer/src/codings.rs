@@ -93,7 +93,7 @@ struct ZstdFrames<R: Read> {
 enum ZstdState<R: Read> {
     /// Between frames: the next one starts here, or the body ends.
     Between(PushBack<R>),
-    Frame(StreamingDecoder<PushBack<R>, FrameDecoder>),
+    Frame(Box<StreamingDecoder<PushBack<R>, FrameDecoder>>),
     Failed,
 }
 
@@ -192,7 +192,8 @@ impl<R: Read> Read for ZstdFrames<R> {
                         continue;
                     }
                     source.ahead.extend_from_slice(&magic);
-                    self.state = ZstdState::Frame(StreamingDecoder::new(source).map_err(corrupt)?);
+                    self.state =
+                        ZstdState::Frame(Box::new(StreamingDecoder::new(source).map_err(corrupt)?));
                 }
             }
         }
