@@ -148,29 +148,40 @@ pub struct ProducerConfig {
     pub http_addr: SocketAddr,
     pub scan_tmp_dir: PathBuf,
     pub spill_threshold: usize,
-    /// Spilled bodies are queued by path (the consumers share SCAN_TMP_DIR), else sent
-    /// through Redis in chunks.
-    pub spool_shared: bool,
     pub max_body: u64,
-    pub max_decoded: u64,
-    pub scan_timeout: Duration,
-    pub fail_open: bool,
-    pub allow_unscannable: bool,
-    pub infected_status: u16,
-    pub error_status: u16,
-    pub unscannable_status: u16,
-    pub priority_header: String,
-    pub default_priority: Priority,
-    pub tenant: String,
-    pub policy: String,
+    /// What the scan core uses.
+    pub scan: ScanPolicy,
     pub log_format: LogFormat,
     pub icap_addr: SocketAddr,
     pub icap: IcapConfig,
     pub verdict_memo_entries: usize,
     pub verdict_memo_ttl: Duration,
     pub worker_threads: usize,
+}
+
+/// The scan policy: how each verdict is answered, how long a scan may take, how bodies are
+/// unpacked and queued, and the labels of the tasks. The scan core gets this and nothing
+/// of the listeners or the ICAP settings.
+#[derive(Debug, Clone)]
+pub struct ScanPolicy {
+    pub scan_timeout: Duration,
+    pub fail_open: bool,
+    pub allow_unscannable: bool,
+    pub infected_status: u16,
+    pub error_status: u16,
+    pub unscannable_status: u16,
+    /// The request header whose value `high` or `normal` picks the queue, in lower case.
+    pub priority_header: String,
+    pub default_priority: Priority,
     pub range_requests: RangeRequests,
+    /// Cap on the bytes decoded from one body (`MAX_DECODED_MB`).
+    pub max_decoded: u64,
     pub embedded_files: bool,
+    /// Spilled bodies are queued by path (the consumers share SCAN_TMP_DIR), else sent
+    /// through Redis in chunks.
+    pub spool_shared: bool,
+    pub tenant: String,
+    pub policy: String,
 }
 
 /// What the producer does with a request for part of a representation. A file fetched in
@@ -201,7 +212,7 @@ impl std::str::FromStr for RangeRequests {
     }
 }
 
-impl ProducerConfig {
+impl ScanPolicy {
     /// The queue a request goes to: the priority header's value (`high` or `normal`), else
     /// the default. One rule for ext_proc and ICAP.
     pub fn priority(&self, header_value: Option<&str>) -> Priority {
@@ -299,27 +310,29 @@ impl ProducerArgs {
             http_addr: self.http_addr,
             scan_tmp_dir: self.scan_tmp_dir,
             spill_threshold: (self.scan_file_threshold_mb * 1024 * 1024) as usize,
-            spool_shared: self.spool_shared,
             max_body: self.max_body_mb * 1024 * 1024,
-            max_decoded: self.max_decoded_mb * 1024 * 1024,
-            scan_timeout: Duration::from_secs(self.scan_timeout_seconds),
-            fail_open: self.fail_open,
-            allow_unscannable: self.allow_unscannable,
-            infected_status: http_status("INFECTED_STATUS", self.infected_status)?,
-            error_status: http_status("ERROR_STATUS", self.error_status)?,
-            unscannable_status: http_status("UNSCANNABLE_STATUS", self.unscannable_status)?,
-            priority_header: self.priority_header.to_ascii_lowercase(),
-            default_priority,
-            tenant: self.tenant,
-            policy: self.policy,
+            scan: ScanPolicy {
+                scan_timeout: Duration::from_secs(self.scan_timeout_seconds),
+                fail_open: self.fail_open,
+                allow_unscannable: self.allow_unscannable,
+                infected_status: http_status("INFECTED_STATUS", self.infected_status)?,
+                error_status: http_status("ERROR_STATUS", self.error_status)?,
+                unscannable_status: http_status("UNSCANNABLE_STATUS", self.unscannable_status)?,
+                priority_header: self.priority_header.to_ascii_lowercase(),
+                default_priority,
+                range_requests: self.range_requests.parse()?,
+                max_decoded: self.max_decoded_mb * 1024 * 1024,
+                embedded_files: self.embedded_files,
+                spool_shared: self.spool_shared,
+                tenant: self.tenant,
+                policy: self.policy,
+            },
             log_format: self.log_format,
             icap_addr: self.icap_addr,
             icap,
             verdict_memo_entries: self.verdict_memo_entries,
             verdict_memo_ttl: Duration::from_secs(self.verdict_memo_seconds),
             worker_threads: self.worker_threads,
-            range_requests: self.range_requests.parse()?,
-            embedded_files: self.embedded_files,
         })
     }
 }
@@ -342,12 +355,12 @@ mod tests {
         assert_eq!(c.queue.redis.url, "redis://localhost:6379/");
         assert_eq!(c.spill_threshold, 10 << 20);
         assert_eq!(c.scan_tmp_dir, PathBuf::from("/tmp/virusscan"));
-        assert_eq!((c.infected_status, c.error_status), (406, 503));
-        assert!(!c.fail_open);
+        assert_eq!((c.scan.infected_status, c.scan.error_status), (406, 503));
+        assert!(!c.scan.fail_open);
         assert_eq!(c.worker_threads, 1);
-        assert!(c.spool_shared);
-        assert_eq!(c.range_requests, RangeRequests::Strip);
-        assert!(c.embedded_files);
+        assert!(c.scan.spool_shared);
+        assert_eq!(c.scan.range_requests, RangeRequests::Strip);
+        assert!(c.scan.embedded_files);
     }
 
     #[test]
@@ -355,10 +368,10 @@ mod tests {
         for off in [&["--spool-shared", "false"][..], &["--spool-shared=no"][..]] {
             let c = args(&[off, &["--max-body-mb", "65536", "--tenant", "team-a.prod"]].concat())
                 .unwrap();
-            assert!(!c.spool_shared);
+            assert!(!c.scan.spool_shared);
             assert_eq!(c.max_body, 64 << 30);
         }
-        assert!(args(&["--spool-shared", "true"]).unwrap().spool_shared);
+        assert!(args(&["--spool-shared", "true"]).unwrap().scan.spool_shared);
         let err = args(&["--spool-shared", "false", "--tenant", "a:b"]).unwrap_err();
         assert!(
             err.contains("TENANT") && err.contains("SPOOL_SHARED"),

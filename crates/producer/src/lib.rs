@@ -35,7 +35,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.scan_tmp_dir)
         .map_err(|e| anyhow::anyhow!("SCAN_TMP_DIR {}: {e}", config.scan_tmp_dir.display()))?;
-    let leftover_age = (config.scan_timeout * 2).max(Duration::from_secs(60));
+    let leftover_age = (config.scan.scan_timeout * 2).max(Duration::from_secs(60));
     match body::remove_leftovers(&config.scan_tmp_dir, leftover_age) {
         Ok(0) => {}
         Ok(n) => tracing::info!(files = n, "removed spilled bodies left by an earlier run"),
@@ -45,7 +45,17 @@ pub async fn run(
     let mut registry = Registry::default();
     let metrics = metrics::Metrics::register(&mut registry);
     let producer = connect(&config).await?;
-    let service = Arc::new(scan::ScanService::new(config.clone(), producer, metrics));
+    let limits = body::BodyLimits {
+        spill_dir: config.scan_tmp_dir.clone(),
+        spill_threshold: config.spill_threshold,
+        max: config.max_body,
+    };
+    let service = Arc::new(scan::ScanService::new(
+        config.scan.clone(),
+        limits,
+        producer,
+        metrics,
+    ));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

@@ -10,8 +10,7 @@ use virus_scanner_protocol::task::{
 use virus_scanner_queue::{Producer, QueueError, now_ns};
 
 use crate::body::{Body, BodyData, BodyLimits};
-use crate::config::ProducerConfig;
-use crate::config::RangeRequests;
+use crate::config::{RangeRequests, ScanPolicy};
 use crate::metrics::{DirectionLabels, IcapLabels, Metrics, RequestLabels};
 use crate::unpack::{BodyHeaders, UnpackOptions, Unpacked, unpack};
 
@@ -85,13 +84,13 @@ impl BodyScan for ScanService {
         &self.limits
     }
     fn priority_header(&self) -> &str {
-        &self.config.priority_header
+        &self.policy.priority_header
     }
     fn priority(&self, header_value: Option<&str>) -> Priority {
-        self.config.priority(header_value)
+        self.policy.priority(header_value)
     }
     fn range_requests(&self) -> RangeRequests {
-        self.config.range_requests
+        self.policy.range_requests
     }
     fn scan(
         &self,
@@ -125,7 +124,7 @@ impl BodyScan for ScanService {
 }
 
 pub struct ScanService {
-    pub config: ProducerConfig,
+    pub policy: ScanPolicy,
     pub producer: Producer,
     pub metrics: Metrics,
     pub limits: BodyLimits,
@@ -133,18 +132,18 @@ pub struct ScanService {
 }
 
 impl ScanService {
-    pub fn new(config: ProducerConfig, producer: Producer, metrics: Metrics) -> ScanService {
-        let limits = BodyLimits {
-            spill_dir: config.scan_tmp_dir.clone(),
-            spill_threshold: config.spill_threshold,
-            max: config.max_body,
-        };
+    pub fn new(
+        policy: ScanPolicy,
+        limits: BodyLimits,
+        producer: Producer,
+        metrics: Metrics,
+    ) -> ScanService {
         let unpack_options = UnpackOptions {
-            max_decoded: config.max_decoded,
-            embedded_files: config.embedded_files,
+            max_decoded: policy.max_decoded,
+            embedded_files: policy.embedded_files,
         };
         ScanService {
-            config,
+            policy,
             producer,
             metrics,
             limits,
@@ -156,7 +155,7 @@ impl ScanService {
     /// policy turns into a block unless it says otherwise.
     pub async fn scan(&self, body: &Body, headers: &BodyHeaders, ctx: &ScanContext) -> Outcome {
         let started = Instant::now();
-        let deadline = started + self.config.scan_timeout;
+        let deadline = started + self.policy.scan_timeout;
         // A guard: the caller's future can be dropped mid-scan (client gone, stream reset).
         let in_flight = virus_scanner_runtime::InProgress::enter(&self.metrics.in_flight);
         if let BodyData::Spilled(_) = body.data {
@@ -232,7 +231,7 @@ impl ScanService {
                 Err(e) => {
                     self.metrics.error("spill");
                     return Outcome {
-                        decision: decision(&self.config, VerdictStatus::Error, true),
+                        decision: decision(&self.policy, VerdictStatus::Error, true),
                         verdict: Verdict::error("", e.to_string()),
                         sha256: sha,
                         task_id: String::new(),
@@ -275,7 +274,7 @@ impl ScanService {
             .unwrap_or_else(|| (0, (clean(), sha, String::new())));
         if index >= derived_from && verdict.status() == VerdictStatus::Unscannable {
             return Outcome {
-                decision: decision(&self.config, VerdictStatus::Unscannable, true),
+                decision: decision(&self.policy, VerdictStatus::Unscannable, true),
                 verdict,
                 sha256: file_sha,
                 task_id,
@@ -309,7 +308,7 @@ impl ScanService {
         let content = match &file.data {
             BodyData::Memory(bytes) => Content::Body(bytes.clone()),
             // The file stays until this function returns: its owner outlives the scan.
-            BodyData::Spilled(spill) if self.config.spool_shared => {
+            BodyData::Spilled(spill) if self.policy.spool_shared => {
                 Content::Path(spill.path().display().to_string())
             }
             // No consumer can open this spool: the body goes through Redis in chunks, unless
@@ -319,7 +318,7 @@ impl ScanService {
                     self.metrics.cache_hits.inc();
                     return (v, sha, String::new());
                 }
-                let tenant = &self.config.tenant;
+                let tenant = &self.policy.tenant;
                 let path = spill.path();
                 match self
                     .producer
@@ -350,8 +349,8 @@ impl ScanService {
             deadline_ns,
             sha256: file.sha256.to_vec(),
             labels: Some(Labels {
-                tenant: self.config.tenant.clone(),
-                policy: self.config.policy.clone(),
+                tenant: self.policy.tenant.clone(),
+                policy: self.policy.policy.clone(),
                 route: ctx.route.clone(),
                 direction: ctx.direction as i32,
                 client_address: ctx.client_address.clone(),
@@ -386,7 +385,7 @@ impl ScanService {
 
     /// Turns a verdict into what the gateway does, following the policy.
     pub fn decide(&self, verdict: Verdict, sha256: Option<[u8; 32]>, task_id: String) -> Outcome {
-        let decision = decision(&self.config, verdict.status(), false);
+        let decision = decision(&self.policy, verdict.status(), false);
         if decision == Decision::Allow
             && matches!(
                 verdict.status(),
@@ -407,7 +406,7 @@ impl ScanService {
     fn refuse(&self, why: &str, sha256: Option<[u8; 32]>) -> Outcome {
         Outcome {
             verdict: unscannable(why),
-            decision: decision(&self.config, VerdictStatus::Unscannable, true),
+            decision: decision(&self.policy, VerdictStatus::Unscannable, true),
             sha256,
             task_id: String::new(),
         }
@@ -420,8 +419,8 @@ impl ScanService {
             task_id = %outcome.task_id,
             signature = %outcome.verdict.signature,
             sha256 = %outcome.sha256_hex(),
-            tenant = %self.config.tenant,
-            policy = %self.config.policy,
+            tenant = %self.policy.tenant,
+            policy = %self.policy.policy,
             route = %ctx.route,
             direction = direction_label(ctx.direction),
             client_address = %ctx.client_address,
@@ -475,21 +474,21 @@ fn unscannable(why: &str) -> Verdict {
 
 /// The policy's answer to a verdict. `refused` marks a body refused for its shape, which
 /// no setting lets through.
-pub fn decision(config: &ProducerConfig, status: VerdictStatus, refused: bool) -> Decision {
+pub fn decision(policy: &ScanPolicy, status: VerdictStatus, refused: bool) -> Decision {
     match status {
         VerdictStatus::Clean if !refused => Decision::Allow,
         VerdictStatus::Infected => Decision::Block {
-            status: config.infected_status,
+            status: policy.infected_status,
         },
-        VerdictStatus::Unscannable if config.allow_unscannable && !refused => Decision::Allow,
-        VerdictStatus::Error | VerdictStatus::Unspecified if config.fail_open && !refused => {
+        VerdictStatus::Unscannable if policy.allow_unscannable && !refused => Decision::Allow,
+        VerdictStatus::Error | VerdictStatus::Unspecified if policy.fail_open && !refused => {
             Decision::Allow
         }
         VerdictStatus::Error | VerdictStatus::Unspecified => Decision::Block {
-            status: config.error_status,
+            status: policy.error_status,
         },
         VerdictStatus::Clean | VerdictStatus::Unscannable => Decision::Block {
-            status: config.unscannable_status,
+            status: policy.unscannable_status,
         },
     }
 }
@@ -519,13 +518,14 @@ mod tests {
     use super::*;
     use crate::config::ProducerArgs;
 
-    fn config(extra: &[&str]) -> ProducerConfig {
+    fn config(extra: &[&str]) -> ScanPolicy {
         let mut argv = vec!["virus-scanner-producer"];
         argv.extend_from_slice(extra);
         ProducerArgs::try_parse_from(argv)
             .expect("flags")
             .validate()
             .expect("valid")
+            .scan
     }
 
     #[test]
