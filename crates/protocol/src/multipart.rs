@@ -19,6 +19,8 @@ pub enum MultipartError {
     HeadersTooLong,
     #[error("multipart delimiter is followed by garbage")]
     BadDelimiter,
+    #[error("multipart boundary appears inside a part, its head or the preamble")]
+    BoundaryInData,
     #[error("multipart body ended before its closing delimiter")]
     Truncated,
     #[error("multipart body has no parts")]
@@ -68,10 +70,10 @@ pub fn boundary_of(content_type: &[u8]) -> Boundary {
         Err(_) if crate::media_type::loose_essence(content_type).starts_with("multipart/") => {
             return Boundary::Ambiguous("multipart content type does not parse");
         }
-        Err(_) => return Boundary::NotMultipart,
+        Err(_) => return not_multipart(content_type),
     };
     if !media.is_multipart() {
-        return Boundary::NotMultipart;
+        return not_multipart(content_type);
     }
     let raw_mentions = boundary_mentions(content_type);
     if media.params.iter().any(|p| p.name.starts_with("boundary*")) {
@@ -96,6 +98,19 @@ pub fn boundary_of(content_type: &[u8]) -> Boundary {
     match std::str::from_utf8(&param.value) {
         Ok(b) if validate_boundary(b).is_ok() => Boundary::Found(b.to_owned()),
         _ => Boundary::Ambiguous("boundary that RFC 2046 does not allow"),
+    }
+}
+
+/// A type that is not `multipart/*` still is to readers that match `multipart` anywhere
+/// in the value and then look for `boundary=` (formidable's `/multipart/i`): `text/plain;
+/// x=multipart; boundary=A` is split by them and scanned whole by a reader of the essence.
+fn not_multipart(content_type: &[u8]) -> Boundary {
+    let mentions_multipart =
+        memmem::find(&content_type.to_ascii_lowercase(), b"multipart").is_some();
+    if mentions_multipart && boundary_mentions(content_type) > 0 {
+        Boundary::Ambiguous("multipart and boundary= in a type that is not multipart")
+    } else {
+        Boundary::NotMultipart
     }
 }
 
@@ -198,8 +213,8 @@ enum State {
 
 #[derive(Debug)]
 pub struct MultipartSplitter {
-    /// `\r\n--boundary`
-    delimiter: Vec<u8>,
+    /// `--boundary`: a delimiter when a CRLF comes before it, an error anywhere else.
+    dash_boundary: Vec<u8>,
     buf: Vec<u8>,
     state: State,
     parts: usize,
@@ -210,10 +225,10 @@ pub struct MultipartSplitter {
 impl MultipartSplitter {
     pub fn new(boundary: &str) -> Result<MultipartSplitter, MultipartError> {
         validate_boundary(boundary)?;
-        let mut delimiter = b"\r\n--".to_vec();
-        delimiter.extend_from_slice(boundary.as_bytes());
+        let mut dash_boundary = b"--".to_vec();
+        dash_boundary.extend_from_slice(boundary.as_bytes());
         Ok(MultipartSplitter {
-            delimiter,
+            dash_boundary,
             // The first delimiter may open the body without a preceding CRLF.
             buf: b"\r\n".to_vec(),
             state: State::Preamble,
@@ -266,22 +281,30 @@ impl MultipartSplitter {
             match self.state {
                 State::Preamble | State::Body => {
                     let in_body = self.state == State::Body;
-                    match memmem::find(&self.buf, &self.delimiter) {
+                    match memmem::find(&self.buf, &self.dash_boundary) {
                         Some(pos) => {
+                            // RFC 2046 §5.1.1: the boundary never occurs inside the data.
+                            // Readers that find it without its CRLF (PHP after a bare LF,
+                            // Django anywhere) end the part there; we would not.
+                            if pos < 2 || &self.buf[pos - 2..pos] != b"\r\n" {
+                                return Err(MultipartError::BoundaryInData);
+                            }
+                            let end = pos - 2;
                             if in_body {
-                                if pos > 0 {
-                                    on(PartEvent::Data(&self.buf[..pos]));
+                                if end > 0 {
+                                    on(PartEvent::Data(&self.buf[..end]));
                                 }
                                 on(PartEvent::End);
                             } else {
-                                self.emit_preamble(pos, on);
+                                self.emit_preamble(end, on);
                             }
-                            self.buf.drain(..pos + self.delimiter.len());
+                            self.buf.drain(..pos + self.dash_boundary.len());
                             self.state = State::AfterDelimiter;
                         }
                         None => {
-                            // Keep what could be the start of a delimiter.
-                            let keep = self.delimiter.len() - 1;
+                            // Keep what could be the start of a delimiter, with the two
+                            // bytes before it.
+                            let keep = self.dash_boundary.len() + 1;
                             if self.buf.len() > keep {
                                 let emit = self.buf.len() - keep;
                                 if in_body {
@@ -316,6 +339,13 @@ impl MultipartSplitter {
                     } else {
                         memmem::find(&self.buf, b"\r\n\r\n").map(|p| (p, p + 4))
                     };
+                    // A head holding the boundary is a part that ends there to readers that
+                    // find the boundary anywhere.
+                    let head =
+                        end.map_or(&self.buf[..], |(headers_end, _)| &self.buf[..headers_end]);
+                    if memmem::find(head, &self.dash_boundary).is_some() {
+                        return Err(MultipartError::BoundaryInData);
+                    }
                     match end {
                         Some((headers_end, body_start)) => {
                             if headers_end > MAX_PART_HEADERS {
@@ -542,6 +572,43 @@ bin\r\n--XyY\r\ndata\r\n--XyZ--\r\nepilogue";
     }
 
     #[test]
+    fn boundary_without_its_crlf_is_an_error() {
+        // PHP ends the part at `\n--AaB` (and at `--AaBzz`, a prefix match), Django at
+        // `--AaB` anywhere: they store `F`, a CRLF-only reader stores `F` and the rest.
+        let head =
+            "--AaB\r\nContent-Disposition: form-data; name=\"f\"; filename=\"e.com\"\r\n\r\n";
+        for tail in [
+            "F\n--AaB\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\nx\r\n--AaB--\r\n",
+            "F--AaB\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\nx\r\n--AaB--\r\n",
+            "F\n--AaBzz\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\nx\r\n--AaB--\r\n",
+            "F\r\n--AaB\r\nX: --AaB\r\n\r\nx\r\n--AaB--\r\n",
+        ] {
+            let body = format!("{head}{tail}");
+            for step in [1, 2, 5, 4096] {
+                assert_eq!(
+                    split("AaB", body.as_bytes(), step),
+                    Err(MultipartError::BoundaryInData),
+                    "{tail:?} step {step}"
+                );
+            }
+        }
+        // In the preamble too; and a prefix match after a CRLF is garbage after a delimiter.
+        assert_eq!(
+            split("AaB", b"x--AaB\r\n\r\nF\r\n--AaB--", 3),
+            Err(MultipartError::BoundaryInData)
+        );
+        assert_eq!(
+            split("AaB", b"--AaB\r\n\r\nF\r\n--AaBzz\r\n\r\nx\r\n--AaB--", 3),
+            Err(MultipartError::BadDelimiter)
+        );
+        // A part head without its blank line that runs into the next delimiter.
+        assert_eq!(
+            split("AaB", b"--AaB\r\nX: y\r\n--AaB\r\n\r\nF\r\n--AaB--", 100),
+            Err(MultipartError::BoundaryInData)
+        );
+    }
+
+    #[test]
     fn boundary_parameter_is_found() {
         let found = |b: &str| Boundary::Found(b.to_owned());
         assert_eq!(
@@ -562,6 +629,27 @@ bin\r\n--XyY\r\ndata\r\n--XyZ--\r\nepilogue";
             boundary_of(b"text/plain; boundary=x"),
             Boundary::NotMultipart
         );
+        assert_eq!(
+            boundary_of(b"application/json; profile=multipart"),
+            Boundary::NotMultipart
+        );
+    }
+
+    #[test]
+    fn multipart_and_a_boundary_in_another_type_are_ambiguous() {
+        // formidable splits any type that matches /multipart/i and has a boundary.
+        for ct in [
+            &b"text/plain; x=multipart; boundary=AaB"[..],
+            b"application/x-MULTIPART; boundary=AaB",
+            b"text/plain; boundary=AaB; note=\"multipart\"",
+            b"text/plain multipart boundary=AaB",
+        ] {
+            assert!(
+                matches!(boundary_of(ct), Boundary::Ambiguous(_)),
+                "{}",
+                String::from_utf8_lossy(ct)
+            );
+        }
     }
 
     #[test]
