@@ -179,7 +179,7 @@ impl ScanService {
     /// Answers for a body that never reached a scan (too large to hold, the stream's
     /// message refused): counted and logged as every other verdict.
     pub fn refuse_unscanned(&self, why: String, ctx: &ScanContext) -> Outcome {
-        let outcome = self.decide(unscannable(&why), None, String::new());
+        let outcome = self.decide(Verdict::unscannable(&why), None, String::new());
         self.record(&outcome, ctx);
         outcome
     }
@@ -260,7 +260,7 @@ impl ScanService {
             Unpacked::Unscannable(why) => return self.refuse(why, sha),
         };
         if files.is_empty() {
-            return self.decide(clean(), sha, String::new());
+            return self.decide(Verdict::clean(), sha, String::new());
         }
         // Scan the files at once; the body passes only if all are clean.
         let results = futures_util::future::join_all(
@@ -271,7 +271,7 @@ impl ScanService {
             .into_iter()
             .enumerate()
             .max_by_key(|(i, (v, _, _))| (severity(v.status()), *i >= derived_from))
-            .unwrap_or_else(|| (0, (clean(), sha, String::new())));
+            .unwrap_or_else(|| (0, (Verdict::clean(), sha, String::new())));
         if index >= derived_from && verdict.status() == VerdictStatus::Unscannable {
             return Outcome {
                 decision: decision(&self.policy, VerdictStatus::Unscannable, true),
@@ -292,7 +292,7 @@ impl ScanService {
     ) -> (Verdict, Option<[u8; 32]>, String) {
         let sha = Some(file.sha256);
         if file.len == 0 {
-            return (clean(), sha, String::new());
+            return (Verdict::clean(), sha, String::new());
         }
         match self.producer.remembered(&file.sha256).await {
             Ok(Some(v)) => {
@@ -405,7 +405,7 @@ impl ScanService {
     /// A body whose shape cannot be scanned faithfully: blocked as unscannable, always.
     fn refuse(&self, why: &str, sha256: Option<[u8; 32]>) -> Outcome {
         Outcome {
-            verdict: unscannable(why),
+            verdict: Verdict::unscannable(why),
             decision: decision(&self.policy, VerdictStatus::Unscannable, true),
             sha256,
             task_id: String::new(),
@@ -455,21 +455,6 @@ fn new_task_id() -> String {
         .chain_update(n.to_le_bytes())
         .finalize();
     hex::encode(&digest[..16])
-}
-
-fn clean() -> Verdict {
-    Verdict {
-        status: VerdictStatus::Clean as i32,
-        ..Verdict::default()
-    }
-}
-
-fn unscannable(why: &str) -> Verdict {
-    Verdict {
-        status: VerdictStatus::Unscannable as i32,
-        detail: why.to_owned(),
-        ..Verdict::default()
-    }
 }
 
 /// The policy's answer to a verdict. `refused` marks a body refused for its shape, which

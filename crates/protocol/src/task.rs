@@ -122,6 +122,30 @@ impl Verdict {
         )
     }
 
+    pub fn clean() -> Verdict {
+        Verdict {
+            status: VerdictStatus::Clean as i32,
+            ..Verdict::default()
+        }
+    }
+
+    pub fn infected(signature: impl Into<String>) -> Verdict {
+        Verdict {
+            status: VerdictStatus::Infected as i32,
+            signature: signature.into(),
+            ..Verdict::default()
+        }
+    }
+
+    /// Not scanned completely: a size or scanner limit, or a shape the producer refuses.
+    pub fn unscannable(detail: impl Into<String>) -> Verdict {
+        Verdict {
+            status: VerdictStatus::Unscannable as i32,
+            detail: detail.into(),
+            ..Verdict::default()
+        }
+    }
+
     pub fn error(task_id: &str, detail: impl Into<String>) -> Verdict {
         Verdict {
             task_id: task_id.to_owned(),
