@@ -35,11 +35,12 @@ test: deps claim-target
 test-unit: claim-target
 	$(CARGO) test --workspace --lib --bins
 
-## fmt, clippy, hadolint, helm lint, and kubeconform -strict on the rendered chart, the
+## fmt, import cycles between modules (hack/module-cycles.py), clippy, hadolint, helm lint, and kubeconform -strict on the rendered chart, the
 ## install manifest and the examples (schemas from a real kube-apiserver and the CRD: the
 ## chart test of the Kubernetes tier).
 lint: deps claim-target
 	$(CARGO) fmt --all -- --check
+	hack/module-cycles.py
 	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 	$${VIRUS_SCANNER_CACHE:-$$HOME/.cache/virus-scanner}/envoy-venv/bin/hadolint Dockerfile
 	K8S_BIN_DIR=$$(hack/k8s-bin.sh) && export K8S_BIN_DIR && \
