@@ -11,16 +11,15 @@ use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 
+mod release;
+
 use super::respond::{self, RANGE_HEADERS};
 use super::{BodyScan, HttpDirection};
-use crate::body::{Body, BodyBuffer, BodyData, BodyError};
+use crate::body::{Body, BodyBuffer, BodyError};
 use crate::config::RangeRequests;
 use crate::headers::HeaderFields;
 use crate::scan::{Decision, Outcome, ScanContext};
 use crate::unpack::BodyHeaders;
-
-/// Size of the body chunks released back to Envoy in FULL_DUPLEX_STREAMED.
-const RELEASE_CHUNK: usize = 256 * 1024;
 
 /// One direction (request or response) of the HTTP exchange.
 #[derive(Default)]
@@ -320,84 +319,6 @@ impl<S: BodyScan> ExtProcStream<S> {
         self.message(d).awaiting_body = false;
         self.send(respond::trailers_continue(d)).await?;
         Ok(Flow::Continue)
-    }
-
-    /// FULL_DUPLEX_STREAMED: the body is complete; decide, then answer the held headers and
-    /// release the body, or reject it.
-    async fn release_or_block(&mut self, d: HttpDirection, trailers: bool) -> Result<Flow, Status> {
-        let message = self.message(d);
-        let too_large = message.too_large;
-        let remove = message.remove;
-        let Some(buffer) = message.buffer.take() else {
-            return Err(Status::internal("body end without a buffered body"));
-        };
-        message.awaiting_body = false;
-        if too_large {
-            let e = BodyError::TooLarge(self.scan.limits().max);
-            return self.reject_unscannable(d, &e).await;
-        }
-        let body = buffer
-            .finish()
-            .map_err(|e| Status::internal(format!("buffering the body: {e}")))?;
-        let outcome = self.scan_body(d, &body, "full_duplex").await;
-        if let Decision::Block { status } = outcome.decision {
-            return self.block(d, &outcome, status).await;
-        }
-        self.send(respond::headers_continue(d, remove)).await?;
-        self.release(d, &body, !trailers).await?;
-        if trailers {
-            self.send(respond::trailers_continue(d)).await?;
-        }
-        Ok(Flow::Continue)
-    }
-
-    /// Sends the body back to Envoy in order; the last chunk carries `end_of_stream` unless
-    /// trailers follow.
-    async fn release(
-        &mut self,
-        d: HttpDirection,
-        body: &Body,
-        end_of_stream: bool,
-    ) -> Result<(), Status> {
-        let io = |e: std::io::Error| Status::internal(format!("reading the held body: {e}"));
-        match &body.data {
-            BodyData::Memory(bytes) => {
-                let mut chunks = bytes.chunks(RELEASE_CHUNK).peekable();
-                if chunks.peek().is_none() {
-                    return self
-                        .send(respond::streamed_body(d, Vec::new(), end_of_stream))
-                        .await;
-                }
-                while let Some(chunk) = chunks.next() {
-                    let last = chunks.peek().is_none();
-                    self.send(respond::streamed_body(
-                        d,
-                        chunk.to_vec(),
-                        last && end_of_stream,
-                    ))
-                    .await?;
-                }
-            }
-            BodyData::Spilled(_) => {
-                // Plain reads: the file was just written and sits in the page cache, and
-                // tokio::fs would add a thread hop and a copy per chunk.
-                use std::io::Read;
-                let mut file = body.reader().map_err(io)?;
-                let mut left = body.len;
-                loop {
-                    let want = (left as usize).min(RELEASE_CHUNK);
-                    let mut chunk = vec![0u8; want];
-                    file.read_exact(&mut chunk).map_err(io)?;
-                    left -= want as u64;
-                    self.send(respond::streamed_body(d, chunk, left == 0 && end_of_stream))
-                        .await?;
-                    if left == 0 {
-                        break;
-                    }
-                }
-            }
-        }
-        Ok(())
     }
 
     async fn scan_body(&self, d: HttpDirection, body: &Body, mode: &'static str) -> Outcome {
