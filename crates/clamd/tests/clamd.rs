@@ -148,5 +148,6 @@ async fn unreachable_clamd_is_a_connect_error() {
         format!("127.0.0.1:{port}").parse().unwrap(),
     ));
     let err = client.scan(ScanInput::Bytes(b"x")).await.unwrap_err();
-    assert_eq!(err.kind(), "connect");
+    assert_eq!(err.metric_label(), "connect");
+    assert!(err.is_unreachable() && err.is_retryable());
 }
