@@ -97,6 +97,11 @@ fn is_json(content_type: &[u8]) -> bool {
     essence == "application/json" || essence.ends_with("+json")
 }
 
+/// `multipart/form-data`: no client puts anything before its first part or after its last.
+fn is_form_data(content_type: &[u8]) -> bool {
+    media_type::loose_essence(content_type) == "multipart/form-data"
+}
+
 pub fn unpack(
     body: &Body,
     headers: &BodyHeaders,
@@ -149,22 +154,22 @@ pub fn unpack(
     let content_type = headers.content_type.as_deref().unwrap_or("").as_bytes();
     let mut found = Found::new(limits, options);
     let split = match boundary_of(content_type) {
-        Boundary::Found(boundary) => found.split(content, &boundary).map(|()| true),
+        Boundary::Found(boundary) => found.split(content, &boundary, is_form_data(content_type)),
         Boundary::Ambiguous(why) => Err(Stop::Refused(format!("multipart content type: {why}"))),
         Boundary::Missing => {
             // No receiver can split it either: it is one file.
             tracing::debug!("multipart body without a boundary; scanned whole");
-            Ok(false)
+            Ok(())
         }
-        Boundary::NotMultipart if is_json(content_type) => {
-            found.embedded_in_json(content).map(|()| false)
-        }
-        Boundary::NotMultipart => Ok(false),
+        Boundary::NotMultipart if is_json(content_type) => found.embedded_in_json(content),
+        Boundary::NotMultipart => Ok(()),
     };
     found.files.extend(first_member);
     match split {
-        Ok(true) => Ok(Unpacked::Files(found.files)),
-        Ok(false) | Err(Stop::NotJson) => Ok(match decoded {
+        // A multipart body is scanned whole besides its parts: Chromium saves a
+        // multipart/related or mixed download (.mht, .eml) as it is, and object stores and
+        // WebDAV store whatever body they are sent.
+        Ok(()) | Err(Stop::NotJson) => Ok(match decoded {
             Some(d) => Unpacked::Files(std::iter::once(d).chain(found.files).collect()),
             None if found.files.is_empty() => Unpacked::Original,
             None => Unpacked::OriginalAnd(found.files),
@@ -297,6 +302,11 @@ struct Found<'a> {
 struct Level {
     splitter: MultipartSplitter,
     depth: usize,
+    /// `multipart/form-data`: a preamble or epilogue with text is refused.
+    form_data: bool,
+    /// A nested multipart part as it is: Go's and PHP's form readers store a
+    /// multipart/mixed part whole, as a file.
+    raw: Option<BodyBuffer>,
     part: Option<Part>,
     preamble: Loose,
     epilogue: Loose,
@@ -310,6 +320,9 @@ enum Part {
 struct PartFile {
     decoder: PartDecoder,
     out: BodyBuffer,
+    /// The part as sent when it has a transfer encoding: PHP, busboy (multer) and werkzeug
+    /// ignore `Content-Transfer-Encoding` and store these bytes.
+    raw: Option<BodyBuffer>,
     json: bool,
     decoded: Vec<u8>,
 }
@@ -327,18 +340,51 @@ enum PartDecoder {
 struct Loose {
     out: Option<BodyBuffer>,
     text: bool,
+    /// A line break and how far a blank line after it has come (1: `\n`, 2: `\n\r`).
+    line_break: u8,
+    /// An empty line: the end of a part head, to a reader that parses the preamble as a
+    /// part (Django parses what precedes the first delimiter so).
+    blank_line: bool,
 }
 
 impl Loose {
     fn push(&mut self, data: &[u8], limits: &BodyLimits) -> Result<(), Stop> {
-        self.text |= data.iter().any(|b| !b.is_ascii_whitespace());
+        for &b in data {
+            self.text |= !b.is_ascii_whitespace();
+            self.line_break = match (b, self.line_break) {
+                (b'\n', 0) => 1,
+                (b'\n', _) => {
+                    self.blank_line = true;
+                    1
+                }
+                (b'\r', 1) => 2,
+                _ => 0,
+            };
+        }
         self.out
             .get_or_insert_with(|| BodyBuffer::new(limits.clone()))
             .push(data)?;
         Ok(())
     }
 
-    fn finish(self) -> Result<Option<Body>, Stop> {
+    /// The file to scan, if the text is one; `form_data` and `preamble` say where it was.
+    fn finish(self, form_data: bool, preamble: bool) -> Result<Option<Body>, Stop> {
+        let place = if preamble {
+            "before the first"
+        } else {
+            "after the last"
+        };
+        if self.text && form_data {
+            // Django reads `Content-Disposition: ...` and a blank line there as a file.
+            return Err(Stop::Refused(format!(
+                "multipart/form-data with text {place} part"
+            )));
+        }
+        if self.text && preamble && self.blank_line {
+            return Err(Stop::Refused(
+                "multipart preamble that holds a part head and body".to_owned(),
+            ));
+        }
         match self.out {
             Some(out) if self.text => Ok(Some(out.finish()?)),
             _ => Ok(None),
@@ -348,6 +394,9 @@ impl Loose {
 
 impl PartFile {
     fn push(&mut self, data: &[u8]) -> Result<(), Stop> {
+        if let Some(raw) = &mut self.raw {
+            raw.push(data)?;
+        }
         self.decoded.clear();
         let refused = |e: transfer_encoding::TransferEncodingError| {
             Stop::Refused(format!("multipart part does not decode: {e}"))
@@ -360,7 +409,9 @@ impl PartFile {
         Ok(self.out.push(&self.decoded)?)
     }
 
-    fn finish(mut self) -> Result<(Body, bool), Stop> {
+    /// The decoded part, whether it is labelled JSON, and the part as sent when it had a
+    /// transfer encoding.
+    fn finish(mut self) -> Result<(Body, bool, Option<Body>), Stop> {
         self.decoded.clear();
         let refused = |e: transfer_encoding::TransferEncodingError| {
             Stop::Refused(format!("multipart part does not decode: {e}"))
@@ -371,15 +422,23 @@ impl PartFile {
             PartDecoder::QuotedPrintable(d) => d.finish(&mut self.decoded).map_err(refused)?,
         }
         self.out.push(&self.decoded)?;
-        Ok((self.out.finish()?, self.json))
+        let raw = self.raw.map(BodyBuffer::finish).transpose()?;
+        Ok((self.out.finish()?, self.json, raw))
     }
 }
 
 impl Level {
-    fn new(boundary: &str, depth: usize) -> Result<Level, Stop> {
+    fn new(
+        boundary: &str,
+        depth: usize,
+        form_data: bool,
+        raw: Option<BodyBuffer>,
+    ) -> Result<Level, Stop> {
         Ok(Level {
             splitter: MultipartSplitter::new(boundary).map_err(malformed)?,
             depth,
+            form_data,
+            raw,
             part: None,
             preamble: Loose::default(),
             epilogue: Loose::default(),
@@ -404,8 +463,8 @@ impl<'a> Found<'a> {
 
     /// Splits a multipart body; the parts of nested multipart parts are split as they
     /// stream through, so no part is held twice.
-    fn split(&mut self, body: &Body, boundary: &str) -> Result<(), Stop> {
-        let mut level = Level::new(boundary, 1)?;
+    fn split(&mut self, body: &Body, boundary: &str, form_data: bool) -> Result<(), Stop> {
+        let mut level = Level::new(boundary, 1, form_data, None)?;
         each_piece(body, |piece| self.feed_level(&mut level, piece))?;
         self.finish_level(level)
     }
@@ -414,10 +473,15 @@ impl<'a> Found<'a> {
         let Level {
             splitter,
             depth,
+            raw,
             part,
             preamble,
             epilogue,
+            ..
         } = level;
+        if let Some(raw) = raw {
+            raw.push(piece)?;
+        }
         let mut stop = None;
         let fed = splitter.feed(piece, &mut |event| {
             if stop.is_none()
@@ -436,6 +500,8 @@ impl<'a> Found<'a> {
         let Level {
             splitter,
             depth,
+            form_data,
+            raw,
             mut part,
             mut preamble,
             mut epilogue,
@@ -457,10 +523,13 @@ impl<'a> Found<'a> {
             Ok(_) | Err(MultipartError::NoParts) => {}
             Err(e) => return Err(malformed(e)),
         }
-        for loose in [preamble, epilogue] {
-            if let Some(file) = loose.finish()? {
+        for (loose, is_preamble) in [(preamble, true), (epilogue, false)] {
+            if let Some(file) = loose.finish(form_data, is_preamble)? {
                 self.files.push(file);
             }
+        }
+        if let Some(raw) = raw {
+            self.files.push(raw.finish()?);
         }
         Ok(())
     }
@@ -493,7 +562,8 @@ impl<'a> Found<'a> {
             },
             PartEvent::End => match part.take() {
                 Some(Part::File(file)) => {
-                    let (file, json) = file.finish()?;
+                    let (file, json, raw) = file.finish()?;
+                    self.files.extend(raw);
                     if file.len > 0 {
                         if json {
                             match self.embedded_in_json(&file) {
@@ -539,7 +609,12 @@ impl<'a> Found<'a> {
                         "multipart nested deeper than {MAX_DEPTH} levels"
                     )));
                 }
-                return Ok(Part::Nested(Box::new(Level::new(&boundary, depth + 1)?)));
+                return Ok(Part::Nested(Box::new(Level::new(
+                    &boundary,
+                    depth + 1,
+                    is_form_data(content_type),
+                    Some(BodyBuffer::new(self.limits.clone())),
+                )?)));
             }
             Boundary::Ambiguous(why) => {
                 return Err(Stop::Refused(format!("multipart part content type: {why}")));
@@ -557,6 +632,8 @@ impl<'a> Found<'a> {
                 }
             },
             out: BodyBuffer::new(self.limits.clone()),
+            raw: (encoding != TransferEncoding::Identity)
+                .then(|| BodyBuffer::new(self.limits.clone())),
             json: is_json(content_type),
             decoded: Vec::new(),
         })))
@@ -868,7 +945,10 @@ mod tests {
             &opts(1 << 20),
         )
         .unwrap();
-        assert_eq!(contents(out), vec![b"field".to_vec(), big]);
+        assert_eq!(
+            contents(out),
+            vec![b"<original>".to_vec(), b"field".to_vec(), big]
+        );
     }
 
     #[test]
@@ -884,7 +964,7 @@ mod tests {
             &opts(1 << 20),
         )
         .unwrap();
-        assert_eq!(contents(out), vec![b"file".to_vec()]);
+        assert_eq!(contents(out), vec![form.to_vec(), b"file".to_vec()]);
     }
 
     /// Unpacks `body` sent with that Content-Type (and Content-Encoding).
@@ -966,14 +1046,75 @@ mod tests {
         assert_eq!(
             contents(out),
             vec![
+                b"<original>".to_vec(),
                 b"part".to_vec(),
                 b"hidden before".to_vec(),
                 b"hidden after".to_vec()
             ]
         );
         let body = b"\r\n \r\n--B\r\n\r\npart\r\n--B--\r\n\r\n";
-        let out = unpack_with(&l, None, "multipart/mixed; boundary=B", body, true);
-        assert_eq!(contents(out), vec![b"part".to_vec()]);
+        for ct in [
+            "multipart/mixed; boundary=B",
+            "multipart/form-data; boundary=B",
+        ] {
+            let out = unpack_with(&l, None, ct, body, true);
+            assert_eq!(
+                contents(out),
+                vec![b"<original>".to_vec(), b"part".to_vec()]
+            );
+        }
+    }
+
+    #[test]
+    fn form_data_with_text_around_its_parts_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = limits(dir.path());
+        let ct = "multipart/form-data; boundary=AaB";
+        // Django parses a preamble with a head as a part: the file is `F`.
+        let preamble = b"Content-Disposition: form-data; name=\"f\"; filename=\"e.com\"\r\n\r\nF\r\n--AaB\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\nx\r\n--AaB--\r\n";
+        assert!(refused(unpack_with(&l, None, ct, preamble, true)).contains("before the first"));
+        let epilogue = b"--AaB\r\n\r\nx\r\n--AaB--\r\nafter";
+        assert!(refused(unpack_with(&l, None, ct, epilogue, true)).contains("after the last"));
+        // Other types keep their text as a file, unless it holds a part head and body.
+        let out = unpack_with(&l, None, "multipart/mixed; boundary=AaB", epilogue, true);
+        assert_eq!(
+            contents(out),
+            vec![b"<original>".to_vec(), b"x".to_vec(), b"after".to_vec()]
+        );
+        for ct in [
+            "multipart/mixed; boundary=AaB",
+            "multipart/related; boundary=AaB",
+        ] {
+            refused(unpack_with(&l, None, ct, preamble, true));
+            let lf = b"X: y\n\nF\r\n--AaB\r\n\r\nx\r\n--AaB--";
+            refused(unpack_with(&l, None, ct, lf, true));
+        }
+    }
+
+    #[test]
+    fn boundary_outside_a_delimiter_or_in_another_type_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = limits(dir.path());
+        let ct = "multipart/form-data; boundary=AaB";
+        let head =
+            "--AaB\r\nContent-Disposition: form-data; name=\"f\"; filename=\"e.com\"\r\n\r\n";
+        let next = "\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\nx\r\n--AaB--\r\n";
+        for end in ["\n--AaB", "--AaB", "\n--AaBzz"] {
+            let body = format!("{head}F{end}{next}");
+            let why = refused(unpack_with(&l, None, ct, body.as_bytes(), true));
+            assert!(why.contains("does not parse"), "{why}");
+        }
+        // formidable splits any type that mentions multipart and a boundary.
+        let body = format!("{head}F\r\n--AaB--\r\n");
+        let why = refused(unpack_with(
+            &l,
+            None,
+            "text/plain; x=multipart; boundary=AaB",
+            body.as_bytes(),
+            true,
+        ));
+        assert!(why.starts_with("multipart content type"), "{why}");
+        assert!(headers(None, Some("text/plain; x=multipart; boundary=AaB")).needs_unpacking());
     }
 
     #[test]
@@ -996,11 +1137,36 @@ mod tests {
             b"\r\n--B\r\ncontent-transfer-encoding: quoted-printable\r\n\r\ncaf=C3=A9 =\r\nau lait\r\n--B\r\nContent-Transfer-Encoding: 8bit\r\n\r\nraw\r\n--B--",
         );
         let out = unpack_with(&l, None, "multipart/mixed; boundary=B", &body, true);
+        // Each encoded part also as sent: PHP, busboy and werkzeug store those bytes.
         assert_eq!(
             contents(out),
-            vec![big, "café au lait".as_bytes().to_vec(), b"raw".to_vec()]
+            vec![
+                b"<original>".to_vec(),
+                b64.clone(),
+                big,
+                b"caf=C3=A9 =\r\nau lait".to_vec(),
+                "café au lait".as_bytes().to_vec(),
+                b"raw".to_vec()
+            ]
         );
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn an_encoded_part_is_scanned_as_sent_besides_decoded() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = limits(dir.path());
+        // A receiver that ignores the encoding stores `=58...`, not `X...`.
+        let body = b"--B\r\nContent-Disposition: form-data; name=\"f\"; filename=\"f\"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n=41stored\r\n--B--\r\n";
+        let out = unpack_with(&l, None, "multipart/form-data; boundary=B", body, true);
+        assert_eq!(
+            contents(out),
+            vec![
+                b"<original>".to_vec(),
+                b"=41stored".to_vec(),
+                b"Astored".to_vec()
+            ]
+        );
     }
 
     /// Standard base64, padded.
@@ -1048,9 +1214,16 @@ mod tests {
         body.extend_from_slice(inner);
         body.extend_from_slice(b"\r\n--out--\r\n");
         let out = unpack_with(&l, None, "multipart/form-data; boundary=out", &body, true);
+        // The nested part whole too: Go and PHP store a multipart/mixed part as a file.
         assert_eq!(
             contents(out),
-            vec![b"field".to_vec(), b"first".to_vec(), b"second".to_vec()]
+            vec![
+                b"<original>".to_vec(),
+                b"field".to_vec(),
+                b"first".to_vec(),
+                b"second".to_vec(),
+                inner.to_vec()
+            ]
         );
         // Depth 1 holds depth 2 ... up to MAX_DEPTH; one more is refused.
         let nest = |levels: usize| {
@@ -1066,7 +1239,9 @@ mod tests {
             }
             unpack_with(&l, None, &ct, &body, true)
         };
-        assert_eq!(contents(nest(MAX_DEPTH)), vec![b"file".to_vec()]);
+        let files = contents(nest(MAX_DEPTH));
+        assert_eq!(files.len(), MAX_DEPTH + 1);
+        assert_eq!(files[1], b"file");
         assert!(refused(nest(MAX_DEPTH + 1)).contains("deeper"));
         // A multipart part is never transfer-encoded (RFC 2045 §6.4).
         let body = b"--out\r\nContent-Type: multipart/mixed; boundary=in\r\nContent-Transfer-Encoding: base64\r\n\r\nLS1pbi0t\r\n--out--";
@@ -1157,7 +1332,11 @@ mod tests {
         let out = unpack_with(&l, None, "multipart/related; boundary=B", &body, true);
         assert_eq!(
             contents(out),
-            vec![EICAR.to_vec(), json.as_bytes().to_vec()]
+            vec![
+                b"<original>".to_vec(),
+                EICAR.to_vec(),
+                json.as_bytes().to_vec()
+            ]
         );
     }
 
