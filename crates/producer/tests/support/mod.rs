@@ -19,6 +19,13 @@ pub struct StackOptions {
     /// False: the producer spills into a directory of its own, which the consumer cannot
     /// open (a pod-local spool), and runs with `SPOOL_SHARED=false`.
     pub spool_shared: bool,
+    /// Environment of the producer process (settings read from the environment only).
+    pub producer_env: Vec<(String, String)>,
+    /// The producer gets a spool of its own that the consumer cannot open, and whether it
+    /// shares one is left to `producer_env` (as an injected sidecar's env says it).
+    pub own_spool: bool,
+    /// Envoy's listener and route buffer limit, instead of the mode's default.
+    pub envoy_buffer_limit: Option<u64>,
 }
 
 impl StackOptions {
@@ -30,13 +37,16 @@ impl StackOptions {
             clamd: ClamdOptions::default(),
             unix_socket: false,
             spool_shared: true,
+            producer_env: Vec::new(),
+            own_spool: false,
+            envoy_buffer_limit: None,
         }
     }
 }
 
 pub struct Consumer {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    task: Option<tokio::task::JoinHandle<Result<(), virus_scanner_consumer::RunError>>>,
 }
 
 pub struct Stack {
@@ -78,14 +88,21 @@ impl Stack {
             extra.push("--grpc-socket".into());
             extra.push(socket.display().to_string());
         }
-        let producer_spool = (!options.spool_shared).then(|| {
+        if !options.spool_shared {
             extra.extend(["--spool-shared".into(), "false".into()]);
+        }
+        let producer_spool = (!options.spool_shared || options.own_spool).then(|| {
             tempfile::Builder::new()
                 .prefix("vs-producer-spool-")
                 .tempdir()
                 .unwrap()
         });
         extra.extend(options.producer_args.iter().cloned());
+        let env: Vec<(&str, String)> = options
+            .producer_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
         let ProducerProcess {
             process: producer,
             grpc,
@@ -98,14 +115,18 @@ impl Stack {
                 .as_ref()
                 .map_or(scan_dir.path(), |d| d.path()),
             &extra,
-            &[],
+            &env,
         );
         let processor = if options.unix_socket {
             Processor::Unix(socket)
         } else {
             Processor::Tcp(grpc)
         };
-        let envoy = Envoy::start(&EnvoyOptions::new(processor, upstream.port(), options.mode));
+        let mut envoy_options = EnvoyOptions::new(processor, upstream.port(), options.mode);
+        if let Some(limit) = options.envoy_buffer_limit {
+            envoy_options.buffer_limit = limit;
+        }
+        let envoy = Envoy::start(&envoy_options);
         let mut stack = Stack {
             rt,
             redis,
@@ -146,7 +167,7 @@ impl Stack {
         .map(|s| s.to_string())
         .collect();
         argv.extend(self.consumer_args.iter().cloned());
-        let config = <virus_scanner_consumer::HandlerArgs as clap::Parser>::parse_from(argv)
+        let config = <virus_scanner_consumer::ConsumerArgs as clap::Parser>::parse_from(argv)
             .validate()
             .unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
