@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::process::{free_port, log_tail, require_binary, spawn, stop, wait_for};
+use crate::process::{clean_command, free_port, log_tail, require_binary, spawn, stop, wait_for};
 
 /// A private `clamd` on 127.0.0.1 with the repository's test signatures
 /// (`testdata/clamav`), packed into a versioned `daily.cud` so that clamd's `VERSION`
@@ -95,7 +95,7 @@ impl Clamd {
         )
         .expect("write clamd.conf");
         let mut child = spawn(
-            Command::new("clamd")
+            clean_command("clamd")
                 .arg("-c")
                 .arg(&conf)
                 .stdout(Stdio::null())

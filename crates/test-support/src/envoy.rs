@@ -1,9 +1,9 @@
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use crate::http_get;
-use crate::process::{free_port, log_tail, spawn, stop, wait_for};
+use crate::process::{clean_command, free_port, log_tail, spawn, stop, wait_for};
 
 /// How Envoy sends bodies to the processor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,7 +95,7 @@ impl Envoy {
             std::fs::write(&config, config_yaml(options, port, admin)).expect("write envoy.yaml");
             let log = dir.path().join("envoy.log");
             let mut child = spawn(
-                Command::new(&binary)
+                clean_command(&binary)
                     .arg("-c")
                     .arg(&config)
                     .args([

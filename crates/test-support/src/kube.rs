@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::process::{free_port, log_tail, spawn, stop, wait_for};
+use crate::process::{clean_command, free_port, log_tail, spawn, stop, wait_for};
 
 /// The directory with kube-apiserver, kubectl, helm, kubeconform and etcd.
 pub fn k8s_bin_dir() -> PathBuf {
@@ -68,7 +68,7 @@ impl ControlPlane {
             let peer_url = format!("http://127.0.0.1:{peer}");
             let log = std::fs::File::create(d.join("etcd.log")).expect("etcd log");
             let mut child = spawn(
-                Command::new(self.bin.join("etcd"))
+                clean_command(self.bin.join("etcd"))
                     .arg("--data-dir")
                     .arg(d.join("etcd-data"))
                     .args(["--name", "default"])
@@ -103,7 +103,7 @@ impl ControlPlane {
             let port = free_port();
             let log = std::fs::File::create(d.join("apiserver.log")).expect("apiserver log");
             let mut child = spawn(
-                Command::new(self.bin.join("kube-apiserver"))
+                clean_command(self.bin.join("kube-apiserver"))
                     .arg(format!("--etcd-servers={etcd_url}"))
                     .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
                     .arg(format!("--secure-port={port}"))

@@ -17,7 +17,7 @@ mod upstream;
 
 pub use clamd::{Clamd, ClamdOptions};
 pub use envoy::{BodyMode, Envoy, EnvoyOptions, Processor, config_yaml, envoy_binary};
-pub use process::{free_port, run_checked, wait_for};
+pub use process::{clean_command, free_port, run_checked, wait_for};
 pub use redis::{Redis, RedisOptions};
 pub use service::{ProducerProcess, ServiceProcess, http_get, log_field, metric, port_of};
 pub use squid::{Origin, Squid, SquidOptions};

@@ -10,6 +10,33 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("local address").port()
 }
 
+/// What a spawned service keeps of the environment of the tests: where programs, the home
+/// and temporary files are, the locale, and the log level and backtraces asked for.
+const PASSED_THROUGH: &[&str] = &[
+    "PATH",
+    "HOME",
+    "TMPDIR",
+    "LANG",
+    "LC_ALL",
+    "RUST_LOG",
+    "RUST_BACKTRACE",
+];
+
+/// `program` with a cleared environment plus [`PASSED_THROUGH`]. Nothing else leaks in from
+/// the shell that runs the tests: a `REDIS_URL` or `SCAN_TMP_DIR` exported there would
+/// otherwise configure our binaries behind the test's back, and a proxy variable would
+/// reroute a service's traffic. A test passes what a service needs explicitly.
+pub fn clean_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.env_clear();
+    for name in PASSED_THROUGH {
+        if let Some(value) = std::env::var_os(name) {
+            cmd.env(name, value);
+        }
+    }
+    cmd
+}
+
 /// Runs a command to completion and insists on success; a failure panics with `what` and
 /// the command's stderr. Returns the output for its stdout.
 pub fn run_checked(cmd: &mut std::process::Command, what: &str) -> std::process::Output {

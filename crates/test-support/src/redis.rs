@@ -1,8 +1,10 @@
 use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::Duration;
 
-use crate::process::{free_port, log_tail, port_open, require_binary, spawn, stop, wait_for};
+use crate::process::{
+    clean_command, free_port, log_tail, port_open, require_binary, spawn, stop, wait_for,
+};
 
 #[derive(Debug, Clone, Default)]
 pub struct RedisOptions {
@@ -55,7 +57,7 @@ impl Redis {
     }
 
     fn launch(&mut self) -> bool {
-        let mut cmd = Command::new("redis-server");
+        let mut cmd = clean_command("redis-server");
         if self.options.tls {
             self.make_certificates();
             let d = self.dir.path();

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::process::{log_tail, stop};
+use crate::process::{clean_command, log_tail, stop};
 
 /// One of the project's own binaries, started for a test, killed on drop. Its stderr goes to
 /// a log file that a failing test prints.
@@ -27,7 +27,7 @@ impl ServiceProcess {
             .expect("temp dir");
         let log = dir.path().join(format!("{name}.log"));
         let log_file = std::fs::File::create(&log).expect("log file");
-        let mut cmd = Command::new(binary);
+        let mut cmd = clean_command(binary);
         cmd.args(args)
             .env(
                 "RUST_LOG",

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::process::{free_port, log_tail, spawn, stop, wait_for};
+use crate::process::{clean_command, free_port, log_tail, spawn, stop, wait_for};
 
 pub struct SquidOptions {
     pub icap_port: u16,
@@ -123,7 +123,7 @@ impl Squid {
         let _ = Command::new("chmod").arg("-R").arg("a+rwX").arg(d).status();
         let log = std::fs::File::create(d.join("stderr.log")).expect("log");
         let mut child = spawn(
-            Command::new(squid_binary())
+            clean_command(squid_binary())
                 .args(["-N", "-f"])
                 .arg(&conf)
                 .stdout(Stdio::null())
@@ -192,7 +192,7 @@ impl Origin {
         let script = crate::testdata_dir().join("../hack/upstream.py");
         for _ in 0..3 {
             let port = free_port();
-            let mut cmd = Command::new("python3");
+            let mut cmd = clean_command("python3");
             cmd.arg(&script).arg(port.to_string()).arg(root.path());
             if let Some((crt, key)) = tls {
                 cmd.arg(crt).arg(key);
