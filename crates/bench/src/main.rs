@@ -133,9 +133,9 @@ pub fn start_consumer(
     cache: bool,
 ) -> anyhow::Result<(
     tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<anyhow::Result<()>>,
+    tokio::task::JoinHandle<Result<(), virus_scanner_consumer::RunError>>,
 )> {
-    let mut config = virus_scanner_consumer::HandlerArgs::parse_from([
+    let mut config = virus_scanner_consumer::ConsumerArgs::parse_from([
         "virus-scanner-handler",
         "--redis-host",
         "127.0.0.1",

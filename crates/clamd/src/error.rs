@@ -121,7 +121,10 @@ mod tests {
 
     #[test]
     fn labels() {
-        assert_eq!(ClamdError::ConnectTimeout("x".into()).metric_label(), "connect");
+        assert_eq!(
+            ClamdError::ConnectTimeout("x".into()).metric_label(),
+            "connect"
+        );
         assert_eq!(ClamdError::Closed { reused: true }.metric_label(), "io");
         assert_eq!(
             ClamdError::Timeout(Duration::from_secs(1)).metric_label(),

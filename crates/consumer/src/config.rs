@@ -4,15 +4,16 @@ use std::time::Duration;
 
 use clap::Parser;
 use virus_scanner_clamd::ClamdAddress;
-use virus_scanner_queue::{QueueConfig, RedisArgs};
+use virus_scanner_queue::QueueConfig;
 use virus_scanner_runtime::LogFormat;
+use virus_scanner_runtime::cli::RedisArgs;
 
 /// The consumer: claims scan tasks from Redis, scans them with clamd and writes verdicts.
 ///
 /// Every flag can also be set through the environment variable named in its help.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "virus-scanner-handler", version)]
-pub struct HandlerArgs {
+pub struct ConsumerArgs {
     #[command(flatten)]
     pub redis: RedisArgs,
     /// clamd address: host:port, tcp://host:port or unix:///path.
@@ -64,7 +65,7 @@ pub struct HandlerArgs {
 
 /// Validated configuration.
 #[derive(Debug, Clone)]
-pub struct HandlerConfig {
+pub struct ConsumerConfig {
     pub queue: QueueConfig,
     pub clamd: ClamdAddress,
     pub concurrency: usize,
@@ -78,8 +79,8 @@ pub struct HandlerConfig {
     pub log_format: LogFormat,
 }
 
-impl HandlerArgs {
-    pub fn validate(self) -> Result<HandlerConfig, String> {
+impl ConsumerArgs {
+    pub fn validate(self) -> Result<ConsumerConfig, String> {
         let clamd = self
             .clamd_address
             .parse::<ClamdAddress>()
@@ -115,7 +116,7 @@ impl HandlerArgs {
                 .unwrap_or_else(|_| "consumer".into());
             format!("{host}-{}", std::process::id())
         });
-        Ok(HandlerConfig {
+        Ok(ConsumerConfig {
             queue,
             clamd,
             concurrency: self.concurrency,
@@ -135,10 +136,10 @@ impl HandlerArgs {
 mod tests {
     use super::*;
 
-    fn args(extra: &[&str]) -> Result<HandlerConfig, String> {
+    fn args(extra: &[&str]) -> Result<ConsumerConfig, String> {
         let mut argv = vec!["virus-scanner-handler"];
         argv.extend_from_slice(extra);
-        HandlerArgs::try_parse_from(argv)
+        ConsumerArgs::try_parse_from(argv)
             .map_err(|e| e.to_string())?
             .validate()
     }

@@ -1,9 +1,9 @@
 use clap::Parser;
-use virus_scanner_consumer::HandlerArgs;
+use virus_scanner_consumer::ConsumerArgs;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = match HandlerArgs::parse().validate() {
+    let config = match ConsumerArgs::parse().validate() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("virus-scanner-handler: invalid configuration: {e}");
@@ -11,5 +11,6 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     virus_scanner_runtime::init_tracing(config.log_format);
-    virus_scanner_consumer::run(config, virus_scanner_runtime::shutdown_signal()).await
+    virus_scanner_consumer::run(config, virus_scanner_runtime::shutdown_signal()).await?;
+    Ok(())
 }

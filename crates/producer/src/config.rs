@@ -4,8 +4,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use virus_scanner_protocol::task::Priority;
-use virus_scanner_queue::{QueueConfig, RedisArgs};
+use virus_scanner_queue::QueueConfig;
 use virus_scanner_runtime::LogFormat;
+use virus_scanner_runtime::cli::RedisArgs;
 
 /// The gateway sidecar: Envoy ext_proc (and ICAP) in front of the scan queue.
 ///

@@ -19,12 +19,14 @@
 //!   streams it to clamd chunk by chunk ([`StoredBodyReader`]) and removes it with the verdict.
 //!
 //! Every key shares the hash tag `{p}`, so multi-key scripts also run on Redis Cluster.
+//!
+//! Feature `test-util` adds what only tests and the benchmark call: enqueue without waiting,
+//! wait for a verdict by task id, scan in one call, and the queue depth as a producer sees it.
 #![forbid(unsafe_code)]
 
 // Linked for its `ring` feature: the crypto provider of `rediss://` connections.
 use rustls as _;
 
-mod args;
 mod config;
 mod consumer;
 mod error;
@@ -34,11 +36,10 @@ mod memo;
 mod producer;
 mod stored_body;
 
-pub use args::RedisArgs;
 pub use config::{QueueConfig, RedisConfig};
 pub use consumer::{Consumer, Delivery};
 pub use error::QueueError;
-pub use keys::Keys;
+pub(crate) use keys::Keys;
 pub use legacy::LegacyBridge;
 pub use producer::Producer;
 pub use stored_body::{CHUNK_BYTES, MAX_CHUNK_BYTES, StoredBody, StoredBodyReader};

@@ -1,6 +1,9 @@
 //! Process plumbing shared by the binaries.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "cli")]
+pub mod cli;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;

@@ -55,7 +55,7 @@ impl ScanService {
                     Err(e) => {
                         self.metrics.error(match e {
                             QueueError::DeadlineExceeded => "timeout",
-                            _ => e.kind(),
+                            _ => e.metric_label(),
                         });
                         let why = format!("cannot send the body to the scan queue: {e}");
                         return (Verdict::error(&task_id, why), sha, task_id);
@@ -102,7 +102,7 @@ impl ScanService {
                 Verdict::error(&task_id, "no verdict before the scan deadline")
             }
             Err(e) => {
-                self.metrics.error(e.kind());
+                self.metrics.error(e.metric_label());
                 Verdict::error(&task_id, format!("scan queue unavailable: {e}"))
             }
         };

@@ -46,8 +46,8 @@ impl Stack {
         Producer::connect(self.queue_config()).await.unwrap()
     }
 
-    /// Starts `virus-scanner-handler`; returns it with its metrics port.
-    fn handler(&self, extra: &[&str]) -> (ServiceProcess, u16) {
+    /// Starts the consumer binary (`virus-scanner-handler`); returns it with its metrics port.
+    fn start_consumer(&self, extra: &[&str]) -> (ServiceProcess, u16) {
         let mut args: Vec<String> = [
             "--redis-host",
             "127.0.0.1",
@@ -80,7 +80,7 @@ impl Stack {
             wait_for(Duration::from_secs(20), || {
                 http_get(metrics, "/ready").is_some_and(|(s, _)| s == 200)
             }),
-            "handler not ready\n{}",
+            "consumer not ready\n{}",
             p.log_tail()
         );
         (p, metrics)
@@ -122,7 +122,7 @@ async fn scan(p: &Producer, task: ScanTask) -> Verdict {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eicar_inline_is_infected_and_clean_bytes_are_clean() {
     let stack = Stack::start();
-    let (_h, metrics) = stack.handler(&[]);
+    let (_h, metrics) = stack.start_consumer(&[]);
     let p = stack.producer().await;
 
     let mut body = b"--boundary\r\n".to_vec();
@@ -161,7 +161,7 @@ async fn eicar_inline_is_infected_and_clean_bytes_are_clean() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn path_tasks_for_50_mib_files_get_the_right_verdict() {
     let stack = Stack::start();
-    let (_h, _) = stack.handler(&[]);
+    let (_h, _) = stack.start_consumer(&[]);
     let p = stack.producer().await;
     let mut big = clean_bytes(50 << 20, 7);
     let clean = stack.spill("clean-50m", &big);
@@ -180,7 +180,7 @@ async fn path_tasks_for_50_mib_files_get_the_right_verdict() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn path_outside_scan_dir_is_an_error_and_the_file_is_untouched() {
     let stack = Stack::start();
-    let (_h, _) = stack.handler(&[]);
+    let (_h, _) = stack.start_consumer(&[]);
     let p = stack.producer().await;
     let outside = tempfile::tempdir().unwrap();
     let secret = outside.path().join("secret");
@@ -224,7 +224,7 @@ async fn high_priority_tasks_overtake_a_backlog() {
             .await
             .unwrap();
     }
-    let (_h, _) = stack.handler(&["--concurrency", "1"]);
+    let (_h, _) = stack.start_consumer(&["--concurrency", "1"]);
     // The backlog is being worked on; now urgent tasks arrive.
     p.wait_verdict("n0", deadline(10)).await.unwrap();
     for i in 0..5 {
@@ -285,7 +285,7 @@ async fn consumer_crash_loses_no_task() {
         }
         p.enqueue(&body_task(&format!("t{i}"), body)).await.unwrap();
     }
-    let (mut first, _) = stack.handler(&["--concurrency", "4", "--consumer-name", "first"]);
+    let (mut first, _) = stack.start_consumer(&["--concurrency", "4", "--consumer-name", "first"]);
     let mut conn = redis::Client::open(stack.redis.url())
         .unwrap()
         .get_multiplexed_async_connection()
@@ -327,7 +327,7 @@ async fn consumer_crash_loses_no_task() {
             .any(|c| c.starts_with("first-")),
         "the killed consumer is not in the group"
     );
-    let (_second, _) = stack.handler(&[
+    let (_second, _) = stack.start_consumer(&[
         "--concurrency",
         "4",
         "--consumer-name",
@@ -397,7 +397,7 @@ async fn poison_task_ends_with_an_error_verdict() {
             assert!(start.elapsed() < Duration::from_secs(10));
         }
     }
-    let (_h, _) = stack.handler(&["--max-deliveries", "3"]);
+    let (_h, _) = stack.start_consumer(&["--max-deliveries", "3"]);
     let v = p.wait_verdict("poison", deadline(20)).await.unwrap();
     assert_eq!(v.status(), VerdictStatus::Error);
     assert!(v.detail.contains("delivered 4 times"), "{}", v.detail);
@@ -412,7 +412,7 @@ async fn redis_restart_mid_run_consumer_reconnects_and_carries_on() {
         },
         ClamdOptions::default(),
     );
-    let (h, _) = stack.handler(&["--concurrency", "2"]);
+    let (h, _) = stack.start_consumer(&["--concurrency", "2"]);
     let p = stack.producer().await;
     assert_eq!(
         scan(&p, body_task("before", EICAR.to_vec())).await.status(),
@@ -429,7 +429,7 @@ async fn redis_restart_mid_run_consumer_reconnects_and_carries_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_bytes_reach_clamd_once_and_a_new_database_misses_the_cache() {
     let stack = Stack::start();
-    let (_h, metrics) = stack.handler(&[]);
+    let (_h, metrics) = stack.start_consumer(&[]);
     let p = stack.producer().await;
     let body = clean_bytes(200_000, 42);
     let first = scan(&p, body_task("a", body.clone())).await;
@@ -525,7 +525,7 @@ async fn scan_stored(p: &Producer, id: &str, bytes: &[u8], sha256: Vec<u8>) -> V
 async fn bodies_in_redis_are_scanned_whole_cached_under_their_own_hash_and_removed() {
     use sha2::Digest;
     let stack = Stack::start();
-    let (h, metrics) = stack.handler(&[]);
+    let (h, metrics) = stack.start_consumer(&[]);
     let p = stack.producer().await;
     let sha = |b: &[u8]| sha2::Sha256::digest(b).to_vec();
 
@@ -577,7 +577,7 @@ async fn bodies_in_redis_are_scanned_whole_cached_under_their_own_hash_and_remov
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_format_task_on_the_legacy_list_is_scanned_and_answered() {
     let stack = Stack::start();
-    let (_h, _) = stack.handler(&[]);
+    let (_h, _) = stack.start_consumer(&[]);
     let mut conn = redis::Client::open(stack.redis.url())
         .unwrap()
         .get_multiplexed_async_connection()
@@ -614,7 +614,7 @@ async fn seed_format_task_on_the_legacy_list_is_scanned_and_answered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_task_is_answered_without_a_scan() {
     let stack = Stack::start();
-    let (_h, metrics) = stack.handler(&[]);
+    let (_h, metrics) = stack.start_consumer(&[]);
     let p = stack.producer().await;
     let mut t = body_task("late", EICAR.to_vec());
     t.deadline_ns = now_ns() - 1;
@@ -634,7 +634,7 @@ async fn expired_task_is_answered_without_a_scan() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_the_scan_in_flight_then_exits() {
     let stack = Stack::start();
-    let (mut h, metrics) = stack.handler(&["--concurrency", "1"]);
+    let (mut h, metrics) = stack.start_consumer(&["--concurrency", "1"]);
     let p = stack.producer().await;
     let path = stack.spill("big", &clean_bytes(80 << 20, 3));
     p.enqueue(&path_task("inflight", &path)).await.unwrap();
@@ -646,7 +646,7 @@ async fn sigterm_finishes_the_scan_in_flight_then_exits() {
     assert_eq!(v.status(), VerdictStatus::Clean, "{}", v.detail);
     let status = h
         .wait_exit(Duration::from_secs(10))
-        .expect("handler did not exit");
+        .expect("consumer did not exit");
     assert!(status.success(), "{status:?}");
     // Draining returned the in-flight entry: nothing is left pending for redelivery.
     assert_eq!(p.depth().await.unwrap(), (0, 0));
@@ -662,7 +662,7 @@ async fn sigterm_finishes_the_scan_in_flight_then_exits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clamd_down_stops_claims_and_readiness_until_it_is_back() {
     let mut stack = Stack::start();
-    let (h, metrics) = stack.handler(&[]);
+    let (h, metrics) = stack.start_consumer(&[]);
     let p = stack.producer().await;
     stack.clamd.stop();
     assert!(wait_for(Duration::from_secs(10), || {
@@ -687,8 +687,8 @@ async fn clamd_down_stops_claims_and_readiness_until_it_is_back() {
 async fn concurrency_above_clamd_threads_is_warned_about() {
     // The test clamd runs MaxThreads 8.
     let stack = Stack::start();
-    let (mut at_max, _) = stack.handler(&["--concurrency", "8"]);
-    let (mut above, _) = stack.handler(&["--concurrency", "9"]);
+    let (mut at_max, _) = stack.start_consumer(&["--concurrency", "8"]);
+    let (mut above, _) = stack.start_consumer(&["--concurrency", "9"]);
     for (h, warned) in [(&mut at_max, false), (&mut above, true)] {
         let fields = h.wait_for_fields(
             "clamd's MaxThreads",

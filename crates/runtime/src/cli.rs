@@ -1,6 +1,9 @@
+//! The Redis and queue flags both binaries take (feature `cli`). They live here rather than in
+//! the queue crate, which has no command line of its own.
+
 use std::path::PathBuf;
 
-use crate::{QueueConfig, RedisConfig};
+use virus_scanner_queue::{QueueConfig, RedisConfig};
 
 /// The Redis and queue settings every binary takes, as flags and environment variables.
 #[derive(Debug, Clone, clap::Args)]
@@ -56,5 +59,62 @@ impl RedisArgs {
         let mut queue = QueueConfig::new(redis);
         queue.prefix = self.queue_prefix.clone();
         Ok(queue)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        redis: RedisArgs,
+    }
+
+    fn config(argv: &[&str]) -> Result<QueueConfig, String> {
+        let argv = std::iter::once("test").chain(argv.iter().copied());
+        Flags::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .redis
+            .to_queue_config()
+    }
+
+    #[test]
+    fn host_port_tls_and_url() {
+        assert_eq!(
+            config(&["--redis-host", "redis"]).unwrap().redis.url,
+            "redis://redis:6379/"
+        );
+        assert_eq!(
+            config(&["--redis-host", "r", "--redis-tls"])
+                .unwrap()
+                .redis
+                .url,
+            "rediss://r:6379/"
+        );
+        assert_eq!(
+            config(&["--redis-url", "rediss://x:1/2"])
+                .unwrap()
+                .redis
+                .url,
+            "rediss://x:1/2"
+        );
+        let c = config(&["--redis-password", "", "--queue-prefix", "p"]).unwrap();
+        assert_eq!((c.redis.password, c.prefix.as_str()), (None, "p"));
+    }
+
+    #[test]
+    fn bad_settings_name_the_setting() {
+        for (argv, name) in [
+            (["--redis-url", "http://x"], "REDIS_URL"),
+            (["--queue-prefix", "{a}"], "QUEUE_PREFIX"),
+            (["--queue-prefix", ""], "QUEUE_PREFIX"),
+            (["--redis-ca-file", "/nonexistent.pem"], "REDIS_CA_FILE"),
+        ] {
+            let err = config(&argv).unwrap_err();
+            assert!(err.contains(name), "{err}");
+        }
     }
 }
