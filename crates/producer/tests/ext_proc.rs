@@ -36,13 +36,7 @@ fn buffered_clean_and_infected_uploads_downloads_and_the_safe_route() {
         &temp_file(&files, "clean", &clean),
         &[],
     );
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let got = stack.upstream.received();
-    assert_eq!(got.len(), 1);
-    assert_eq!(
-        (got[0].len, got[0].sha256.clone()),
-        (clean.len() as u64, sha256_hex(&clean))
-    );
+    stack.assert_only_delivery(&r, &clean);
 
     // EICAR upload: 406 with the headers and JSON body; the upstream never saw it.
     let r = post_file(
@@ -509,13 +503,7 @@ fn without_a_shared_spool_large_bodies_are_scanned_through_redis_and_leave_nothi
         &temp_file(&files, "ok", &clean),
         &[],
     );
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let got = stack.upstream.received();
-    assert_eq!(got.len(), 1);
-    assert_eq!(
-        (got[0].len, got[0].sha256.clone()),
-        (clean.len() as u64, sha256_hex(&clean))
-    );
+    stack.assert_only_delivery(&r, &clean);
 
     // Downloads take the same way (other bytes, so that no cached verdict answers).
     let mut download = clean_bytes(12 << 20, 23);

@@ -117,32 +117,16 @@ pub(super) async fn answer_unmodified<W: AsyncWrite + Unpin>(
     } else {
         Section::ReqHdr
     };
-    let mut echoed = Vec::new();
-    let mut sections = Vec::new();
-    for (section, range) in x.encapsulated.header_ranges() {
-        if section == keep {
-            sections.push((section, echoed.len()));
-            echoed.extend_from_slice(&x.area[range]);
-        }
-    }
-    let echo = Encapsulated {
-        headers: sections,
-        body: (x.encapsulated.body.0, echoed.len()),
-    };
-    let value = icap::encapsulated_value(&echo);
-    write
-        .write_all(&icap::response_head(
-            200,
-            "OK",
-            &[("ISTag", x.istag), ("Encapsulated", &value)],
-        ))
-        .await?;
-    write.write_all(&echoed).await?;
-    if let Some(body) = body.filter(|_| x.encapsulated.has_body()) {
-        write_chunked(body, write).await?;
-    }
-    write.flush().await?;
-    Ok(())
+    let body = body.filter(|_| x.encapsulated.has_body());
+    echo(
+        x,
+        keep,
+        x.encapsulated.body.0,
+        |head| head.to_vec(),
+        body,
+        write,
+    )
+    .await
 }
 
 /// REQMOD of a request for part of a file: the request head is sent back without `Range`
@@ -151,17 +135,31 @@ pub(super) async fn answer_without_range<W: AsyncWrite + Unpin>(
     x: &Exchange<'_>,
     write: &mut W,
 ) -> Result<(), ConnError> {
+    let strip = |head: &[u8]| icap::remove_header_fields(head, &RANGE_HEADERS);
+    echo(x, Section::ReqHdr, Section::NullBody, strip, None, write).await
+}
+
+/// ICAP 200 with the `keep` header section of the request, as `edit` makes it, then the
+/// body (chunked) if there is one.
+async fn echo<W: AsyncWrite + Unpin>(
+    x: &Exchange<'_>,
+    keep: Section,
+    body_section: Section,
+    edit: impl Fn(&[u8]) -> Vec<u8>,
+    body: Option<&Body>,
+    write: &mut W,
+) -> Result<(), ConnError> {
     let mut echoed = Vec::new();
     let mut sections = Vec::new();
     for (section, range) in x.encapsulated.header_ranges() {
-        if section == Section::ReqHdr {
+        if section == keep {
             sections.push((section, echoed.len()));
-            echoed.extend(icap::remove_header_fields(&x.area[range], &RANGE_HEADERS));
+            echoed.extend(edit(&x.area[range]));
         }
     }
     let echo = Encapsulated {
         headers: sections,
-        body: (Section::NullBody, echoed.len()),
+        body: (body_section, echoed.len()),
     };
     let value = icap::encapsulated_value(&echo);
     write
@@ -172,6 +170,9 @@ pub(super) async fn answer_without_range<W: AsyncWrite + Unpin>(
         ))
         .await?;
     write.write_all(&echoed).await?;
+    if let Some(body) = body {
+        write_chunked(body, write).await?;
+    }
     write.flush().await?;
     Ok(())
 }

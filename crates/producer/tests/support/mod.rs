@@ -194,6 +194,23 @@ impl Stack {
     }
 
     /// Files the producer left in the scan directory (and in its own spool).
+    /// The upload answered by `reply` passed: 200, and it is the one body the upstream
+    /// received, byte for byte.
+    pub fn assert_only_delivery(&self, reply: &Reply, bytes: &[u8]) {
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        let got = self.upstream.received();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(
+            (got[0].len, got[0].sha256.clone()),
+            (bytes.len() as u64, sha256_hex(bytes))
+        );
+    }
+
     pub fn leftovers(&self) -> Vec<PathBuf> {
         std::iter::once(self.scan_dir.path())
             .chain(self.producer_spool.as_ref().map(|d| d.path()))
