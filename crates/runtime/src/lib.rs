@@ -3,6 +3,7 @@
 
 #[cfg(feature = "cli")]
 pub mod cli;
+pub mod env;
 
 use std::future::Future;
 use std::net::SocketAddr;
