@@ -82,7 +82,7 @@ impl Scanner {
             .unwrap();
         let redis_port = redis.port().to_string();
         let scan_dir = scan_dir.display().to_string();
-        let consumer = <virus_scanner_consumer::HandlerArgs as clap::Parser>::parse_from([
+        let consumer = <virus_scanner_consumer::ConsumerArgs as clap::Parser>::parse_from([
             "virus-scanner-handler",
             "--redis-host",
             "127.0.0.1",
@@ -126,11 +126,14 @@ impl Scanner {
             tasks: Vec::new(),
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = scanner
-            .rt
-            .spawn(virus_scanner_consumer::run(consumer, async move {
+        let task = scanner.rt.spawn(async move {
+            let stop = async move {
                 let _ = rx.await;
-            }));
+            };
+            virus_scanner_consumer::run(consumer, stop)
+                .await
+                .map_err(anyhow::Error::from)
+        });
         scanner.stops.push(tx);
         scanner.tasks.push(task);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
