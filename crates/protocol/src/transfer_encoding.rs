@@ -182,6 +182,99 @@ impl Base64Decoder {
     }
 }
 
+/// Base64 as lenient decoders read any text: Python's `b64decode` (without `validate`) and
+/// Node's `Buffer.from(s, "base64")` skip every byte outside the alphabet (`.`, spaces,
+/// quotes), and Node takes `+/` and `-_` alike, mixed. Where the text is strictly base64
+/// the output is the strict decoder's. They part at a `=` that does not complete a group:
+/// Python skips it and goes on, Node stops there, so Node's output is a prefix of
+/// Python's, the one written here ([`LenientBase64Decoder::node_stop`]). Missing padding
+/// at the end is decoded as Node does (Python fails).
+#[derive(Debug, Clone, Default)]
+pub struct LenientBase64Decoder {
+    quad: [u8; 4],
+    filled: usize,
+    pads: usize,
+    /// A `=` completed a group: the rest is ignored.
+    done: bool,
+    written: u64,
+    node_stop: Option<u64>,
+}
+
+impl LenientBase64Decoder {
+    pub fn new() -> LenientBase64Decoder {
+        LenientBase64Decoder::default()
+    }
+
+    /// How many of the bytes written are Node's output, when Node stops before the end.
+    pub fn node_stop(&self) -> Option<u64> {
+        self.node_stop.filter(|&n| n < self.written)
+    }
+
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        for &c in input {
+            if self.done {
+                return;
+            }
+            if c == b'=' {
+                if self.node_stop.is_none() {
+                    // Node decodes what it has of the group, as at the end.
+                    let partial = match self.filled {
+                        2 => 1,
+                        3 => 2,
+                        _ => 0,
+                    };
+                    self.node_stop = Some(self.written + partial);
+                }
+                if self.filled >= 2 {
+                    self.pads += 1;
+                    if self.filled + self.pads >= 4 {
+                        self.flush_partial(out);
+                        self.done = true;
+                    }
+                }
+                continue;
+            }
+            let v = match c {
+                b'A'..=b'Z' => c - b'A',
+                b'a'..=b'z' => c - b'a' + 26,
+                b'0'..=b'9' => c - b'0' + 52,
+                b'+' | b'-' => 62,
+                b'/' | b'_' => 63,
+                _ => continue,
+            };
+            self.pads = 0;
+            self.quad[self.filled] = v;
+            self.filled += 1;
+            if self.filled == 4 {
+                let [a, b, c, d] = self.quad;
+                out.extend_from_slice(&[a << 2 | b >> 4, b << 4 | c >> 2, c << 6 | d]);
+                self.written += 3;
+                self.filled = 0;
+            }
+        }
+    }
+
+    fn flush_partial(&mut self, out: &mut Vec<u8>) {
+        let [a, b, c, _] = self.quad;
+        match self.filled {
+            2 => out.push(a << 2 | b >> 4),
+            3 => out.extend_from_slice(&[a << 2 | b >> 4, b << 4 | c >> 2]),
+            _ => {}
+        }
+        self.written += self.filled.saturating_sub(1) as u64;
+        self.filled = 0;
+    }
+
+    /// The input ended: a last group without padding is decoded (one lone character is
+    /// dropped).
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        if !self.done {
+            self.flush_partial(out);
+            self.done = true;
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum QpState {
     Text,
@@ -395,6 +488,37 @@ mod tests {
             Err(E::Base64MixedAlphabet)
         );
         assert_eq!(b64(Alphabet::UrlSafe, b"ab+/", 1), Err(E::Base64Byte(b'+')));
+    }
+
+    fn lenient(input: &[u8], step: usize) -> (Vec<u8>, Option<u64>) {
+        let mut d = LenientBase64Decoder::new();
+        let mut out = Vec::new();
+        for chunk in input.chunks(step.max(1)) {
+            d.feed(chunk, &mut out);
+        }
+        d.finish(&mut out);
+        (out, d.node_stop())
+    }
+
+    #[test]
+    fn lenient_base64_skips_what_python_and_node_skip() {
+        for step in [1, 2, 3, 100] {
+            // Strict base64 reads the same.
+            assert_eq!(
+                lenient(b"SGVs\r\nbG8g d29y bGQ=", step),
+                (b"Hello world".to_vec(), None)
+            );
+            assert_eq!(lenient(b"SGVsbA", step), (b"Hell".to_vec(), None));
+            // Dots, spaces and quotes skipped; both alphabets, mixed.
+            assert_eq!(lenient(b"SG.Vs b\"G8=", step), (b"Hello".to_vec(), None));
+            assert_eq!(lenient(b"+/-_", step), (vec![0xfb, 0xff, 0xbf], None));
+            // Padding that completes a group ends the data for both.
+            assert_eq!(lenient(b"SGVsbA==SGVs", step), (b"Hell".to_vec(), None));
+            // A `=` Python skips: Node stops there, with the first byte of the group.
+            assert_eq!(lenient(b"SGVs=bG8=", step), (b"Hello".to_vec(), Some(3)));
+            assert_eq!(lenient(b"SG=Vs", step), (b"Hel".to_vec(), Some(1)));
+            assert_eq!(lenient(b"=SGVs", step), (b"Hel".to_vec(), Some(0)));
+        }
     }
 
     #[test]

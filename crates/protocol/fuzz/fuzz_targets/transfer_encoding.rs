@@ -1,12 +1,13 @@
 //! Base64, quoted-printable and embedded-file decoding on arbitrary text: the output does
 //! not depend on how the input is cut into pieces, base64 of any bytes decodes back to them
-//! wherever line breaks fall, and quoted-printable never grows its input.
+//! wherever line breaks fall, the lenient reading is the strict one wherever the text is
+//! strictly base64, and quoted-printable never grows its input.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use virus_scanner_protocol::embedded::EmbeddedFile;
 use virus_scanner_protocol::transfer_encoding::{
-    Alphabet, Base64Decoder, QuotedPrintableDecoder, TransferEncodingError,
+    Alphabet, Base64Decoder, LenientBase64Decoder, QuotedPrintableDecoder, TransferEncodingError,
 };
 
 fn base64(input: &[u8], step: usize) -> Result<Vec<u8>, TransferEncodingError> {
@@ -29,15 +30,23 @@ fn qp(input: &[u8], step: usize) -> Result<Vec<u8>, TransferEncodingError> {
     Ok(out)
 }
 
-fn embedded(input: &[u8], step: usize) -> Option<Vec<u8>> {
+fn lenient(input: &[u8], step: usize) -> (Vec<u8>, Option<u64>) {
+    let mut d = LenientBase64Decoder::new();
+    let mut out = Vec::new();
+    for piece in input.chunks(step) {
+        d.feed(piece, &mut out);
+    }
+    d.finish(&mut out);
+    (out, d.node_stop())
+}
+
+fn embedded(input: &[u8], step: usize) -> Option<(Vec<u8>, Option<u64>)> {
     let mut e = EmbeddedFile::new();
     let mut out = Vec::new();
     for piece in input.chunks(step) {
-        if !e.feed(piece, &mut out) {
-            return None;
-        }
+        e.feed(piece, &mut out);
     }
-    e.finish(&mut out).map(|_| out)
+    e.finish(&mut out).map(|f| (out, f.node_stop))
 }
 
 fn encode(data: &[u8], wrap: usize) -> Vec<u8> {
@@ -66,6 +75,15 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(out) = &b {
         assert!(out.len() <= input.len() * 3 / 4 + 2);
     }
+    let l = lenient(input, whole);
+    assert_eq!(l, lenient(input, step));
+    if let Ok(out) = &b {
+        assert_eq!(&l.0, out, "strict base64 reads the same leniently");
+        assert_eq!(l.1, None);
+    }
+    if let Some(stop) = l.1 {
+        assert!(stop < l.0.len() as u64);
+    }
     let q = qp(input, whole);
     assert_eq!(q, qp(input, step));
     if let Ok(out) = &q {
@@ -74,4 +92,5 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(embedded(input, whole), embedded(input, step));
     let encoded = encode(input, usize::from(step % 80) + 1);
     assert_eq!(base64(&encoded, step).as_deref(), Ok(input));
+    assert_eq!(lenient(&encoded, step), (input.to_vec(), None));
 });
