@@ -404,7 +404,7 @@ mod tests {
     #[test]
     fn merging_twice_changes_nothing_more() {
         let (once, _) = merge(TENANT, &policy()).expect("merge");
-        let (twice, _) = merge(&envoy::to_yaml(&once), &policy()).expect("merge");
+        let (twice, _) = merge(&envoy::to_yaml(&once).expect("yaml"), &policy()).expect("merge");
         assert_eq!(once, twice);
         let clusters = once["static_resources"]["clusters"].as_array().expect("c");
         assert_eq!(clusters.len(), 3);
@@ -509,7 +509,7 @@ mod tests {
         // An empty list runs the connection manager's filters, which carry the scanner.
         assert_eq!(upgrades[1]["filters"], json!([]));
         assert!(upgrades[2].get("filters").is_none());
-        let (twice, _) = merge(&envoy::to_yaml(&once), &policy()).expect("merge");
+        let (twice, _) = merge(&envoy::to_yaml(&once).expect("yaml"), &policy()).expect("merge");
         assert_eq!(once, twice);
 
         let no_router = tenant_with(

@@ -9,6 +9,7 @@ use serde_json::{Map, Value, json};
 use crate::crd::{
     Direction, FailureMode, ProcessingMode, RouteOptOut, Transport, VirusScanPolicySpec,
 };
+use crate::error::Error;
 
 pub const EXT_PROC_FILTER: &str = "envoy.filters.http.ext_proc";
 pub const EXT_PROC_TYPE: &str =
@@ -246,25 +247,26 @@ pub fn example_bootstrap(spec: &VirusScanPolicySpec) -> Value {
 }
 
 /// Every generated piece as ConfigMap data (YAML values).
-pub fn config_map_data(spec: &VirusScanPolicySpec) -> BTreeMap<String, String> {
-    let mut data = BTreeMap::new();
-    data.insert(KEY_FILTER.to_owned(), to_yaml(&ext_proc_filter(spec)));
-    data.insert(KEY_CLUSTER.to_owned(), to_yaml(&producer_cluster(spec)));
-    data.insert(
-        KEY_CONNECTION_MANAGER.to_owned(),
-        to_yaml(&Value::Object(connection_manager_settings())),
-    );
-    data.insert(
-        KEY_ROUTES.to_owned(),
-        to_yaml(&json!(route_overrides(spec))),
-    );
-    data.insert(KEY_BOOTSTRAP.to_owned(), to_yaml(&example_bootstrap(spec)));
-    data
+pub fn config_map_data(spec: &VirusScanPolicySpec) -> Result<BTreeMap<String, String>, Error> {
+    Ok(BTreeMap::from([
+        (KEY_FILTER.to_owned(), to_yaml(&ext_proc_filter(spec))?),
+        (KEY_CLUSTER.to_owned(), to_yaml(&producer_cluster(spec))?),
+        (
+            KEY_CONNECTION_MANAGER.to_owned(),
+            to_yaml(&Value::Object(connection_manager_settings()))?,
+        ),
+        (
+            KEY_ROUTES.to_owned(),
+            to_yaml(&json!(route_overrides(spec)))?,
+        ),
+        (KEY_BOOTSTRAP.to_owned(), to_yaml(&example_bootstrap(spec))?),
+    ]))
 }
 
-pub fn to_yaml(value: &Value) -> String {
-    // A serde_json::Value always has a YAML form.
-    serde_saphyr::to_string(value).unwrap_or_else(|e| panic!("YAML rendering failed: {e}"))
+/// The YAML form of generated configuration. What it renders holds tenant text (route
+/// names and patterns, a whole tenant bootstrap), so a failure is an error, not a panic.
+pub fn to_yaml(value: &Value) -> Result<String, Error> {
+    serde_saphyr::to_string(value).map_err(|e| Error::Render(e.to_string()))
 }
 
 #[cfg(test)]
@@ -327,7 +329,7 @@ mod tests {
             hcm["path_with_escaped_slashes_action"],
             "UNESCAPE_AND_REDIRECT"
         );
-        let data = config_map_data(&s);
+        let data = config_map_data(&s).expect("data");
         let piece: Value =
             serde_saphyr::from_str(&data[KEY_CONNECTION_MANAGER]).expect("connection manager");
         assert_eq!(piece, Value::Object(connection_manager_settings()));
@@ -350,5 +352,45 @@ mod tests {
             true
         );
         assert!(routes[2].get("typed_per_filter_config").is_none());
+    }
+
+    /// Route names and whole bootstraps come from tenants: text that reads as YAML syntax
+    /// must come out as the same strings, and nothing a tenant writes may panic the render.
+    #[test]
+    fn tenant_text_that_looks_like_yaml_syntax_renders_and_reads_back() {
+        for s in [
+            "\u{0}",
+            "\u{feff}x",
+            "a\u{85}b",
+            "\u{2028}",
+            "!tag",
+            "*alias",
+            "&anchor",
+            "- x",
+            "? x",
+            "key: value",
+            "#",
+            "---",
+            "...",
+            " lead",
+            "\u{1b}[0m",
+            "%YAML 1.2",
+        ] {
+            let v = json!({"name": s, s: [s]});
+            let yaml = to_yaml(&v).expect("renders");
+            let back: Value = serde_saphyr::from_str(&yaml).expect("reads back");
+            assert_eq!(back, v, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn tenant_bootstrap_nested_past_the_parser_budget_is_refused_not_rendered() {
+        let deep = "[".repeat(3000) + &"]".repeat(3000);
+        let err =
+            crate::bootstrap::merge(&deep, &spec(json!({"selector": {}}))).expect_err("too deep");
+        assert!(
+            matches!(err, crate::bootstrap::MergeError::Syntax(_)),
+            "{err}"
+        );
     }
 }

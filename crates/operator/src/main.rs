@@ -1,9 +1,9 @@
-use clap::Parser;
 use virus_scan_operator::{Cli, Command};
+use virus_scanner_runtime::env::ProcessEnv;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli: Cli = virus_scanner_runtime::env::parse(&ProcessEnv);
     match cli.command {
         Some(Command::Crd) => {
             print!("{}", virus_scan_operator::crd::crd_yaml());
@@ -15,7 +15,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Some(Command::Run) | None => {
             virus_scanner_runtime::init_tracing(cli.run.log_format);
-            virus_scan_operator::run(cli.run).await
+            virus_scan_operator::run(cli.run).await?;
+            Ok(())
         }
     }
 }

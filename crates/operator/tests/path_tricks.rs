@@ -290,7 +290,7 @@ fn merged_bootstrap(dir: &Path, upstream_port: u16, socket: &Path) -> PathBuf {
     assert_eq!(*pipe, virus_scan_operator::envoy::SOCKET_PATH);
     *pipe = Value::from(socket.display().to_string());
     let file = dir.join("envoy.yaml");
-    std::fs::write(&file, virus_scan_operator::envoy::to_yaml(&merged)).unwrap();
+    std::fs::write(&file, virus_scan_operator::envoy::to_yaml(&merged).unwrap()).unwrap();
     file
 }
 

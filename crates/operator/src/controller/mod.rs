@@ -1,0 +1,260 @@
+//! The controller: for each VirusScanPolicy, a ConfigMap with the generated Envoy
+//! configuration (owned by the policy, put back when edited or deleted), a derived bootstrap
+//! when the policy names the gateway's own, pod counts from a Pod watch, status by
+//! server-side apply and Events on changes and errors. The status itself is computed in
+//! [`status`], without the API; the writes are in `writes`.
+
+#[cfg(test)]
+mod scenarios;
+pub mod status;
+mod writes;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+
+use self::status::{Generated, PodCounts};
+use self::writes::{apply_config_map, derive_bootstrap, publish, restart_outdated};
+use crate::crd::VirusScanPolicy;
+use crate::envoy;
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::selector;
+
+/// Field manager of every server-side apply.
+pub const MANAGER: &str = "virus-scan-operator";
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "virus-scan-operator");
+pub const POLICY_LABEL: &str = "virusscan.aether-platform.io/policy";
+/// Pod annotations the injector writes: the policy, its generation, and a hash of what
+/// was injected.
+pub const ANNOTATION_POLICY: &str = "virusscan.aether-platform.io/policy";
+pub const ANNOTATION_GENERATION: &str = "virusscan.aether-platform.io/policy-generation";
+/// On a policy, `"true"` lets the operator restart the Deployments of outdated pods.
+pub const ANNOTATION_RESTART_OUTDATED: &str = "virusscan.aether-platform.io/restart-outdated";
+/// On a Deployment's pod template: the policy generation it was restarted for.
+pub const ANNOTATION_RESTARTED_FOR: &str = "virusscan.aether-platform.io/restarted-for-generation";
+
+const RESYNC: Duration = Duration::from_secs(300);
+const RETRY_MISSING_BOOTSTRAP: Duration = Duration::from_secs(30);
+const RETRY_ERROR: Duration = Duration::from_secs(10);
+
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+}
+
+impl Context {
+    pub fn new(client: Client, identity: &str, metrics: Metrics) -> Context {
+        let reporter = Reporter {
+            controller: MANAGER.to_owned(),
+            instance: Some(identity.to_owned()),
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+        }
+    }
+}
+
+pub fn config_map_name(policy: &str) -> String {
+    format!("vsp-{policy}-envoy")
+}
+
+pub fn derived_bootstrap_name(policy: &str) -> String {
+    format!("vsp-{policy}-bootstrap")
+}
+
+/// Runs until `shutdown` resolves.
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let policies: Api<VirusScanPolicy> = Api::all(client.clone());
+    let controller = Controller::new(policies, watcher::Config::default());
+    let store = controller.store();
+    let pod_store = store.clone();
+    let controller = controller
+        .watches(
+            Api::<Pod>::all(client.clone()),
+            watcher::Config::default(),
+            move |pod| policies_selecting(&pod_store, &pod),
+        )
+        .watches(
+            Api::<ConfigMap>::all(client),
+            watcher::Config::default(),
+            move |cm| policies_using(&store, &cm),
+        )
+        .graceful_shutdown_on(shutdown);
+    controller
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile failed");
+            }
+        })
+        .await;
+}
+
+/// Policies in the pod's namespace whose selector matches it.
+fn policies_selecting(
+    store: &Store<VirusScanPolicy>,
+    pod: &Pod,
+) -> Vec<ObjectRef<VirusScanPolicy>> {
+    let labels = pod.labels();
+    store
+        .state()
+        .iter()
+        .filter(|p| p.namespace() == pod.namespace())
+        .filter(|p| selector::matches(&p.spec.selector, labels))
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
+/// The policy that owns a generated ConfigMap, and the policies whose bootstrap it is.
+fn policies_using(
+    store: &Store<VirusScanPolicy>,
+    cm: &ConfigMap,
+) -> Vec<ObjectRef<VirusScanPolicy>> {
+    let name = cm.name_any();
+    store
+        .state()
+        .iter()
+        .filter(|p| p.namespace() == cm.namespace())
+        .filter(|p| {
+            let owns = cm
+                .owner_references()
+                .iter()
+                .any(|o| Some(&o.uid) == p.meta().uid.as_ref());
+            let bootstrap = p
+                .spec
+                .envoy
+                .bootstrap
+                .as_ref()
+                .is_some_and(|b| b.name == name);
+            owns || bootstrap
+        })
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
+/// Counts the failure by its label; tries again soon when that can help, at the next
+/// resync otherwise (a change to the policy reconciles it at once anyway).
+fn error_policy(_policy: Arc<VirusScanPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(error = %error, reason = error.metric_label(), "reconcile failed");
+    ctx.metrics.failed(error.metric_label());
+    if error.is_retryable() {
+        Action::requeue(RETRY_ERROR)
+    } else {
+        Action::requeue(RESYNC)
+    }
+}
+
+async fn reconcile(policy: Arc<VirusScanPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    ctx.metrics.reconciles.inc();
+    let result = reconcile_policy(&policy, &ctx).await;
+    ctx.metrics
+        .duration
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn reconcile_policy(policy: &VirusScanPolicy, ctx: &Context) -> Result<Action, Error> {
+    // A policy being deleted takes its ConfigMaps with it (they are owned by it); writing
+    // them again, or its status, would only race the garbage collector.
+    if policy.meta().deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let namespace = policy.namespace().ok_or(Error::MissingField("namespace"))?;
+    let name = policy.name_any();
+    let owner = policy
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingField("uid"))?;
+    let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
+
+    let cm_name = config_map_name(&name);
+    let data = envoy::config_map_data(&policy.spec)?;
+    if apply_config_map(ctx, &config_maps, &cm_name, &name, &owner, data).await? {
+        publish(
+            ctx,
+            policy,
+            EventType::Normal,
+            "ConfigGenerated",
+            format!("wrote ConfigMap {cm_name}"),
+        )
+        .await;
+    }
+
+    let generated = match &policy.spec.envoy.bootstrap {
+        None => Generated::config_map(&cm_name),
+        Some(source) => derive_bootstrap(ctx, policy, &config_maps, source, &owner).await?,
+    };
+    if !generated.status {
+        publish(
+            ctx,
+            policy,
+            EventType::Warning,
+            generated.reason,
+            generated.message.clone(),
+        )
+        .await;
+    }
+
+    let pods = count_pods(ctx, &namespace, policy).await?;
+    if !pods.outdated.is_empty()
+        && policy
+            .annotations()
+            .get(ANNOTATION_RESTART_OUTDATED)
+            .is_some_and(|v| v == "true")
+    {
+        restart_outdated(ctx, policy, &namespace, &pods.outdated).await?;
+    }
+
+    let status = status::status(policy, &generated, &pods, &cm_name, Timestamp::now());
+    if policy.status.as_ref() != Some(&status) {
+        let policies: Api<VirusScanPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
+        let patch = json!({
+            "apiVersion": VirusScanPolicy::api_version(&()),
+            "kind": VirusScanPolicy::kind(&()),
+            "status": status,
+        });
+        policies
+            .patch_status(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(patch),
+            )
+            .await?;
+        ctx.metrics.wrote("status");
+    }
+    Ok(Action::requeue(generated.requeue))
+}
+
+/// The policy's pods, counted; the API server filters them by its selector.
+async fn count_pods(
+    ctx: &Context,
+    namespace: &str,
+    policy: &VirusScanPolicy,
+) -> Result<PodCounts, Error> {
+    let Some(selector) = selector::parse(&policy.spec.selector) else {
+        return Ok(PodCounts::default());
+    };
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    let list = pods
+        .list(&ListParams::default().labels_from(&selector))
+        .await?;
+    Ok(PodCounts::of(policy, list))
+}

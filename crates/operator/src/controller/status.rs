@@ -1,0 +1,327 @@
+//! The policy's status as a pure function of what the reconciler found: the outcome of
+//! generating its configuration, the pods it selects, and the previous status (for the
+//! conditions' transition times). No API calls here.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+
+use super::{ANNOTATION_GENERATION, ANNOTATION_POLICY, RESYNC, RETRY_MISSING_BOOTSTRAP};
+use crate::bootstrap::MergeReport;
+use crate::crd::{ConfigMapKeyRef, VirusScanPolicy, VirusScanPolicyStatus};
+
+/// The outcome of writing the configuration, for the ConfigGenerated condition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generated {
+    pub status: bool,
+    pub reason: &'static str,
+    pub message: String,
+    pub derived: Option<ConfigMapKeyRef>,
+    pub requeue: Duration,
+}
+
+impl Generated {
+    /// The policy names no bootstrap: the generated ConfigMap is all there is.
+    pub fn config_map(cm_name: &str) -> Generated {
+        Generated {
+            status: true,
+            reason: "Generated",
+            message: format!("Envoy configuration in ConfigMap {cm_name}"),
+            derived: None,
+            requeue: RESYNC,
+        }
+    }
+
+    /// The tenant's bootstrap is missing or cannot take the policy; tried again soon, as a
+    /// ConfigMap that appears or changes may not be one the controller watches yet.
+    pub fn failed(reason: &'static str, message: String) -> Generated {
+        Generated {
+            status: false,
+            reason,
+            message,
+            derived: None,
+            requeue: RETRY_MISSING_BOOTSTRAP,
+        }
+    }
+
+    /// The derived bootstrap is in ConfigMap `name` under `key`.
+    pub fn derived(name: String, key: String, report: &MergeReport) -> Generated {
+        let mut message = format!(
+            "derived bootstrap in ConfigMap {name}: {} connection managers filtered, routes opted out: {:?}",
+            report.connection_managers, report.disabled_routes
+        );
+        if !report.unmatched_opt_outs.is_empty() {
+            message.push_str(&format!(
+                "; opt-outs that match no route: {:?}",
+                report.unmatched_opt_outs
+            ));
+        }
+        Generated {
+            status: true,
+            reason: "BootstrapDerived",
+            message,
+            derived: Some(ConfigMapKeyRef { name, key }),
+            requeue: RESYNC,
+        }
+    }
+}
+
+/// Pods the policy selects; of those, pods carrying its sidecar; of those, pods injected
+/// from an older generation.
+#[derive(Debug, Default)]
+pub struct PodCounts {
+    pub matched: i32,
+    pub injected: i32,
+    pub outdated: Vec<Pod>,
+}
+
+impl PodCounts {
+    /// Counts `pods`, which the API server has already filtered by the policy's selector.
+    pub fn of(policy: &VirusScanPolicy, pods: impl IntoIterator<Item = Pod>) -> PodCounts {
+        let name = policy.name_any();
+        let generation = policy.metadata.generation.unwrap_or_default().to_string();
+        let mut counts = PodCounts::default();
+        for pod in pods {
+            counts.matched += 1;
+            let annotations = pod.annotations();
+            if annotations.get(ANNOTATION_POLICY) == Some(&name) {
+                counts.injected += 1;
+                if annotations.get(ANNOTATION_GENERATION) != Some(&generation) {
+                    counts.outdated.push(pod);
+                }
+            }
+        }
+        counts
+    }
+
+    pub fn outdated(&self) -> i32 {
+        i32::try_from(self.outdated.len()).unwrap_or(i32::MAX)
+    }
+}
+
+/// The status to apply: ConfigGenerated and Ready conditions, pod counts, references.
+pub fn status(
+    policy: &VirusScanPolicy,
+    generated: &Generated,
+    pods: &PodCounts,
+    cm_name: &str,
+    now: Timestamp,
+) -> VirusScanPolicyStatus {
+    let generation = policy.metadata.generation;
+    let previous = policy.status.clone().unwrap_or_default();
+    let (matched, injected, outdated) = (pods.matched, pods.injected, pods.outdated());
+    let (ready_reason, ready_message) = if generated.status {
+        (
+            "Reconciled",
+            format!("{matched} pods matched, {injected} injected, {outdated} outdated"),
+        )
+    } else {
+        (generated.reason, generated.message.clone())
+    };
+    let conditions = vec![
+        condition(
+            &previous,
+            "ConfigGenerated",
+            generated.status,
+            generated.reason,
+            &generated.message,
+            generation,
+            now,
+        ),
+        condition(
+            &previous,
+            "Ready",
+            generated.status,
+            ready_reason,
+            &ready_message,
+            generation,
+            now,
+        ),
+    ];
+    VirusScanPolicyStatus {
+        observed_generation: generation,
+        conditions,
+        matched_pods: matched,
+        injected_pods: injected,
+        outdated_pods: outdated,
+        config_map_ref: Some(cm_name.to_owned()),
+        derived_bootstrap_ref: generated.derived.clone(),
+    }
+}
+
+/// A condition; its transition time moves only when its status changes.
+fn condition(
+    previous: &VirusScanPolicyStatus,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
+    let status = if status { "True" } else { "False" };
+    let last_transition_time = previous
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map_or_else(|| Time(now), |c| c.last_transition_time.clone());
+    Condition {
+        type_: type_.to_owned(),
+        status: status.to_owned(),
+        reason: reason.to_owned(),
+        message: message.to_owned(),
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn policy(generation: i64) -> VirusScanPolicy {
+        serde_json::from_value(json!({
+            "apiVersion": "virusscan.aether-platform.io/v1alpha1",
+            "kind": "VirusScanPolicy",
+            "metadata": {"name": "gw", "namespace": "t", "generation": generation},
+            "spec": {"selector": {"matchLabels": {"app": "gw"}}}
+        }))
+        .expect("policy")
+    }
+
+    fn pod(name: &str, annotations: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": name, "annotations": annotations}}))
+            .expect("pod")
+    }
+
+    fn at(seconds: i64) -> Timestamp {
+        Timestamp::from_second(seconds).expect("time")
+    }
+
+    fn find<'a>(s: &'a VirusScanPolicyStatus, type_: &str) -> &'a Condition {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .expect("condition")
+    }
+
+    #[test]
+    fn pods_are_counted_as_matched_injected_and_outdated() {
+        let counts = PodCounts::of(
+            &policy(3),
+            [
+                pod("plain", json!({})),
+                pod(
+                    "current",
+                    json!({ANNOTATION_POLICY: "gw", ANNOTATION_GENERATION: "3"}),
+                ),
+                pod(
+                    "old",
+                    json!({ANNOTATION_POLICY: "gw", ANNOTATION_GENERATION: "2"}),
+                ),
+                pod(
+                    "other-policy",
+                    json!({ANNOTATION_POLICY: "other", ANNOTATION_GENERATION: "1"}),
+                ),
+            ],
+        );
+        assert_eq!(
+            (counts.matched, counts.injected, counts.outdated()),
+            (4, 2, 1)
+        );
+        assert_eq!(counts.outdated[0].name_any(), "old");
+    }
+
+    #[test]
+    fn ready_reports_the_pod_counts_when_the_config_is_generated() {
+        let p = policy(2);
+        let pods = PodCounts::of(
+            &p,
+            [pod(
+                "a",
+                json!({ANNOTATION_POLICY: "gw", ANNOTATION_GENERATION: "1"}),
+            )],
+        );
+        let s = status(
+            &p,
+            &Generated::config_map("vsp-gw-envoy"),
+            &pods,
+            "vsp-gw-envoy",
+            at(10),
+        );
+        assert_eq!(s.observed_generation, Some(2));
+        assert_eq!(
+            (s.matched_pods, s.injected_pods, s.outdated_pods),
+            (1, 1, 1)
+        );
+        let ready = find(&s, "Ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("True", "Reconciled")
+        );
+        assert_eq!(ready.message, "1 pods matched, 1 injected, 1 outdated");
+        assert_eq!(find(&s, "ConfigGenerated").reason, "Generated");
+        assert_eq!(s.config_map_ref.as_deref(), Some("vsp-gw-envoy"));
+        assert_eq!(s.derived_bootstrap_ref, None);
+    }
+
+    #[test]
+    fn a_failed_bootstrap_makes_both_conditions_false_with_its_reason() {
+        let p = policy(1);
+        let failed =
+            Generated::failed("BootstrapInvalid", "ConfigMap envoy key e.yaml: bad".into());
+        let s = status(&p, &failed, &PodCounts::default(), "vsp-gw-envoy", at(10));
+        for type_ in ["ConfigGenerated", "Ready"] {
+            let c = find(&s, type_);
+            assert_eq!(
+                (c.status.as_str(), c.reason.as_str(), c.message.as_str()),
+                (
+                    "False",
+                    "BootstrapInvalid",
+                    "ConfigMap envoy key e.yaml: bad"
+                )
+            );
+        }
+        assert_eq!(failed.requeue, RETRY_MISSING_BOOTSTRAP);
+    }
+
+    #[test]
+    fn transition_time_moves_only_when_the_status_changes() {
+        let mut p = policy(1);
+        let ok = Generated::config_map("cm");
+        p.status = Some(status(&p, &ok, &PodCounts::default(), "cm", at(10)));
+        let again = status(&p, &ok, &PodCounts::default(), "cm", at(20));
+        assert_eq!(find(&again, "Ready").last_transition_time, Time(at(10)));
+        p.status = Some(again);
+        let failed = Generated::failed("BootstrapNotFound", "gone".into());
+        let changed = status(&p, &failed, &PodCounts::default(), "cm", at(30));
+        assert_eq!(find(&changed, "Ready").last_transition_time, Time(at(30)));
+    }
+
+    #[test]
+    fn derived_message_names_opt_outs_that_match_no_route() {
+        let report = MergeReport {
+            connection_managers: 2,
+            routes: 3,
+            disabled_routes: vec!["static".into()],
+            unmatched_opt_outs: vec!["health".into()],
+        };
+        let g = Generated::derived("vsp-gw-bootstrap".into(), "envoy.yaml".into(), &report);
+        assert_eq!(
+            g.message,
+            "derived bootstrap in ConfigMap vsp-gw-bootstrap: 2 connection managers filtered, \
+             routes opted out: [\"static\"]; opt-outs that match no route: [\"health\"]"
+        );
+        assert_eq!(
+            g.derived,
+            Some(ConfigMapKeyRef {
+                name: "vsp-gw-bootstrap".into(),
+                key: "envoy.yaml".into()
+            })
+        );
+    }
+}

@@ -1,0 +1,140 @@
+//! `virus-scan-operator envoy-config`: what the controller would write, rendered offline
+//! from a policy file (and, with `--bootstrap`, merged into a tenant's bootstrap).
+
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+use crate::bootstrap;
+use crate::cli::EnvoyConfigArgs;
+use crate::crd::{VirusScanPolicy, VirusScanPolicySpec};
+use crate::envoy;
+use crate::error::Error;
+
+/// The pieces `--piece` names, each with the title it has in the full output.
+const PIECES: [(&str, &str); 5] = [
+    (
+        "filter",
+        "the http filter, before envoy.filters.http.router",
+    ),
+    ("cluster", "the producer cluster"),
+    (
+        "connection-manager",
+        "path handling for every http_connection_manager with the filter",
+    ),
+    ("routes", "typed_per_filter_config for each opted-out route"),
+    ("bootstrap", "a complete example bootstrap"),
+];
+
+fn read(path: &Path) -> Result<String, Error> {
+    let read = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())
+    } else {
+        std::fs::read_to_string(path)
+    };
+    read.map_err(|source| Error::Read {
+        path: if path.as_os_str() == "-" {
+            "the policy from stdin".to_owned()
+        } else {
+            path.display().to_string()
+        },
+        source,
+    })
+}
+
+/// Renders what `args` asks for, warnings (opt-outs that match no route) on stderr.
+pub fn envoy_config(args: &EnvoyConfigArgs) -> Result<String, Error> {
+    let text = read(&args.file)?;
+    let policy: VirusScanPolicy = serde_saphyr::from_str(&text).map_err(|e| Error::NotAPolicy {
+        path: args.file.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let spec = &policy.spec;
+    if let Some(path) = &args.bootstrap {
+        let tenant = read(path)?;
+        let (merged, report) = bootstrap::merge(&tenant, spec).map_err(|source| Error::Merge {
+            path: path.display().to_string(),
+            source,
+        })?;
+        for route in &report.unmatched_opt_outs {
+            eprintln!("warning: opted-out route {route:?} matches no route of the bootstrap");
+        }
+        return envoy::to_yaml(&merged);
+    }
+    match &args.piece {
+        Some(name) => envoy::to_yaml(&piece(spec, name)?),
+        None => {
+            let mut out = String::new();
+            for (name, title) in PIECES {
+                out.push_str(&format!(
+                    "---\n# {title}\n{}",
+                    envoy::to_yaml(&piece(spec, name)?)?
+                ));
+            }
+            Ok(out)
+        }
+    }
+}
+
+fn piece(spec: &VirusScanPolicySpec, name: &str) -> Result<Value, Error> {
+    Ok(match name {
+        "filter" => envoy::ext_proc_filter(spec),
+        "cluster" => envoy::producer_cluster(spec),
+        "connection-manager" => Value::Object(envoy::connection_manager_settings()),
+        "routes" => json!(envoy::route_overrides(spec)),
+        "bootstrap" => envoy::example_bootstrap(spec),
+        other => return Err(Error::UnknownPiece(other.to_owned())),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(dir: &Path, piece: Option<&str>, bootstrap: Option<&str>) -> EnvoyConfigArgs {
+        let file = dir.join("policy.yaml");
+        std::fs::write(
+            &file,
+            "apiVersion: virusscan.aether-platform.io/v1alpha1\nkind: VirusScanPolicy\n\
+             metadata: {name: gw, namespace: t}\nspec: {selector: {}}\n",
+        )
+        .expect("write");
+        let bootstrap = bootstrap.map(|text| {
+            let path = dir.join("bootstrap.yaml");
+            std::fs::write(&path, text).expect("write");
+            path
+        });
+        EnvoyConfigArgs {
+            file,
+            bootstrap,
+            piece: piece.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn every_piece_is_printed_under_its_title() {
+        let dir = tempfile::tempdir().expect("dir");
+        let out = envoy_config(&args(dir.path(), None, None)).expect("render");
+        assert_eq!(out.matches("---\n# ").count(), PIECES.len());
+        assert!(out.contains(envoy::EXT_PROC_FILTER));
+    }
+
+    #[test]
+    fn an_unknown_piece_or_an_unmergeable_bootstrap_is_an_error() {
+        let dir = tempfile::tempdir().expect("dir");
+        let err = envoy_config(&args(dir.path(), Some("listener"), None)).expect_err("piece");
+        assert_eq!(err.metric_label(), "invalid_argument");
+        let err = envoy_config(&args(dir.path(), None, Some("static_resources: {}\n")))
+            .expect_err("merge");
+        assert!(
+            matches!(
+                &err,
+                Error::Merge {
+                    source: bootstrap::MergeError::NoListeners,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+}

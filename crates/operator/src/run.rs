@@ -1,0 +1,196 @@
+//! `virus-scan-operator run`: the wiring of one replica (ops endpoint, webhook, certificate
+//! upkeep) and the leader loop that runs the controller only while this replica holds the
+//! lease.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+use crate::cli::RunArgs;
+use crate::error::Error;
+use crate::{certs, controller, crd, inject, lease, metrics, webhook};
+
+/// Runs the operator until SIGTERM: the ops endpoint on every replica, the controller only
+/// on the leader. Losing the lease ends the process (the kubelet restarts it as a
+/// candidate), which is the one way to be sure no write of the old term is in flight.
+pub async fn run(args: RunArgs) -> Result<(), Error> {
+    args.validate()?;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(Error::ClientConfig)?;
+    let identity = args.identity();
+    let mut registry = Registry::with_prefix("virus_scan_operator");
+    let metrics = metrics::Metrics::register(&mut registry);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = {
+        let rx = stop_rx.clone();
+        move || {
+            let mut rx = rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        }
+    };
+    tokio::spawn(async move {
+        virus_scanner_runtime::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+
+    let webhook_metrics = webhook::WebhookMetrics::register(&mut registry);
+
+    // The injector runs on every replica.
+    let resolver = Arc::new(certs::CertResolver::default());
+    tokio::spawn(certs::maintain(
+        client.clone(),
+        args.cert_source(),
+        resolver.clone(),
+        Duration::from_secs(args.webhook_cert_check_seconds),
+    ));
+    let (policies, cache) = webhook::policy_cache(client.clone());
+    tokio::spawn(cache);
+    let injector = webhook::Injector {
+        policies,
+        defaults: Arc::new(inject::InjectDefaults {
+            image: args.producer_image.clone(),
+            redis: crd::RedisSettings {
+                host: args.default_redis_host.clone(),
+                port: args.default_redis_port,
+                tls: args.default_redis_tls,
+                password_secret_ref: None,
+                ca_secret_ref: None,
+            },
+        }),
+        metrics: webhook_metrics,
+    };
+    let webhook_listener = tokio::net::TcpListener::bind(args.webhook_addr)
+        .await
+        .map_err(|source| Error::Bind {
+            setting: "WEBHOOK_ADDR",
+            addr: args.webhook_addr,
+            source,
+        })?;
+    let webhook_addr = webhook_listener
+        .local_addr()
+        .map_err(|source| Error::Bind {
+            setting: "WEBHOOK_ADDR",
+            addr: args.webhook_addr,
+            source,
+        })?;
+    tracing::info!(addr = %webhook_addr, "webhook listening");
+    tokio::spawn({
+        let resolver = resolver.clone();
+        let app = webhook::router(injector);
+        let stop = stopped();
+        async move {
+            if let Err(e) = webhook::serve_tls(webhook_listener, resolver, app, stop).await {
+                tracing::error!(error = %e, "webhook TLS configuration failed");
+            }
+        }
+    });
+
+    // Ready once the webhook has a certificate to present.
+    let ready: virus_scanner_runtime::ReadinessCheck = Arc::new(move || {
+        let loaded = resolver.is_loaded();
+        Box::pin(async move {
+            if loaded {
+                Ok(())
+            } else {
+                Err("no webhook certificate yet".to_owned())
+            }
+        })
+    });
+    let router = virus_scanner_runtime::ops_router(Arc::new(registry), ready);
+    let (addr, serve) = virus_scanner_runtime::bind_ops(args.metrics_addr, router, stopped())
+        .await
+        .map_err(|source| Error::Bind {
+            setting: "METRICS_ADDR",
+            addr: args.metrics_addr,
+            source,
+        })?;
+    tracing::info!(%addr, identity, "operator started");
+    let ops = tokio::spawn(serve);
+
+    let elector = lease::LeaderElector::new(
+        client.clone(),
+        &args.namespace,
+        &args.lease_name,
+        &identity,
+        Duration::from_secs(args.lease_duration_seconds),
+    );
+    let outcome = lead(&elector, client, metrics.clone(), &identity, stopped).await;
+    metrics.leader.set(0);
+    elector.release().await;
+    ops.abort();
+    outcome
+}
+
+async fn lead<F, Fut>(
+    elector: &lease::LeaderElector,
+    client: kube::Client,
+    metrics: metrics::Metrics,
+    identity: &str,
+    stopped: F,
+) -> Result<(), Error>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + Sync + 'static,
+{
+    let shutdown = stopped();
+    tokio::pin!(shutdown);
+    loop {
+        match elector.try_acquire_or_renew().await {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read the leader lease"),
+        }
+        tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            () = tokio::time::sleep(elector.retry_period()) => {}
+        }
+    }
+    tracing::info!(identity = elector.identity(), "leading");
+    metrics.leader.set(1);
+
+    let ctx = Arc::new(controller::Context::new(client, identity, metrics));
+    let (lost_tx, lost_rx) = watch::channel(false);
+    let controller_stop = {
+        let mut lost = lost_rx;
+        let stop = stopped();
+        async move {
+            tokio::select! {
+                () = stop => {}
+                _ = lost.wait_for(|l| *l) => {}
+            }
+        }
+    };
+    let controller = tokio::spawn(controller::run(ctx, controller_stop));
+    let mut last_renewal = tokio::time::Instant::now();
+    let deadline = elector.retry_period() * 3;
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            () = tokio::time::sleep(elector.retry_period()) => {}
+        }
+        match elector.try_acquire_or_renew().await {
+            Ok(true) => last_renewal = tokio::time::Instant::now(),
+            Ok(false) => {
+                let _ = lost_tx.send(true);
+                let _ = controller.await;
+                return Err(Error::LeaseLost);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot renew the leader lease");
+                if last_renewal.elapsed() >= deadline {
+                    let _ = lost_tx.send(true);
+                    let _ = controller.await;
+                    return Err(Error::LeaseNotRenewed(deadline));
+                }
+            }
+        }
+    }
+    let _ = controller.await;
+    Ok(())
+}
