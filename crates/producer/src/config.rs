@@ -7,6 +7,7 @@ use virus_scanner_protocol::task::Priority;
 use virus_scanner_queue::QueueConfig;
 use virus_scanner_runtime::LogFormat;
 use virus_scanner_runtime::cli::RedisArgs;
+use virus_scanner_runtime::env::ConfigErrors;
 
 /// The gateway sidecar: Envoy ext_proc (and ICAP) in front of the scan queue.
 ///
@@ -236,21 +237,23 @@ fn http_status(name: &str, code: u16) -> Result<u16, String> {
 }
 
 impl ProducerArgs {
-    pub fn validate(self) -> Result<ProducerConfig, String> {
+    /// The typed configuration, or every setting that is not valid.
+    pub fn validate(self) -> Result<ProducerConfig, ConfigErrors> {
+        let mut errors = ConfigErrors::new();
         if self.scan_file_threshold_mb == 0 {
-            return Err("SCAN_FILE_THRESHOLD_MB must be positive".into());
+            errors.push("SCAN_FILE_THRESHOLD_MB must be positive");
         }
         if self.worker_threads == 0 || self.worker_threads > 256 {
-            return Err("WORKER_THREADS must be between 1 and 256".into());
+            errors.push("WORKER_THREADS must be between 1 and 256");
         }
         if self.max_body_mb == 0 || self.max_body_mb > 64 * 1024 {
-            return Err("MAX_BODY_MB must be between 1 and 65536".into());
+            errors.push("MAX_BODY_MB must be between 1 and 65536");
         }
         if self.scan_file_threshold_mb > self.max_body_mb {
-            return Err("SCAN_FILE_THRESHOLD_MB must not exceed MAX_BODY_MB".into());
+            errors.push("SCAN_FILE_THRESHOLD_MB must not exceed MAX_BODY_MB");
         }
         if self.max_decoded_mb == 0 {
-            return Err("MAX_DECODED_MB must be positive".into());
+            errors.push("MAX_DECODED_MB must be positive");
         }
         // The tenant names the Redis keys of bodies sent through Redis, where a per-tenant
         // ACL can match them. No limit on MAX_BODY_MB: a body is stored in chunks far below
@@ -258,7 +261,7 @@ impl ProducerArgs {
         if !self.spool_shared
             && virus_scanner_protocol::task::validate_tenant_key(&self.tenant).is_err()
         {
-            return Err(format!(
+            errors.push(format!(
                 "TENANT must be at most {} characters of [A-Za-z0-9._-] when SPOOL_SHARED=false \
                  (it names the Redis keys of spilled bodies), got {:?}",
                 virus_scanner_protocol::task::MAX_TENANT_KEY_LEN,
@@ -266,34 +269,62 @@ impl ProducerArgs {
             ));
         }
         if self.scan_timeout_seconds == 0 {
-            return Err("SCAN_TIMEOUT_SECONDS must be positive".into());
+            errors.push("SCAN_TIMEOUT_SECONDS must be positive");
         }
         if self.priority_header.is_empty() {
-            return Err("PRIORITY_HEADER must not be empty".into());
+            errors.push("PRIORITY_HEADER must not be empty");
         }
-        let default_priority = match self.default_priority.to_ascii_lowercase().as_str() {
-            "normal" => Priority::Normal,
-            "high" => Priority::High,
-            other => {
-                return Err(format!(
+        let default_priority =
+            errors.check(match self.default_priority.to_ascii_lowercase().as_str() {
+                "normal" => Ok(Priority::Normal),
+                "high" => Ok(Priority::High),
+                other => Err(format!(
                     "DEFAULT_PRIORITY must be normal or high, got {other:?}"
-                ));
-            }
-        };
+                )),
+            });
         if !self.icap_service.starts_with('/') {
-            return Err(format!(
+            errors.push(format!(
                 "ICAP_SERVICE must be a path starting with '/', got {:?}",
                 self.icap_service
             ));
         }
         if self.icap_max_connections == 0 {
-            return Err("ICAP_MAX_CONNECTIONS must be positive".into());
+            errors.push("ICAP_MAX_CONNECTIONS must be positive");
         }
-        if self.icap_idle_timeout_seconds == 0 || self.icap_read_timeout_seconds == 0 {
-            return Err(
-                "ICAP_IDLE_TIMEOUT_SECONDS and ICAP_READ_TIMEOUT_SECONDS must be positive".into(),
-            );
+        if self.icap_idle_timeout_seconds == 0 {
+            errors.push("ICAP_IDLE_TIMEOUT_SECONDS must be positive");
         }
+        if self.icap_read_timeout_seconds == 0 {
+            errors.push("ICAP_READ_TIMEOUT_SECONDS must be positive");
+        }
+        let block_status = errors.check(http_status("ICAP_BLOCK_STATUS", self.icap_block_status));
+        let infected_status = errors.check(http_status("INFECTED_STATUS", self.infected_status));
+        let error_status = errors.check(http_status("ERROR_STATUS", self.error_status));
+        let unscannable_status =
+            errors.check(http_status("UNSCANNABLE_STATUS", self.unscannable_status));
+        let range_requests = errors.check(self.range_requests.parse::<RangeRequests>());
+        let queue = errors.check(self.redis.to_queue_config());
+        let (
+            Some(default_priority),
+            Some(block_status),
+            Some(infected_status),
+            Some(error_status),
+            Some(unscannable_status),
+            Some(range_requests),
+            Some(queue),
+        ) = (
+            default_priority,
+            block_status,
+            infected_status,
+            error_status,
+            unscannable_status,
+            range_requests,
+            queue,
+        )
+        else {
+            return Err(errors);
+        };
+        errors.into_result()?;
         let icap = IcapConfig {
             service_path: self.icap_service.clone(),
             max_connections: self.icap_max_connections,
@@ -301,9 +332,8 @@ impl ProducerArgs {
             options_ttl: Duration::from_secs(self.icap_options_ttl_seconds),
             idle_timeout: Duration::from_secs(self.icap_idle_timeout_seconds),
             read_timeout: Duration::from_secs(self.icap_read_timeout_seconds),
-            block_status: http_status("ICAP_BLOCK_STATUS", self.icap_block_status)?,
+            block_status,
         };
-        let queue = self.redis.to_queue_config()?;
         Ok(ProducerConfig {
             queue,
             grpc_addr: self.grpc_addr,
@@ -316,12 +346,12 @@ impl ProducerArgs {
                 scan_timeout: Duration::from_secs(self.scan_timeout_seconds),
                 fail_open: self.fail_open,
                 allow_unscannable: self.allow_unscannable,
-                infected_status: http_status("INFECTED_STATUS", self.infected_status)?,
-                error_status: http_status("ERROR_STATUS", self.error_status)?,
-                unscannable_status: http_status("UNSCANNABLE_STATUS", self.unscannable_status)?,
+                infected_status,
+                error_status,
+                unscannable_status,
                 priority_header: self.priority_header.to_ascii_lowercase(),
                 default_priority,
-                range_requests: self.range_requests.parse()?,
+                range_requests,
                 max_decoded: self.max_decoded_mb * 1024 * 1024,
                 embedded_files: self.embedded_files,
                 spool_shared: self.spool_shared,
@@ -342,12 +372,17 @@ impl ProducerArgs {
 mod tests {
     use super::*;
 
-    fn args(extra: &[&str]) -> Result<ProducerConfig, String> {
-        let mut argv = vec!["virus-scanner-producer"];
-        argv.extend_from_slice(extra);
-        ProducerArgs::try_parse_from(argv)
+    /// Flags and a map for the environment: the test process's own is never read.
+    fn config(argv: &[&str], env: &[(&str, &str)]) -> Result<ProducerConfig, String> {
+        let argv = std::iter::once("virus-scanner-producer").chain(argv.iter().copied());
+        virus_scanner_runtime::env::parse_from::<ProducerArgs, _, _>(argv, env)
             .map_err(|e| e.to_string())?
             .validate()
+            .map_err(|e| e.to_string())
+    }
+
+    fn args(extra: &[&str]) -> Result<ProducerConfig, String> {
+        config(extra, &[])
     }
 
     #[test]
@@ -401,6 +436,69 @@ mod tests {
         ] {
             let err = args(&argv).unwrap_err();
             assert!(err.contains(name), "{err}");
+        }
+    }
+
+    #[test]
+    fn settings_come_from_the_environment_and_a_flag_wins() {
+        let env = [
+            ("REDIS_HOST", "redis"),
+            ("SPOOL_SHARED", "false"),
+            ("TENANT", "team-a"),
+            ("FAIL_OPEN", "true"),
+            ("MAX_BODY_MB", "300"),
+            ("INFECTED_STATUS", "403"),
+            ("GRPC_ADDR", "127.0.0.1:1"),
+        ];
+        let c = config(&[], &env).unwrap();
+        assert_eq!(c.queue.redis.url, "redis://redis:6379/");
+        assert!(!c.scan.spool_shared && c.scan.fail_open);
+        assert_eq!((c.max_body, c.scan.infected_status), (300 << 20, 403));
+        assert_eq!(c.grpc_addr.to_string(), "127.0.0.1:1");
+        let c = config(&["--max-body-mb", "50", "--spool-shared", "true"], &env).unwrap();
+        assert_eq!(c.max_body, 50 << 20);
+        assert!(c.scan.spool_shared);
+    }
+
+    #[test]
+    fn a_value_from_the_environment_that_does_not_parse_is_named() {
+        let err = config(&[], &[("GRPC_ADDR", "nowhere"), ("FAIL_OPEN", "yes")]).unwrap_err();
+        assert!(
+            err.contains("GRPC_ADDR") && err.contains("FAIL_OPEN"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn every_invalid_setting_is_reported_at_once() {
+        let err = config(
+            &["--infected-status", "700", "--worker-threads", "0"],
+            &[
+                ("SCAN_TIMEOUT_SECONDS", "0"),
+                ("RANGE_REQUESTS", "sometimes"),
+                ("REDIS_URL", "tcp://x"),
+                ("ICAP_SERVICE", "avscan"),
+                ("DEFAULT_PRIORITY", "urgent"),
+            ],
+        )
+        .unwrap_err();
+        let lines: Vec<&str> = err.lines().collect();
+        let names = [
+            "INFECTED_STATUS",
+            "WORKER_THREADS",
+            "SCAN_TIMEOUT_SECONDS",
+            "RANGE_REQUESTS",
+            "REDIS_URL",
+            "ICAP_SERVICE",
+            "DEFAULT_PRIORITY",
+        ];
+        assert_eq!(lines.len(), names.len(), "{err}");
+        for name in names {
+            assert_eq!(
+                lines.iter().filter(|l| l.contains(name)).count(),
+                1,
+                "{name}: {err}"
+            );
         }
     }
 }

@@ -1,11 +1,15 @@
-use clap::Parser;
 use virus_scanner_producer::ProducerArgs;
+use virus_scanner_runtime::env::{self, ProcessEnv};
 
 fn main() -> anyhow::Result<()> {
-    let config = match ProducerArgs::parse().validate() {
+    let args: ProducerArgs = env::parse(&ProcessEnv);
+    let config = match args.validate() {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("virus-scanner-producer: invalid configuration: {e}");
+        Err(errors) => {
+            eprintln!("virus-scanner-producer: invalid configuration:");
+            for message in errors.messages() {
+                eprintln!("  {message}");
+            }
             std::process::exit(2);
         }
     };
