@@ -7,6 +7,7 @@ use virus_scanner_clamd::ClamdAddress;
 use virus_scanner_queue::QueueConfig;
 use virus_scanner_runtime::LogFormat;
 use virus_scanner_runtime::cli::RedisArgs;
+use virus_scanner_runtime::env::ConfigErrors;
 
 /// The consumer: claims scan tasks from Redis, scans them with clamd and writes verdicts.
 ///
@@ -80,30 +81,37 @@ pub struct ConsumerConfig {
 }
 
 impl ConsumerArgs {
-    pub fn validate(self) -> Result<ConsumerConfig, String> {
-        let clamd = self
-            .clamd_address
-            .parse::<ClamdAddress>()
-            .map_err(|e| format!("CLAMD_ADDRESS: {e}"))?;
+    /// The typed configuration, or every setting that is not valid.
+    pub fn validate(self) -> Result<ConsumerConfig, ConfigErrors> {
+        let mut errors = ConfigErrors::new();
+        let clamd = errors.check(
+            self.clamd_address
+                .parse::<ClamdAddress>()
+                .map_err(|e| format!("CLAMD_ADDRESS: {e}")),
+        );
         if self.concurrency == 0 || self.concurrency > 256 {
-            return Err("SCAN_CONCURRENCY must be between 1 and 256".into());
+            errors.push("SCAN_CONCURRENCY must be between 1 and 256");
         }
         if self.max_scan_size_mb == 0 {
-            return Err("MAX_SCAN_SIZE_MB must be positive".into());
+            errors.push("MAX_SCAN_SIZE_MB must be positive");
         }
         if self.scan_timeout_seconds == 0 {
-            return Err("SCAN_TIMEOUT_SECONDS must be positive".into());
+            errors.push("SCAN_TIMEOUT_SECONDS must be positive");
         }
         if self.visibility_timeout_seconds == 0 {
-            return Err("VISIBILITY_TIMEOUT_SECONDS must be positive".into());
+            errors.push("VISIBILITY_TIMEOUT_SECONDS must be positive");
         }
         if self.max_deliveries == 0 {
-            return Err("MAX_DELIVERIES must be at least 1".into());
+            errors.push("MAX_DELIVERIES must be at least 1");
         }
         if self.consumer_retention_seconds == 0 {
-            return Err("CONSUMER_RETENTION_SECONDS must be positive".into());
+            errors.push("CONSUMER_RETENTION_SECONDS must be positive");
         }
-        let mut queue = self.redis.to_queue_config()?;
+        let queue = errors.check(self.redis.to_queue_config());
+        let (Some(clamd), Some(mut queue)) = (clamd, queue) else {
+            return Err(errors);
+        };
+        errors.into_result()?;
         queue.visibility_timeout = Duration::from_secs(self.visibility_timeout_seconds);
         queue.max_deliveries = self.max_deliveries;
         queue.consumer_retention = Duration::from_secs(self.consumer_retention_seconds);
@@ -136,12 +144,17 @@ impl ConsumerArgs {
 mod tests {
     use super::*;
 
-    fn args(extra: &[&str]) -> Result<ConsumerConfig, String> {
-        let mut argv = vec!["virus-scanner-handler"];
-        argv.extend_from_slice(extra);
-        ConsumerArgs::try_parse_from(argv)
+    /// Flags and a map for the environment: the test process's own is never read.
+    fn config(argv: &[&str], env: &[(&str, &str)]) -> Result<ConsumerConfig, String> {
+        let argv = std::iter::once("virus-scanner-handler").chain(argv.iter().copied());
+        virus_scanner_runtime::env::parse_from::<ConsumerArgs, _, _>(argv, env)
             .map_err(|e| e.to_string())?
             .validate()
+            .map_err(|e| e.to_string())
+    }
+
+    fn args(extra: &[&str]) -> Result<ConsumerConfig, String> {
+        config(extra, &[])
     }
 
     #[test]
@@ -173,6 +186,63 @@ mod tests {
         ] {
             let err = args(&argv).unwrap_err();
             assert!(err.contains(name), "{err}");
+        }
+    }
+
+    #[test]
+    fn settings_come_from_the_environment_and_a_flag_wins() {
+        let env = [
+            ("REDIS_HOST", "redis"),
+            ("REDIS_TLS", "true"),
+            ("CLAMD_ADDRESS", "unix:///run/clamd.sock"),
+            ("SCAN_CONCURRENCY", "8"),
+            ("CACHE_TTL_SECONDS", "0"),
+            ("CONSUMER_NAME", "c-1"),
+        ];
+        let c = config(&[], &env).unwrap();
+        assert_eq!(c.queue.redis.url, "rediss://redis:6379/");
+        assert_eq!((c.concurrency, c.consumer_name.as_str()), (8, "c-1"));
+        assert!(!c.cache_enabled);
+        let c = config(&["--concurrency", "2", "--redis-host", "r"], &env).unwrap();
+        assert_eq!(c.concurrency, 2);
+        assert_eq!(c.queue.redis.url, "rediss://r:6379/");
+    }
+
+    #[test]
+    fn a_value_from_the_environment_that_does_not_parse_is_named() {
+        let err = config(&[], &[("SCAN_CONCURRENCY", "many"), ("REDIS_PORT", "-1")]).unwrap_err();
+        assert!(
+            err.contains("SCAN_CONCURRENCY") && err.contains("REDIS_PORT"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn every_invalid_setting_is_reported_at_once() {
+        let err = config(
+            &["--clamd-address", "nope", "--max-deliveries", "0"],
+            &[
+                ("SCAN_CONCURRENCY", "0"),
+                ("SCAN_TIMEOUT_SECONDS", "0"),
+                ("QUEUE_PREFIX", "{a}"),
+            ],
+        )
+        .unwrap_err();
+        let lines: Vec<&str> = err.lines().collect();
+        let names = [
+            "CLAMD_ADDRESS",
+            "MAX_DELIVERIES",
+            "SCAN_CONCURRENCY",
+            "SCAN_TIMEOUT_SECONDS",
+            "QUEUE_PREFIX",
+        ];
+        assert_eq!(lines.len(), names.len(), "{err}");
+        for name in names {
+            assert_eq!(
+                lines.iter().filter(|l| l.contains(name)).count(),
+                1,
+                "{name}: {err}"
+            );
         }
     }
 }

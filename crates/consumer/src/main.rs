@@ -1,12 +1,16 @@
-use clap::Parser;
 use virus_scanner_consumer::ConsumerArgs;
+use virus_scanner_runtime::env::{self, ProcessEnv};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = match ConsumerArgs::parse().validate() {
+    let args: ConsumerArgs = env::parse(&ProcessEnv);
+    let config = match args.validate() {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("virus-scanner-handler: invalid configuration: {e}");
+        Err(errors) => {
+            eprintln!("virus-scanner-handler: invalid configuration:");
+            for message in errors.messages() {
+                eprintln!("  {message}");
+            }
             std::process::exit(2);
         }
     };
