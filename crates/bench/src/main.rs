@@ -124,6 +124,9 @@ pub fn start_producer(
     ))
 }
 
+/// The consumer running in this process.
+type ConsumerTask = tokio::task::JoinHandle<Result<(), virus_scanner_consumer::RunError>>;
+
 /// Runs the consumer in this process; send on the returned channel to stop it.
 pub fn start_consumer(
     redis: &Redis,
@@ -131,10 +134,7 @@ pub fn start_consumer(
     scan_dir: &std::path::Path,
     concurrency: usize,
     cache: bool,
-) -> anyhow::Result<(
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<Result<(), virus_scanner_consumer::RunError>>,
-)> {
+) -> anyhow::Result<(tokio::sync::oneshot::Sender<()>, ConsumerTask)> {
     let mut config = virus_scanner_consumer::ConsumerArgs::parse_from([
         "virus-scanner-handler",
         "--redis-host",
