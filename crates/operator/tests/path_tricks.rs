@@ -137,11 +137,14 @@ impl Scanner {
         scanner.stops.push(tx);
         scanner.tasks.push(task);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = scanner
-            .rt
-            .spawn(virus_scanner_producer::run(producer, async move {
+        let task = scanner.rt.spawn(async move {
+            let stop = async move {
                 let _ = rx.await;
-            }));
+            };
+            virus_scanner_producer::run(producer, stop)
+                .await
+                .map_err(anyhow::Error::from)
+        });
         scanner.stops.push(tx);
         scanner.tasks.push(task);
         // The producer binds its socket once it reached Redis.

@@ -6,6 +6,7 @@
 pub mod body;
 pub mod codings;
 pub mod config;
+mod error;
 pub mod ext_proc;
 pub mod headers;
 pub mod icap;
@@ -24,6 +25,7 @@ use prometheus_client::registry::Registry;
 use virus_scanner_queue::Producer;
 
 pub use config::{ProducerArgs, ProducerConfig};
+pub use error::StartError;
 
 /// Room for protobuf framing around the largest body in one ext_proc message.
 const GRPC_OVERHEAD: usize = 1 << 20;
@@ -32,9 +34,11 @@ const GRPC_OVERHEAD: usize = 1 << 20;
 pub async fn run(
     config: ProducerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.scan_tmp_dir)
-        .map_err(|e| anyhow::anyhow!("SCAN_TMP_DIR {}: {e}", config.scan_tmp_dir.display()))?;
+) -> Result<(), StartError> {
+    std::fs::create_dir_all(&config.scan_tmp_dir).map_err(StartError::setting(
+        "SCAN_TMP_DIR",
+        config.scan_tmp_dir.display(),
+    ))?;
     let leftover_age = (config.scan.scan_timeout * 2).max(Duration::from_secs(60));
     match body::remove_leftovers(&config.scan_tmp_dir, leftover_age) {
         Ok(0) => {}
@@ -79,19 +83,19 @@ pub async fn run(
     let (http_addr, ops) =
         virus_scanner_runtime::bind_ops(config.http_addr, router, stopped(stop_rx.clone()))
             .await
-            .map_err(|e| anyhow::anyhow!("HTTP_ADDR {}: {e}", config.http_addr))?;
+            .map_err(StartError::setting("HTTP_ADDR", config.http_addr))?;
     let ops = tokio::spawn(ops);
 
     let max_message = config.max_body as usize + GRPC_OVERHEAD;
     let tcp = tokio::net::TcpListener::bind(config.grpc_addr)
         .await
-        .map_err(|e| anyhow::anyhow!("GRPC_ADDR {}: {e}", config.grpc_addr))?;
+        .map_err(StartError::setting("GRPC_ADDR", config.grpc_addr))?;
     let grpc_addr = tcp.local_addr()?;
     let mut listeners = vec![GrpcListener::Tcp(tcp)];
     if let Some(path) = &config.grpc_socket {
         let _ = std::fs::remove_file(path);
         let unix = tokio::net::UnixListener::bind(path)
-            .map_err(|e| anyhow::anyhow!("GRPC_SOCKET {}: {e}", path.display()))?;
+            .map_err(StartError::setting("GRPC_SOCKET", path.display()))?;
         listeners.push(GrpcListener::Unix(unix));
     }
     let mut servers = Vec::new();
@@ -105,7 +109,7 @@ pub async fn run(
     }
     let icap_listener = tokio::net::TcpListener::bind(config.icap_addr)
         .await
-        .map_err(|e| anyhow::anyhow!("ICAP_ADDR {}: {e}", config.icap_addr))?;
+        .map_err(StartError::setting("ICAP_ADDR", config.icap_addr))?;
     let icap_addr = icap_listener.local_addr()?;
     let icap = Arc::new(icap::IcapServer::new(service.clone(), config.icap.clone()));
     let icap_stop = stopped(stop_rx.clone());
@@ -196,7 +200,7 @@ pub async fn serve_ext_proc<P: ExternalProcessor>(
 }
 
 /// Connects to Redis, retrying while it is unreachable at start-up.
-async fn connect(config: &ProducerConfig) -> anyhow::Result<Producer> {
+async fn connect(config: &ProducerConfig) -> Result<Producer, StartError> {
     let mut delay = Duration::from_millis(100);
     loop {
         match Producer::connect(config.queue.clone()).await {
@@ -206,7 +210,7 @@ async fn connect(config: &ProducerConfig) -> anyhow::Result<Producer> {
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
-            Err(e) => return Err(anyhow::anyhow!("redis: {e}")),
+            Err(e) => return Err(StartError::Redis(e)),
         }
     }
 }

@@ -15,6 +15,8 @@ fn main() -> anyhow::Result<()> {
     };
     virus_scanner_producer::runtime(config.worker_threads)?.block_on(async {
         virus_scanner_runtime::init_tracing(config.log_format);
-        virus_scanner_producer::run(config, virus_scanner_runtime::shutdown_signal()).await
+        virus_scanner_producer::run(config, virus_scanner_runtime::shutdown_signal())
+            .await
+            .map_err(anyhow::Error::from)
     })
 }
