@@ -707,11 +707,15 @@ async fn concurrency_above_clamd_threads_is_warned_about() {
 }
 
 #[test]
-fn invalid_configuration_names_the_setting_and_exits_2() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_virus-scanner-handler"))
+fn invalid_configuration_names_every_setting_and_exits_2() {
+    let handler = env!("CARGO_BIN_EXE_virus-scanner-handler");
+    let out = virus_scanner_test_support::clean_command(handler)
         .args(["--clamd-address", "nonsense"])
+        .env("SCAN_CONCURRENCY", "0")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("CLAMD_ADDRESS"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("CLAMD_ADDRESS"), "{stderr}");
+    assert!(stderr.contains("SCAN_CONCURRENCY"), "{stderr}");
 }

@@ -167,9 +167,11 @@ impl Stack {
         .map(|s| s.to_string())
         .collect();
         argv.extend(self.consumer_args.iter().cloned());
-        let config = <virus_scanner_consumer::ConsumerArgs as clap::Parser>::parse_from(argv)
-            .validate()
-            .unwrap();
+        // Flags only: the environment of the test process is not the consumer's.
+        let no_env: &[(&str, &str)] = &[];
+        let args: virus_scanner_consumer::ConsumerArgs =
+            virus_scanner_runtime::env::parse_from(argv, no_env).unwrap();
+        let config = args.validate().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = self
             .rt
