@@ -7,10 +7,11 @@
 //! boundary, a malformed multipart body, an unknown transfer encoding) is refused: there is
 //! no single set of files that is what every one of them reassembles.
 
+use std::collections::HashSet;
 use std::io::Read;
 
 use virus_scanner_protocol::embedded::EmbeddedFile;
-use virus_scanner_protocol::json_strings::{JsonError, JsonEvent, JsonStrings};
+use virus_scanner_protocol::json_strings::{JsonEvent, JsonStrings, JsonText};
 use virus_scanner_protocol::media_type;
 use virus_scanner_protocol::multipart::{
     self, Boundary, MultipartError, MultipartSplitter, PartEvent, boundary_of,
@@ -27,8 +28,14 @@ use crate::codings::{self, Coding};
 pub const MAX_PARTS: usize = 256;
 /// Multipart inside multipart deeper than this is refused.
 pub const MAX_DEPTH: usize = 4;
-/// More files embedded in JSON strings than this in one body is refused.
-pub const MAX_EMBEDDED_FILES: usize = 64;
+/// More distinct files of over [`MAX_SMALL_EMBEDDED`] bytes embedded in JSON strings than
+/// this in one body is refused: each is a scan of its own, and scanning only some of them
+/// would let decoys hide the file (a sender picks their order).
+pub const MAX_EMBEDDED_FILES: usize = 256;
+/// A string that decodes to this many bytes or fewer is an identifier, a digest or a key
+/// (a SHA-256 is 32 bytes), not a file that a hash signature could name: such strings are
+/// scanned together, as one file of their bytes in a row, which body signatures still match.
+pub const MAX_SMALL_EMBEDDED: u64 = 32;
 
 #[derive(Debug)]
 pub enum Unpacked {
@@ -71,13 +78,12 @@ pub struct BodyHeaders {
 }
 
 impl BodyHeaders {
-    /// True when unpacking is more than handing the body on. JSON bodies count whether or
-    /// not embedded files are looked for: [`unpack`] returns at once when they are not.
+    /// True when unpacking may be more than handing the body on: always, since any body
+    /// may be JSON whatever its type says (fetch() sends a string as text/plain, and
+    /// applications parse what they expect). [`unpack`] looks at the first byte of a body
+    /// of another type, and returns at once when embedded files are not looked for.
     pub fn needs_unpacking(&self) -> bool {
-        self.encodings().next().is_some()
-            || self.content_type.as_deref().is_some_and(|ct| {
-                boundary_of(ct.as_bytes()) != Boundary::NotMultipart || is_json(ct.as_bytes())
-            })
+        true
     }
 
     fn encodings(&self) -> impl Iterator<Item = String> + '_ {
@@ -161,9 +167,9 @@ pub fn unpack(
             tracing::debug!("multipart body without a boundary; scanned whole");
             Ok(())
         }
-        Boundary::NotMultipart if is_json(content_type) => found.embedded_in_json(content),
-        Boundary::NotMultipart => Ok(()),
+        Boundary::NotMultipart => found.embedded_in_json(content, !is_json(content_type)),
     };
+    let split = split.and_then(|()| found.finish_small());
     found.files.extend(first_member);
     match split {
         // A multipart body is scanned whole besides its parts: Chromium saves a
@@ -244,7 +250,7 @@ fn copy_decoded(decoder: &mut impl Read, out: &mut BodyBuffer) -> Result<(), Dec
 enum Stop {
     Refused(String),
     Unscannable(String),
-    /// A body labelled JSON is not JSON: it is scanned as the bytes it is.
+    /// A body of another type does not start as JSON: it is scanned as the bytes it is.
     NotJson,
     Body(BodyError),
 }
@@ -296,6 +302,10 @@ struct Found<'a> {
     parts: usize,
     embedded: usize,
     embedded_bytes: u64,
+    /// Hashes of the embedded files so far: one file sent many times is one scan.
+    embedded_seen: HashSet<[u8; 32]>,
+    /// The bytes of the small embedded strings, in a row.
+    small: Option<BodyBuffer>,
 }
 
 /// One multipart body being split, at some depth of nesting.
@@ -458,7 +468,17 @@ impl<'a> Found<'a> {
             parts: 0,
             embedded: 0,
             embedded_bytes: 0,
+            embedded_seen: HashSet::new(),
+            small: None,
         }
+    }
+
+    /// The small embedded strings become one file.
+    fn finish_small(&mut self) -> Result<(), Stop> {
+        if let Some(small) = self.small.take() {
+            self.files.push(small.finish()?);
+        }
+        Ok(())
     }
 
     /// Splits a multipart body; the parts of nested multipart parts are split as they
@@ -565,12 +585,7 @@ impl<'a> Found<'a> {
                     let (file, json, raw) = file.finish()?;
                     self.files.extend(raw);
                     if file.len > 0 {
-                        if json {
-                            match self.embedded_in_json(&file) {
-                                Ok(()) | Err(Stop::NotJson) => {}
-                                Err(e) => return Err(e),
-                            }
-                        }
+                        self.embedded_in_json(&file, !json)?;
                         self.files.push(file);
                     }
                     Ok(())
@@ -639,10 +654,12 @@ impl<'a> Found<'a> {
         })))
     }
 
-    /// Adds the files that the strings of a JSON document carry as base64. They are kept
-    /// only if the whole document is JSON ([`Stop::NotJson`] otherwise): what no parser
-    /// accepts reaches no application as JSON.
-    fn embedded_in_json(&mut self, body: &Body) -> Result<(), Stop> {
+    /// Adds the files that the strings of a JSON document carry as base64: labelled JSON,
+    /// or, when `sniff`, a body of another type whose first byte (after whitespace and a
+    /// byte order mark) opens an object or an array. What is not quite JSON is read on:
+    /// receivers accept `NaN`, values after the first, UTF-16, and the strings after such a
+    /// spot reach them all the same.
+    fn embedded_in_json(&mut self, body: &Body, sniff: bool) -> Result<(), Stop> {
         if !self.options.embedded_files {
             return Ok(());
         }
@@ -651,14 +668,22 @@ impl<'a> Found<'a> {
             max_bytes: self.options.max_decoded,
             count: self.embedded,
             bytes: self.embedded_bytes,
+            seen: std::mem::take(&mut self.embedded_seen),
+            small: self.small.take(),
             files: Vec::new(),
             current: None,
             decoded: Vec::new(),
         };
-        let mut parser = JsonStrings::new();
-        let read = each_piece(body, |piece| {
+        let mut text = JsonText::new();
+        let mut utf8 = Vec::new();
+        let mut start = JsonStart::default();
+        let mut parser = JsonStrings::lenient();
+        let mut feed = |utf8: &[u8], strings: &mut EmbeddedStrings<'_>| {
+            if sniff && !start.is_json(utf8)? {
+                return Err(Stop::NotJson);
+            }
             let mut stop = None;
-            let parsed = parser.feed(piece, &mut |event| {
+            let parsed = parser.feed(utf8, &mut |event| {
                 if stop.is_none()
                     && let Err(e) = strings.on(event)
                 {
@@ -668,26 +693,67 @@ impl<'a> Found<'a> {
             match (stop, parsed) {
                 (Some(e), _) => Err(e),
                 (None, Ok(())) => Ok(()),
-                (None, Err(e)) => Err(not_json(e)),
+                // Parsers without a depth limit (V8's is iterative) would still find the
+                // strings inside.
+                (None, Err(e)) => Err(Stop::Refused(e.to_string())),
             }
+        };
+        let read = each_piece(body, |piece| {
+            utf8.clear();
+            text.feed(piece, &mut utf8);
+            feed(&utf8, &mut strings)
+        })
+        .and_then(|()| {
+            utf8.clear();
+            text.finish(&mut utf8);
+            feed(&utf8, &mut strings)
         });
-        read?;
-        parser.finish().map_err(not_json)?;
+        match read {
+            Ok(()) => {}
+            Err(Stop::NotJson) => {
+                tracing::trace!("body does not start as JSON");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+        if let Err(e) = parser.finish() {
+            tracing::debug!(error = %e, "JSON body is malformed; its strings are read on");
+        }
         self.embedded = strings.count;
         self.embedded_bytes = strings.bytes;
+        self.embedded_seen = strings.seen;
+        self.small = strings.small;
         self.files.append(&mut strings.files);
         Ok(())
     }
 }
 
-fn not_json(e: JsonError) -> Stop {
-    match e {
-        // Parsers without a depth limit would still find the strings inside.
-        JsonError::TooDeep => Stop::Refused(e.to_string()),
-        e => {
-            tracing::debug!(error = %e, "body labelled JSON is not JSON; scanned whole");
-            Stop::NotJson
+/// Whether a text opens a JSON object or array: what a body of another type must start
+/// with to be read as JSON.
+#[derive(Default)]
+struct JsonStart {
+    bom: usize,
+    answer: Option<bool>,
+}
+
+impl JsonStart {
+    /// Reads the next bytes; `Ok(false)` once the text is known not to be JSON.
+    fn is_json(&mut self, data: &[u8]) -> Result<bool, Stop> {
+        const BOM: [u8; 3] = [0xef, 0xbb, 0xbf];
+        for &c in data {
+            if self.answer.is_some() {
+                break;
+            }
+            if self.bom < BOM.len() && c == BOM[self.bom] {
+                self.bom += 1;
+                continue;
+            }
+            self.bom = BOM.len();
+            if !matches!(c, b' ' | b'\t' | b'\r' | b'\n') {
+                self.answer = Some(c == b'{' || c == b'[');
+            }
         }
+        Ok(self.answer != Some(false))
     }
 }
 
@@ -698,6 +764,8 @@ struct EmbeddedStrings<'l> {
     max_bytes: u64,
     count: usize,
     bytes: u64,
+    seen: HashSet<[u8; 32]>,
+    small: Option<BodyBuffer>,
     files: Vec<Body>,
     current: Option<(EmbeddedFile, Option<BodyBuffer>)>,
     decoded: Vec<u8>,
@@ -708,15 +776,10 @@ impl EmbeddedStrings<'_> {
         match event {
             JsonEvent::StringStart { .. } => self.current = Some((EmbeddedFile::new(), None)),
             JsonEvent::StringData(data) => {
-                if let Some((file, out)) = &mut self.current
-                    && file.is_candidate()
-                {
+                if let Some((file, out)) = &mut self.current {
                     self.decoded.clear();
-                    if file.feed(data, &mut self.decoded) {
-                        Self::keep(out, &self.decoded, self.limits, self.bytes, self.max_bytes)?;
-                    } else {
-                        *out = None;
-                    }
+                    file.feed(data, &mut self.decoded);
+                    Self::keep(out, &self.decoded, self.limits, self.bytes, self.max_bytes)?;
                 }
             }
             JsonEvent::StringEnd => {
@@ -724,9 +787,9 @@ impl EmbeddedStrings<'_> {
                     return Ok(());
                 };
                 self.decoded.clear();
-                if file.finish(&mut self.decoded).is_none() {
+                let Some(found) = file.finish(&mut self.decoded) else {
                     return Ok(());
-                }
+                };
                 Self::keep(
                     &mut out,
                     &self.decoded,
@@ -737,16 +800,47 @@ impl EmbeddedStrings<'_> {
                 let Some(out) = out else {
                     return Ok(());
                 };
-                self.bytes += out.len();
-                self.count += 1;
-                if self.count > MAX_EMBEDDED_FILES {
-                    return Err(Stop::Refused(format!(
-                        "more than {MAX_EMBEDDED_FILES} files embedded in JSON"
-                    )));
+                let file = out.finish()?;
+                if let Some(stop) = found.node_stop {
+                    let mut prefix = BodyBuffer::new(self.limits.clone());
+                    let mut reader = file.reader()?.take(stop);
+                    std::io::copy(&mut reader, &mut BodyWriter(&mut prefix))?;
+                    self.add(prefix.finish()?)?;
                 }
-                self.files.push(out.finish()?);
+                self.add(file)?;
             }
         }
+        Ok(())
+    }
+
+    /// Counts a file found in a string, unless it is small or one already found.
+    fn add(&mut self, file: Body) -> Result<(), Stop> {
+        if file.len == 0 || self.seen.contains(&file.sha256) {
+            return Ok(());
+        }
+        if self.bytes + file.len > self.max_bytes {
+            return Err(Stop::Unscannable(format!(
+                "files embedded in JSON exceed {} bytes decoded",
+                self.max_bytes
+            )));
+        }
+        self.bytes += file.len;
+        self.seen.insert(file.sha256);
+        if file.len <= MAX_SMALL_EMBEDDED {
+            let mut bytes = Vec::new();
+            file.reader()?.read_to_end(&mut bytes)?;
+            self.small
+                .get_or_insert_with(|| BodyBuffer::new(self.limits.clone()))
+                .push(&bytes)?;
+            return Ok(());
+        }
+        self.count += 1;
+        if self.count > MAX_EMBEDDED_FILES {
+            return Err(Stop::Refused(format!(
+                "more than {MAX_EMBEDDED_FILES} files embedded in JSON"
+            )));
+        }
+        self.files.push(file);
         Ok(())
     }
 
@@ -769,6 +863,20 @@ impl EmbeddedStrings<'_> {
             )));
         }
         out.push(decoded)?;
+        Ok(())
+    }
+}
+
+/// `io::Write` into a [`BodyBuffer`].
+struct BodyWriter<'a>(&'a mut BodyBuffer);
+
+impl std::io::Write for BodyWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.push(buf).map_err(std::io::Error::other)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
 }
@@ -888,7 +996,6 @@ mod tests {
             vec![b"raw".to_vec()]
         );
         let body = Body::from_vec(b"plain".to_vec(), &l).unwrap();
-        assert!(!headers(Some("identity"), None).needs_unpacking());
         assert!(matches!(
             unpack(&body, &headers(Some("identity"), None), &l, &opts(100)).unwrap(),
             Unpacked::Original
@@ -1289,15 +1396,15 @@ mod tests {
             true,
         );
         let files = contents(out);
-        assert_eq!(files.len(), 4, "{files:?}");
+        // Strings of 32 bytes or fewer decoded are scanned together, in a row.
+        assert_eq!(files.len(), 3, "{files:?}");
         assert_eq!(files[0], b"<original>");
         assert_eq!(files[1], EICAR);
-        assert_eq!(files[2], b"hi");
-        assert_eq!(&files[3][..10], b"ABCDEFGHIJ");
+        assert_eq!(&files[2][..12], b"hiABCDEFGHIJ");
         // Off: the body alone.
         let out = unpack_with(&l, None, "application/json", json.as_bytes(), false);
         assert!(matches!(out, Unpacked::Original));
-        // Not JSON after all: the body alone, nothing kept on disk.
+        // Not JSON after all: the strings are read all the same, nothing kept on disk.
         let broken = format!("{json},");
         let out = unpack_with(
             &l,
@@ -1306,7 +1413,7 @@ mod tests {
             broken.as_bytes(),
             true,
         );
-        assert!(matches!(out, Unpacked::Original));
+        assert_eq!(contents(out), files);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
@@ -1348,7 +1455,7 @@ mod tests {
             .map(|i| {
                 format!(
                     r#""data:;base64,{}""#,
-                    encode_base64(format!("file {i}").as_bytes())
+                    encode_base64(format!("file {i:<40}").as_bytes())
                 )
             })
             .collect();
@@ -1394,15 +1501,158 @@ mod tests {
     }
 
     #[test]
-    fn json_and_multipart_types_need_unpacking() {
+    fn every_type_needs_unpacking() {
         for ct in [
             "application/json",
             "application/problem+json; charset=utf-8",
             "multipart/form-data",
             "multipart/form-data; boundary=\"x",
+            "text/plain",
         ] {
             assert!(headers(None, Some(ct)).needs_unpacking(), "{ct}");
         }
-        assert!(!headers(None, Some("text/plain")).needs_unpacking());
+        assert!(headers(None, None).needs_unpacking());
+    }
+
+    #[test]
+    fn json_is_read_whatever_the_type_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = limits(dir.path());
+        // fetch() sends a string body as text/plain; applications parse what they expect.
+        let json = format!(r#"{{"file":"{EICAR_B64}"}}"#);
+        let bom = format!("{} \r\n[\"{EICAR_B64}\"]", '\u{feff}');
+        for ct in ["text/plain;charset=UTF-8", "application/octet-stream", ""] {
+            for body in [&json, &bom] {
+                let out = unpack_with(&l, None, ct, body.as_bytes(), true);
+                assert_eq!(
+                    contents(out),
+                    vec![b"<original>".to_vec(), EICAR.to_vec()],
+                    "{ct}"
+                );
+            }
+            // Not JSON by its first byte: the body alone.
+            let text = format!("see {json}");
+            assert!(matches!(
+                unpack_with(&l, None, ct, text.as_bytes(), true),
+                Unpacked::Original
+            ));
+        }
+        // A JSON part of another type too.
+        let mut body = b"--B\r\nContent-Type: text/plain\r\n\r\n".to_vec();
+        body.extend_from_slice(json.as_bytes());
+        body.extend_from_slice(b"\r\n--B--");
+        let out = unpack_with(&l, None, "multipart/mixed; boundary=B", &body, true);
+        assert_eq!(
+            contents(out),
+            vec![
+                b"<original>".to_vec(),
+                EICAR.to_vec(),
+                json.as_bytes().to_vec()
+            ]
+        );
+    }
+
+    #[test]
+    fn json_that_is_not_quite_json_keeps_its_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = limits(dir.path());
+        let want = vec![b"<original>".to_vec(), EICAR.to_vec()];
+        // Python reads NaN; JSON Lines and Go's decoder read values after the first.
+        for json in [
+            format!(r#"{{"a":NaN,"file":"{EICAR_B64}"}}"#),
+            format!(r#"{{"file":"{EICAR_B64}"}} trailing"#),
+            format!("{{\"a\":1}}\n{{\"file\":\"{EICAR_B64}\"}}"),
+        ] {
+            let out = unpack_with(&l, None, "application/json", json.as_bytes(), true);
+            assert_eq!(contents(out), want, "{json}");
+        }
+        // Python's json.loads detects UTF-16.
+        let json = format!(r#"{{"file":"{EICAR_B64}"}}"#);
+        let utf16: Vec<u8> = json.encode_utf16().flat_map(u16::to_le_bytes).collect();
+        let out = unpack_with(&l, None, "application/json", &utf16, true);
+        assert_eq!(contents(out), want);
+    }
+
+    #[test]
+    fn base64_that_lenient_decoders_read_is_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = limits(dir.path());
+        // Python's b64decode and Node's Buffer.from skip the dots and spaces.
+        let dotted: String = EICAR_B64
+            .as_bytes()
+            .chunks(7)
+            .map(|c| format!("{}. ", std::str::from_utf8(c).unwrap()))
+            .collect();
+        let json = format!(r#"["{dotted}"]"#);
+        let out = unpack_with(&l, None, "application/json", json.as_bytes(), true);
+        assert_eq!(contents(out), vec![b"<original>".to_vec(), EICAR.to_vec()]);
+        // Node takes `+` and `_` in one string; its reading stops at a `=` Python skips
+        // (here one after a whole group), Python's goes on.
+        let file = [EICAR, b"\n"].concat();
+        let node = format!(r#"["{}=QUJD_+"]"#, encode_base64(&file));
+        let files = contents(unpack_with(
+            &l,
+            None,
+            "application/json",
+            node.as_bytes(),
+            true,
+        ));
+        assert_eq!(files.len(), 3, "{files:?}");
+        assert_eq!(files[1], file);
+        assert_eq!(files[2], [&file[..], b"ABC", &[0xff]].concat());
+    }
+
+    #[test]
+    fn many_identifiers_are_not_many_files_but_many_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = limits(dir.path());
+        // An API listing: 300 objects with 20-character mixed-case ids and a SHA-256.
+        let items: Vec<String> = (0..300u32)
+            .map(|i| {
+                let id = format!("aB3dE5fG7hJ9kL{i:06}");
+                let digest = encode_base64(&[(i % 251) as u8; 32]);
+                format!(r#"{{"id":"{id}","sha256":"{digest}","name":"item {i}"}}"#)
+            })
+            .collect();
+        let json = format!("[{}]", items.join(","));
+        let files = contents(unpack_with(
+            &l,
+            None,
+            "application/json",
+            json.as_bytes(),
+            true,
+        ));
+        assert_eq!(files.len(), 2, "the body and its small strings in a row");
+        // A file among more decoys than are scanned one by one: refused, not skipped.
+        let mut decoys: Vec<String> = (0..MAX_EMBEDDED_FILES)
+            .map(|i| {
+                format!(
+                    r#""{}""#,
+                    encode_base64(format!("decoy {i:<40}").as_bytes())
+                )
+            })
+            .collect();
+        decoys.push(format!(r#""{EICAR_B64}""#));
+        let json = format!("[{}]", decoys.join(","));
+        assert!(
+            refused(unpack_with(
+                &l,
+                None,
+                "application/json",
+                json.as_bytes(),
+                true
+            ))
+            .contains("embedded")
+        );
+        // The same file many times is one file.
+        let same = vec![format!(r#""{EICAR_B64}""#); 2 * MAX_EMBEDDED_FILES].join(",");
+        let out = unpack_with(
+            &l,
+            None,
+            "application/json",
+            format!("[{same}]").as_bytes(),
+            true,
+        );
+        assert_eq!(contents(out), vec![b"<original>".to_vec(), EICAR.to_vec()]);
     }
 }
