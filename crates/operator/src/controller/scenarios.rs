@@ -351,3 +351,42 @@ async fn api_error_is_counted_by_its_label_and_requeued() {
         "/api/v1/namespaces/tenant/configmaps/vsp-gw-envoy"
     ));
 }
+
+#[tokio::test]
+async fn policy_already_in_step_is_only_read() {
+    let (ctx, handle) = context();
+    let mut policy = policy(json!({"selector": {"matchLabels": {"app": "gw"}}}));
+    policy.status = Some(super::status::status(
+        &policy,
+        &super::status::Generated::config_map("vsp-gw-envoy"),
+        &super::status::PodCounts::default(),
+        "vsp-gw-envoy",
+        k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+    ));
+    let generated = current_config_map(&policy);
+    let server = api_server(handle, move |method, uri, _| match (method.as_str(), uri) {
+        ("GET", "/api/v1/namespaces/tenant/configmaps/vsp-gw-envoy") => (200, generated.clone()),
+        ("GET", _) => (200, pod_list(json!([]))),
+        _ => (500, status(500, "unexpected write")),
+    });
+
+    let action = reconcile_policy(&policy, &ctx).await.expect("reconciled");
+    drop(ctx);
+    let seen = server.await.expect("server");
+
+    assert_eq!(action, Action::requeue(RESYNC));
+    let uris: Vec<_> = seen
+        .iter()
+        .map(|s| (s.method.as_str(), s.uri.as_str()))
+        .collect();
+    assert_eq!(
+        uris,
+        [
+            ("GET", "/api/v1/namespaces/tenant/configmaps/vsp-gw-envoy"),
+            (
+                "GET",
+                "/api/v1/namespaces/tenant/pods?&labelSelector=app%3Dgw"
+            ),
+        ]
+    );
+}
