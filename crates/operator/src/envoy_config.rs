@@ -32,13 +32,13 @@ fn read(path: &Path) -> Result<String, Error> {
     } else {
         std::fs::read_to_string(path)
     };
-    read.map_err(|source| Error::Read {
+    read.map_err(|error| Error::Read {
         path: if path.as_os_str() == "-" {
             "the policy from stdin".to_owned()
         } else {
             path.display().to_string()
         },
-        source,
+        error,
     })
 }
 
@@ -52,9 +52,9 @@ pub fn envoy_config(args: &EnvoyConfigArgs) -> Result<String, Error> {
     let spec = &policy.spec;
     if let Some(path) = &args.bootstrap {
         let tenant = read(path)?;
-        let (merged, report) = bootstrap::merge(&tenant, spec).map_err(|source| Error::Merge {
+        let (merged, report) = bootstrap::merge(&tenant, spec).map_err(|error| Error::Merge {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         for route in &report.unmatched_opt_outs {
             eprintln!("warning: opted-out route {route:?} matches no route of the bootstrap");
@@ -130,7 +130,7 @@ mod tests {
             matches!(
                 &err,
                 Error::Merge {
-                    source: bootstrap::MergeError::NoListeners,
+                    error: bootstrap::MergeError::NoListeners,
                     ..
                 }
             ),

@@ -21,26 +21,23 @@ pub enum Error {
     #[error("invalid configuration:\n{0}")]
     Config(#[from] ConfigErrors),
     #[error("no Kubernetes client configuration (in-cluster or KUBECONFIG): {0}")]
-    ClientConfig(#[source] kube::Error),
-    #[error("cannot bind {setting} {addr}: {source}")]
+    ClientConfig(kube::Error),
+    #[error("cannot bind {setting} {addr}: {error}")]
     Bind {
         setting: &'static str,
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("lost the leader lease to another replica")]
     LeaseLost,
     #[error("could not renew the leader lease for {0:?}")]
     LeaseNotRenewed(Duration),
-    #[error("reading {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("reading {path}: {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("{path} is not a VirusScanPolicy: {reason}")]
     NotAPolicy { path: String, reason: String },
-    #[error("merging into {path}: {source}")]
-    Merge { path: String, source: MergeError },
+    #[error("merging into {path}: {error}")]
+    Merge { path: String, error: MergeError },
     #[error("--piece must be filter, cluster, connection-manager, routes or bootstrap, got {0:?}")]
     UnknownPiece(String),
 }

@@ -67,18 +67,16 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     };
     let webhook_listener = tokio::net::TcpListener::bind(args.webhook_addr)
         .await
-        .map_err(|source| Error::Bind {
+        .map_err(|error| Error::Bind {
             setting: "WEBHOOK_ADDR",
             addr: args.webhook_addr,
-            source,
+            error,
         })?;
-    let webhook_addr = webhook_listener
-        .local_addr()
-        .map_err(|source| Error::Bind {
-            setting: "WEBHOOK_ADDR",
-            addr: args.webhook_addr,
-            source,
-        })?;
+    let webhook_addr = webhook_listener.local_addr().map_err(|error| Error::Bind {
+        setting: "WEBHOOK_ADDR",
+        addr: args.webhook_addr,
+        error,
+    })?;
     tracing::info!(addr = %webhook_addr, "webhook listening");
     tokio::spawn({
         let resolver = resolver.clone();
@@ -105,10 +103,10 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     let router = virus_scanner_runtime::ops_router(Arc::new(registry), ready);
     let (addr, serve) = virus_scanner_runtime::bind_ops(args.metrics_addr, router, stopped())
         .await
-        .map_err(|source| Error::Bind {
+        .map_err(|error| Error::Bind {
             setting: "METRICS_ADDR",
             addr: args.metrics_addr,
-            source,
+            error,
         })?;
     tracing::info!(%addr, identity, "operator started");
     let ops = tokio::spawn(serve);
