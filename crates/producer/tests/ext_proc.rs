@@ -284,7 +284,7 @@ fn full_duplex_upload_with_eicar_is_rejected_and_an_aborted_upload_leaves_nothin
     // Abort an upload that has spilled to disk: curl is rate-limited and killed mid-way.
     let big = temp_file(&files, "big", &clean_bytes(40 << 20, 2));
     let data = format!("@{}", big.display());
-    let mut child = std::process::Command::new("curl")
+    let mut child = virus_scanner_test_support::clean_command("curl")
         .args([
             "-sS",
             "-o",

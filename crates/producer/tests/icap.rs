@@ -7,14 +7,13 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::{Stack, StackOptions, temp_file};
 use virus_scanner_test_support::{BodyMode, EICAR, EICAR_BODY_SIGNATURE, clean_bytes};
 
 fn c_icap_client(port: u16, args: &[&str]) -> String {
-    let out = Command::new("c-icap-client")
+    let out = virus_scanner_test_support::clean_command("c-icap-client")
         .args([
             "-i",
             "127.0.0.1",

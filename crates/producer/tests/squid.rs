@@ -6,8 +6,6 @@
 
 mod support;
 
-use std::process::Command;
-
 use support::{Stack, StackOptions, sha256_hex, temp_file};
 use virus_scanner_test_support::certs;
 use virus_scanner_test_support::{
@@ -21,7 +19,7 @@ struct Fetched {
 
 fn curl(args: &[&str]) -> Fetched {
     let out_file = tempfile::NamedTempFile::new().unwrap();
-    let out = Command::new("curl")
+    let out = virus_scanner_test_support::clean_command("curl")
         .args(["-s", "--max-time", "60", "-o"])
         .arg(out_file.path())
         .args(["-w", "%{http_code}"])

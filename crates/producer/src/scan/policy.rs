@@ -28,15 +28,14 @@ pub fn decision(policy: &ScanPolicy, status: VerdictStatus, refused: bool) -> De
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     use super::*;
     use crate::config::ProducerArgs;
 
     fn config(extra: &[&str]) -> ScanPolicy {
         let mut argv = vec!["virus-scanner-producer"];
         argv.extend_from_slice(extra);
-        ProducerArgs::try_parse_from(argv)
+        let no_env: &[(&str, &str)] = &[];
+        virus_scanner_runtime::env::parse_from::<ProducerArgs, _, _>(argv, no_env)
             .expect("flags")
             .validate()
             .expect("valid")

@@ -3,7 +3,6 @@
 #![allow(clippy::unwrap_used, dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use virus_scanner_test_support::{
     BodyMode, Clamd, ClamdOptions, Envoy, EnvoyOptions, Processor, ProducerProcess, Redis,
@@ -299,7 +298,7 @@ pub fn curl(args: &[&str]) -> Reply {
     let dir = tempfile::tempdir().unwrap();
     let body = dir.path().join("body");
     let headers = dir.path().join("headers");
-    let out = Command::new("curl")
+    let out = virus_scanner_test_support::clean_command("curl")
         .args(["-sS", "--max-time", "300", "-o"])
         .arg(&body)
         .arg("-D")
