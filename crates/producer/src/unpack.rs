@@ -815,6 +815,7 @@ impl EmbeddedStrings<'_> {
 
     /// Counts a file found in a string, unless it is small or one already found.
     fn add(&mut self, file: Body) -> Result<(), Stop> {
+        // Only large files are remembered, so that the set stays within the file cap.
         if file.len == 0 || self.seen.contains(&file.sha256) {
             return Ok(());
         }
@@ -825,7 +826,6 @@ impl EmbeddedStrings<'_> {
             )));
         }
         self.bytes += file.len;
-        self.seen.insert(file.sha256);
         if file.len <= MAX_SMALL_EMBEDDED {
             let mut bytes = Vec::new();
             file.reader()?.read_to_end(&mut bytes)?;
@@ -834,6 +834,7 @@ impl EmbeddedStrings<'_> {
                 .push(&bytes)?;
             return Ok(());
         }
+        self.seen.insert(file.sha256);
         self.count += 1;
         if self.count > MAX_EMBEDDED_FILES {
             return Err(Stop::Refused(format!(
