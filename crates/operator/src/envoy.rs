@@ -9,7 +9,6 @@ use serde_json::{Map, Value, json};
 use crate::crd::{
     Direction, FailureMode, ProcessingMode, RouteOptOut, Transport, VirusScanPolicySpec,
 };
-use crate::error::Error;
 
 pub const EXT_PROC_FILTER: &str = "envoy.filters.http.ext_proc";
 pub const EXT_PROC_TYPE: &str =
@@ -246,8 +245,15 @@ pub fn example_bootstrap(spec: &VirusScanPolicySpec) -> Value {
     })
 }
 
+/// Generated configuration that has no YAML form; it holds what a tenant wrote.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot render the Envoy configuration as YAML: {0}")]
+pub struct RenderError(pub String);
+
 /// Every generated piece as ConfigMap data (YAML values).
-pub fn config_map_data(spec: &VirusScanPolicySpec) -> Result<BTreeMap<String, String>, Error> {
+pub fn config_map_data(
+    spec: &VirusScanPolicySpec,
+) -> Result<BTreeMap<String, String>, RenderError> {
     Ok(BTreeMap::from([
         (KEY_FILTER.to_owned(), to_yaml(&ext_proc_filter(spec))?),
         (KEY_CLUSTER.to_owned(), to_yaml(&producer_cluster(spec))?),
@@ -265,8 +271,8 @@ pub fn config_map_data(spec: &VirusScanPolicySpec) -> Result<BTreeMap<String, St
 
 /// The YAML form of generated configuration. What it renders holds tenant text (route
 /// names and patterns, a whole tenant bootstrap), so a failure is an error, not a panic.
-pub fn to_yaml(value: &Value) -> Result<String, Error> {
-    serde_saphyr::to_string(value).map_err(|e| Error::Render(e.to_string()))
+pub fn to_yaml(value: &Value) -> Result<String, RenderError> {
+    serde_saphyr::to_string(value).map_err(|e| RenderError(e.to_string()))
 }
 
 #[cfg(test)]

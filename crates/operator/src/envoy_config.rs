@@ -59,10 +59,10 @@ pub fn envoy_config(args: &EnvoyConfigArgs) -> Result<String, Error> {
         for route in &report.unmatched_opt_outs {
             eprintln!("warning: opted-out route {route:?} matches no route of the bootstrap");
         }
-        return envoy::to_yaml(&merged);
+        return Ok(envoy::to_yaml(&merged)?);
     }
     match &args.piece {
-        Some(name) => envoy::to_yaml(&piece(spec, name)?),
+        Some(name) => Ok(envoy::to_yaml(&piece(spec, name)?)?),
         None => {
             let mut out = String::new();
             for (name, title) in PIECES {

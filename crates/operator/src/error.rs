@@ -7,6 +7,7 @@ use std::time::Duration;
 use virus_scanner_runtime::env::ConfigErrors;
 
 use crate::bootstrap::MergeError;
+use crate::envoy::RenderError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -15,8 +16,8 @@ pub enum Error {
     #[error("the policy has no {0}")]
     MissingField(&'static str),
     /// Generated configuration that has no YAML form; it holds what a tenant wrote.
-    #[error("cannot render the Envoy configuration as YAML: {0}")]
-    Render(String),
+    #[error(transparent)]
+    Render(#[from] RenderError),
     /// Every invalid setting, each message naming its setting.
     #[error("invalid configuration:\n{0}")]
     Config(#[from] ConfigErrors),
@@ -117,7 +118,7 @@ mod tests {
 
     #[test]
     fn tenant_content_errors_are_not_retried() {
-        let render = Error::Render("x".to_owned());
+        let render = Error::Render(RenderError("x".to_owned()));
         assert_eq!(render.metric_label(), "render_failed");
         assert!(!render.is_retryable());
         assert!(!Error::MissingField("uid").is_retryable());
