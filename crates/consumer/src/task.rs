@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use virus_scanner_protocol::task::{ScanTask, Verdict, VerdictStatus};
+use virus_scanner_protocol::task::{ReplyFormat, ScanTask, Verdict, VerdictStatus};
 use virus_scanner_queue::{Consumer, Delivery, now_ns};
 
 use crate::error::ConsumerError;
@@ -84,7 +84,11 @@ async fn process(state: &ConsumerState, consumer: &Consumer, d: Delivery) {
             verdict: verdict.status().label(),
         })
         .inc();
-    if verdict.status() == VerdictStatus::Infected {
+    // One line per detection: a producer logs the detections it blocks, with what only it
+    // knows (request id, whether the policy blocked it); the consumer logs only those of
+    // the seed's producers, which log nothing.
+    if verdict.status() == VerdictStatus::Infected && task.reply_format() == ReplyFormat::LegacyText
+    {
         log_detection(
             task,
             &verdict,
@@ -130,7 +134,7 @@ async fn complete(
     }
 }
 
-/// One structured line per detection, for a SIEM.
+/// One structured line per detection of a legacy task, for a SIEM.
 fn log_detection(task: &ScanTask, verdict: &Verdict, sha256: Option<&[u8]>) {
     let labels = task.labels.clone().unwrap_or_default();
     tracing::warn!(

@@ -122,7 +122,7 @@ async fn scan(p: &Producer, task: ScanTask) -> Verdict {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eicar_inline_is_infected_and_clean_bytes_are_clean() {
     let stack = Stack::start();
-    let (_h, metrics) = stack.start_consumer(&[]);
+    let (handler, metrics) = stack.start_consumer(&[]);
     let p = stack.producer().await;
 
     let mut body = b"--boundary\r\n".to_vec();
@@ -155,6 +155,13 @@ async fn eicar_inline_is_infected_and_clean_bytes_are_clean() {
             "virus_scanner_consumer_scans_total{verdict=\"clean\"}"
         ),
         1.0
+    );
+    // The producer that blocks a detection logs it; the consumer adds no second line.
+    assert_eq!(
+        handler.log().matches("infected content detected").count(),
+        0,
+        "{}",
+        handler.log()
     );
 }
 
@@ -577,7 +584,7 @@ async fn bodies_in_redis_are_scanned_whole_cached_under_their_own_hash_and_remov
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_format_task_on_the_legacy_list_is_scanned_and_answered() {
     let stack = Stack::start();
-    let (_h, _) = stack.start_consumer(&[]);
+    let (handler, _) = stack.start_consumer(&[]);
     let mut conn = redis::Client::open(stack.redis.url())
         .unwrap()
         .get_multiplexed_async_connection()
@@ -609,6 +616,14 @@ async fn seed_format_task_on_the_legacy_list_is_scanned_and_answered() {
         .await
         .unwrap();
     assert_eq!(text, "CLEAN");
+    // A seed producer logs nothing: the consumer's is the one detection line.
+    let log = handler.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("infected content detected"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    assert!(lines[0].contains("seed-1"), "{}", lines[0]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
