@@ -157,12 +157,7 @@ impl Base64Decoder {
     }
 
     fn flush_partial(&mut self, out: &mut Vec<u8>) {
-        let [a, b, c, _] = self.quad;
-        match self.filled {
-            2 => out.push(a << 2 | b >> 4),
-            3 => out.extend_from_slice(&[a << 2 | b >> 4, b << 4 | c >> 2]),
-            _ => {}
-        }
+        decode_partial_group(self.quad, self.filled, out);
         self.filled = 0;
     }
 
@@ -179,6 +174,16 @@ impl Base64Decoder {
         }
         self.flush_partial(out);
         Ok(())
+    }
+}
+
+/// The bytes of a last base64 group of `filled` (2 or 3) sextets; one alone holds no byte.
+fn decode_partial_group(quad: [u8; 4], filled: usize, out: &mut Vec<u8>) {
+    let [a, b, c, _] = quad;
+    match filled {
+        2 => out.push(a << 2 | b >> 4),
+        3 => out.extend_from_slice(&[a << 2 | b >> 4, b << 4 | c >> 2]),
+        _ => {}
     }
 }
 
@@ -255,12 +260,7 @@ impl LenientBase64Decoder {
     }
 
     fn flush_partial(&mut self, out: &mut Vec<u8>) {
-        let [a, b, c, _] = self.quad;
-        match self.filled {
-            2 => out.push(a << 2 | b >> 4),
-            3 => out.extend_from_slice(&[a << 2 | b >> 4, b << 4 | c >> 2]),
-            _ => {}
-        }
+        decode_partial_group(self.quad, self.filled, out);
         self.written += self.filled.saturating_sub(1) as u64;
         self.filled = 0;
     }
