@@ -221,6 +221,9 @@ fn sidecar(policy: &VirusScanPolicy, defaults: &InjectDefaults) -> Container {
         env("TENANT", policy.namespace().unwrap_or_default()),
         env("POLICY", policy.name_any()),
         env("HTTP_ADDR", format!("0.0.0.0:{OPS_PORT}")),
+        // The gateway speaks ext_proc; ICAP stays on loopback, out of reach of other pods
+        // that could otherwise submit scans as this tenant.
+        env("ICAP_ADDR", "127.0.0.1:0"),
         // Without a shared volume the spool is this pod's emptyDir, which no scanner can
         // open: a body queued by path there could never be scanned.
         env("SPOOL_SHARED", spec.shared_volume.is_some()),
@@ -476,6 +479,14 @@ mod tests {
             .flatten()
             .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
             .collect()
+    }
+
+    #[test]
+    fn only_the_probe_and_metrics_port_listens_beyond_loopback() {
+        let env = sidecar_env(&policy("p", json!({"selector": {}})));
+        assert_eq!(env["ICAP_ADDR"], "127.0.0.1:0");
+        assert!(env["GRPC_ADDR"].starts_with("127.0.0.1:"), "{env:?}");
+        assert_eq!(env["HTTP_ADDR"], format!("0.0.0.0:{OPS_PORT}"));
     }
 
     #[test]
