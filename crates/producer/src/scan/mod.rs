@@ -11,6 +11,10 @@ use crate::config::ScanPolicy;
 use crate::metrics::{DirectionLabels, Metrics, RequestLabels};
 use crate::unpack::{BodyHeaders, UnpackOptions, Unpacked, unpack};
 
+/// Bodies below this size, in memory and without a content coding, are unpacked on the
+/// serving thread.
+const IN_PLACE_UNPACK_BYTES: u64 = 256 * 1024;
+
 mod front;
 mod policy;
 mod task;
@@ -153,10 +157,22 @@ impl ScanService {
             return self.refuse(why, sha);
         }
         let unpacked = if headers.needs_unpacking() {
-            // Decoding and splitting are CPU and disk work on this request's own thread.
-            match tokio::task::block_in_place(|| {
-                unpack(body, headers, &self.limits, &self.unpack_options)
-            }) {
+            let run = || unpack(body, headers, &self.limits, &self.unpack_options);
+            // Decoding can write far more than it reads, and large bodies are CPU and disk
+            // work: both leave the serving thread. A small body without a coding only
+            // shrinks as it is split, so it is unpacked in place, without the hand-off
+            // every request would otherwise pay.
+            let small = matches!(body.data, BodyData::Memory(_))
+                && body.len < IN_PLACE_UNPACK_BYTES
+                && headers
+                    .content_encoding
+                    .as_deref()
+                    .is_none_or(|c| c.trim().is_empty());
+            match if small {
+                run()
+            } else {
+                tokio::task::block_in_place(run)
+            } {
                 Ok(u) => u,
                 // A sender can make unpacking fail (fill the spool with its own decoded
                 // bytes): that error is refused even under FAIL_OPEN.
