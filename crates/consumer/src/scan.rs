@@ -6,12 +6,13 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, ReadBuf};
 use virus_scanner_clamd::{ClamdError, ScanInput, ScanReply};
-use virus_scanner_protocol::task::{Content, ScanTask, Verdict, VerdictStatus};
+use virus_scanner_protocol::task::{Content, ReplyFormat, ScanTask, Verdict, VerdictStatus};
 use virus_scanner_queue::{Consumer, Delivery};
 
 use crate::error::{ConsumerError, InputKind};
+use crate::scan_dir::PathRejected;
 use crate::state::ConsumerState;
 
 /// Attempts per task when clamd fails before giving an error verdict.
@@ -20,7 +21,12 @@ const CLAMD_ATTEMPTS: u32 = 3;
 /// The content to scan, opened and measured.
 enum Input<'a> {
     Bytes(&'a [u8]),
-    File(tokio::fs::File),
+    /// A spilled file, read anew by each attempt and hashed on its way to clamd; the SHA-256
+    /// of the last attempt that read it to the end.
+    File {
+        file: tokio::fs::File,
+        sha256: Option<Vec<u8>>,
+    },
     /// Chunks in Redis, read anew by each attempt and hashed on their way to clamd; the
     /// SHA-256 of the last attempt that read them to the end.
     Stored {
@@ -32,7 +38,7 @@ impl Input<'_> {
     fn kind(&self) -> InputKind {
         match self {
             Input::Bytes(_) => InputKind::Bytes,
-            Input::File(_) => InputKind::File,
+            Input::File { .. } => InputKind::File,
             Input::Stored { .. } => InputKind::Stored,
         }
     }
@@ -56,7 +62,8 @@ pub(crate) async fn scan(
     let (mut input, size) = match &task.content {
         Some(Content::Body(body)) => (Input::Bytes(body), body.len() as u64),
         Some(Content::Path(path)) => {
-            let file = match state.open_path(path) {
+            let seed = task.reply_format() == ReplyFormat::LegacyText;
+            let file = match state.open_path(trusted_tenant(d, task), seed, path) {
                 Ok(f) => f,
                 Err(e) => {
                     tracing::warn!(task_id = %task.id, error = %e, "refused PATH task");
@@ -64,13 +71,16 @@ pub(crate) async fn scan(
                 }
             };
             let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-            (Input::File(tokio::fs::File::from_std(file)), size)
+            let file = tokio::fs::File::from_std(file);
+            (Input::File { file, sha256: None }, size)
         }
         // The size the chunks must add up to; the reader refuses any other.
         Some(Content::RedisChunks(_)) => (Input::Stored { sha256: None }, task.size),
         None => return (refused(state, task, ConsumerError::NoContent), None),
     };
-    let stored = input.kind() == InputKind::Stored;
+    // Bodies read from Redis or from the spool: what is scanned must be what the producer
+    // hashed, since someone else may have written the key, or replaced the file.
+    let hashed_by_producer = matches!(input.kind(), InputKind::Stored | InputKind::File);
     let engine = state.engine();
     if size > config.max_scan_bytes {
         let too_large = ConsumerError::TooLarge {
@@ -82,7 +92,16 @@ pub(crate) async fn scan(
 
     let sha = match &mut input {
         Input::Bytes(b) => Some(Sha256::digest(b).to_vec()),
-        Input::File(f) => match hash_file(f).await {
+        // Hashed before the scan for the cache lookup, and again as it streams to clamd.
+        Input::File { file, .. } => match hash_file(file).await {
+            Ok(sha) if task.sha256.len() == 32 && task.sha256 != sha => {
+                let path = match &task.content {
+                    Some(Content::Path(p)) => p.clone(),
+                    _ => String::new(),
+                };
+                let e = ConsumerError::PathRefused(PathRejected::NotTheHashedBody(path));
+                return (refused(state, task, e), None);
+            }
             Ok(sha) => Some(sha),
             Err(e) => {
                 return (refused(state, task, ConsumerError::FileUnreadable(e)), None);
@@ -108,13 +127,14 @@ pub(crate) async fn scan(
         }
     }
 
+    let pre_scan_sha = sha.clone();
     let started = Instant::now();
     let reply = scan_with_heartbeat(state, consumer, d, task, &mut input).await;
     let elapsed = started.elapsed();
     let input_kind = input.kind();
     let sha = match input {
-        Input::Stored { sha256 } => sha256,
-        _ => sha,
+        Input::Stored { sha256 } | Input::File { sha256, .. } => sha256,
+        Input::Bytes(_) => sha,
     };
     let mut verdict = Verdict {
         engine_version: engine
@@ -145,20 +165,35 @@ pub(crate) async fn scan(
         Err(e) => Some(ConsumerError::from_scan(e, input_kind)),
     };
     // Only the bytes its producer hashed may pass: anything else in the body's key (written
-    // by someone else) was not what the gateway holds. An infection stays one, whatever it
-    // was found in.
+    // by someone else), or in the file by the time clamd read it, was not what the gateway
+    // holds. A seed's task has no hash: the file must not change between the two readings.
+    // An infection stays one, whatever it was found in.
     let failed = failed.or_else(|| {
-        if !stored || verdict.status() != VerdictStatus::Clean {
+        if !hashed_by_producer || verdict.status() != VerdictStatus::Clean {
             return None;
         }
-        match &sha {
-            None => Some("the body stored in Redis was not read to its end"),
-            Some(sha) if task.sha256.len() == 32 && task.sha256 != *sha => {
-                Some("the body stored in Redis is not the one its producer hashed")
+        let expected = (task.sha256.len() == 32).then_some(task.sha256.as_slice());
+        match input_kind {
+            InputKind::Stored => match &sha {
+                None => Some("the body stored in Redis was not read to its end"),
+                Some(sha) if expected.is_some_and(|e| e != sha.as_slice()) => {
+                    Some("the body stored in Redis is not the one its producer hashed")
+                }
+                Some(_) => None,
             }
-            Some(_) => None,
+            .map(ConsumerError::StoredBodyMismatch),
+            _ => {
+                let path = match &task.content {
+                    Some(Content::Path(p)) => p.clone(),
+                    _ => String::new(),
+                };
+                let first = pre_scan_sha.as_deref();
+                let ok = sha.as_deref().is_some_and(|s| {
+                    expected.map_or(first == Some(s), |e| e == s && first == Some(s))
+                });
+                (!ok).then(|| ConsumerError::PathRefused(PathRejected::NotTheHashedBody(path)))
+            }
         }
-        .map(ConsumerError::StoredBodyMismatch)
     });
     if let Some(e) = failed {
         state.count(&e);
@@ -174,6 +209,15 @@ pub(crate) async fn scan(
         state.metrics().scan_seconds.observe(elapsed.as_secs_f64());
     }
     (verdict, db_version.zip(sha))
+}
+
+/// The tenant a task is handled for, which decides the only spool directory its PATH may
+/// name.
+// TODO(queue): the tenant of the stream the task was delivered from (`Delivery::tenant`),
+// which only that tenant's Redis user can write to, once deliveries carry it; until then the
+// tenant the task names.
+fn trusted_tenant<'t>(_d: &Delivery, task: &'t ScanTask) -> &'t str {
+    task.labels.as_ref().map_or("", |l| l.tenant.as_str())
 }
 
 async fn hash_file(file: &mut tokio::fs::File) -> std::io::Result<Vec<u8>> {
@@ -212,8 +256,16 @@ async fn scan_with_heartbeat(
         loop {
             let result = match input {
                 Input::Bytes(b) => scan_once(state, ScanInput::Bytes(b)).await,
-                Input::File(f) => scan_once(state, ScanInput::File(f)).await,
-                Input::Stored { sha256 } => match consumer.stored_body(task) {
+                Input::File { file, sha256 } => match file.rewind().await {
+                    Ok(_) => {
+                        let mut body = Hashing::new(&mut *file);
+                        let result = scan_once(state, ScanInput::Reader(&mut body)).await;
+                        *sha256 = body.finish();
+                        result
+                    }
+                    Err(e) => Err(ClamdError::Input(e)),
+                },
+                Input::Stored { sha256 } => match consumer.stored_body(d, task) {
                     Some(body) => {
                         let mut body = Hashing::new(body);
                         let result = scan_once(state, ScanInput::Reader(&mut body)).await;

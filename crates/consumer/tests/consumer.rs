@@ -256,7 +256,7 @@ async fn high_priority_tasks_overtake_a_backlog() {
 /// Entries of the normal stream that a consumer holds without having answered.
 async fn pending_count(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
     let summary: redis::streams::StreamPendingReply = redis::cmd("XPENDING")
-        .arg("{virus-scanner}:tasks:normal")
+        .arg("{virus-scanner}:tasks:default:normal")
         .arg("scanners")
         .query_async(conn)
         .await
@@ -267,7 +267,10 @@ async fn pending_count(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
 /// The consumers the group knows, on both streams.
 async fn group_consumers(conn: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
     let mut names = Vec::new();
-    for stream in ["{virus-scanner}:tasks:high", "{virus-scanner}:tasks:normal"] {
+    for stream in [
+        "{virus-scanner}:tasks:default:high",
+        "{virus-scanner}:tasks:default:normal",
+    ] {
         let info: redis::streams::StreamInfoConsumersReply = redis::cmd("XINFO")
             .arg("CONSUMERS")
             .arg(stream)
@@ -510,7 +513,7 @@ async fn scan_stored(p: &Producer, id: &str, bytes: &[u8], sha256: Vec<u8>) -> V
     std::fs::write(&path, bytes).unwrap();
     let deadline = deadline(30);
     let stored = p
-        .store_body("tenant-a", id, &path, bytes.len() as u64, deadline)
+        .store_body(id, &path, bytes.len() as u64, deadline)
         .await
         .unwrap();
     let task = ScanTask {

@@ -72,7 +72,8 @@ pub struct ProducerArgs {
     /// Queue for requests without the priority header: normal or high.
     #[arg(long, env = "DEFAULT_PRIORITY", default_value = "normal")]
     pub default_priority: String,
-    /// Tenant label for metrics and the audit log.
+    /// The tenant: names this producer's streams and verdict lists in Redis (its Redis user
+    /// may touch only those), and labels metrics and the audit log. Empty: `default`.
     #[arg(long, env = "TENANT", default_value = "")]
     pub tenant: String,
     /// Policy label for the audit log.
@@ -238,7 +239,7 @@ fn http_status(name: &str, code: u16) -> Result<u16, String> {
 
 impl ProducerArgs {
     /// The typed configuration, or every setting that is not valid.
-    pub fn validate(self) -> Result<ProducerConfig, ConfigErrors> {
+    pub fn validate(mut self) -> Result<ProducerConfig, ConfigErrors> {
         let mut errors = ConfigErrors::new();
         if self.scan_file_threshold_mb == 0 {
             errors.push("SCAN_FILE_THRESHOLD_MB must be positive");
@@ -255,15 +256,17 @@ impl ProducerArgs {
         if self.max_decoded_mb == 0 {
             errors.push("MAX_DECODED_MB must be positive");
         }
-        // The tenant names the Redis keys of bodies sent through Redis, where a per-tenant
-        // ACL can match them. No limit on MAX_BODY_MB: a body is stored in chunks far below
-        // Redis's proto-max-bulk-len, in one hash, which has no size limit of its own.
-        if !self.spool_shared
-            && virus_scanner_protocol::task::validate_tenant_key(&self.tenant).is_err()
-        {
+        // The tenant names this producer's Redis keys (its streams, verdict lists, bodies sent
+        // through Redis), where its per-tenant ACL user can match them. No limit on
+        // MAX_BODY_MB: a body is stored in chunks far below Redis's proto-max-bulk-len, in one
+        // hash, which has no size limit of its own.
+        if self.tenant.is_empty() {
+            self.tenant = virus_scanner_queue::DEFAULT_TENANT.to_owned();
+        }
+        if virus_scanner_protocol::task::validate_tenant_key(&self.tenant).is_err() {
             errors.push(format!(
-                "TENANT must be at most {} characters of [A-Za-z0-9._-] when SPOOL_SHARED=false \
-                 (it names the Redis keys of spilled bodies), got {:?}",
+                "TENANT must be at most {} characters of [A-Za-z0-9._-] (it names the \
+                 producer's Redis keys), got {:?}",
                 virus_scanner_protocol::task::MAX_TENANT_KEY_LEN,
                 self.tenant
             ));
@@ -303,7 +306,10 @@ impl ProducerArgs {
         let unscannable_status =
             errors.check(http_status("UNSCANNABLE_STATUS", self.unscannable_status));
         let range_requests = errors.check(self.range_requests.parse::<RangeRequests>());
-        let queue = errors.check(self.redis.to_queue_config());
+        let queue = errors.check(self.redis.to_queue_config()).map(|mut q| {
+            q.tenant = self.tenant.clone();
+            q
+        });
         let (
             Some(default_priority),
             Some(block_status),
@@ -408,13 +414,17 @@ mod tests {
             assert_eq!(c.max_body, 64 << 30);
         }
         assert!(args(&["--spool-shared", "true"]).unwrap().scan.spool_shared);
-        let err = args(&["--spool-shared", "false", "--tenant", "a:b"]).unwrap_err();
-        assert!(
-            err.contains("TENANT") && err.contains("SPOOL_SHARED"),
-            "{err}"
+        // The tenant names the producer's Redis keys, shared spool or not.
+        for shared in ["true", "false"] {
+            let err = args(&["--spool-shared", shared, "--tenant", "a:b"]).unwrap_err();
+            assert!(err.contains("TENANT"), "{err}");
+        }
+        let c = args(&["--tenant", ""]).unwrap();
+        assert_eq!(c.queue.tenant, virus_scanner_queue::DEFAULT_TENANT);
+        assert_eq!(
+            args(&["--tenant", "team-a"]).unwrap().queue.tenant,
+            "team-a"
         );
-        // With a shared spool the tenant is only a label.
-        assert!(args(&["--tenant", "a:b"]).is_ok());
     }
 
     #[test]

@@ -8,6 +8,8 @@ use crate::QueueError;
 pub struct RedisConfig {
     /// `redis://host:port/db` or `rediss://host:port/db` (TLS).
     pub url: String,
+    /// The ACL user (a tenant's, the consumers'); overrides a user in the URL.
+    pub username: Option<String>,
     /// Overrides a password in the URL; kept out of the URL so that it can come from a secret.
     pub password: Option<String>,
     /// PEM file with the CA that signed the server's certificate (TLS), instead of the
@@ -28,6 +30,7 @@ impl RedisConfig {
         };
         RedisConfig {
             url: format!("{scheme}://{host}:{port}/"),
+            username: None,
             password: None,
             ca_file: None,
             connect_timeout: Duration::from_secs(3),
@@ -66,8 +69,12 @@ impl RedisConfig {
             .map_err(|e| QueueError::Config(format!("invalid Redis URL: {e}")))?;
         // Verdict waits are latency-bound: no Nagle delay on small commands.
         info = info.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        if let Some(username) = &self.username {
+            let settings = info.redis_settings().clone().set_username(username);
+            info = info.set_redis_settings(settings);
+        }
         if let Some(password) = &self.password {
-            let settings = info.redis_settings().clone().set_password(password.clone());
+            let settings = info.redis_settings().clone().set_password(password);
             info = info.set_redis_settings(settings);
         }
         match &self.ca_file {
@@ -94,6 +101,10 @@ pub struct QueueConfig {
     pub redis: RedisConfig,
     /// Hash tag and prefix of every key.
     pub prefix: String,
+    /// The tenant a producer queues for: the streams, verdict lists and stored bodies it uses
+    /// carry it, and a per-tenant Redis user may touch only those. Consumers read every
+    /// tenant's streams and ignore it.
+    pub tenant: String,
     pub group: String,
     /// A task held this long by a consumer that stopped heart-beating is redelivered.
     pub visibility_timeout: Duration,
@@ -117,6 +128,7 @@ impl QueueConfig {
         QueueConfig {
             redis,
             prefix: "virus-scanner".into(),
+            tenant: crate::DEFAULT_TENANT.into(),
             group: "scanners".into(),
             visibility_timeout: Duration::from_secs(30),
             max_deliveries: 3,

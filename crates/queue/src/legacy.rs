@@ -11,7 +11,7 @@ use virus_scanner_protocol::task::{
     Content, Priority, ReplyFormat, ScanTask, TASK_FIELD, encode_task,
 };
 
-use crate::{Keys, QueueConfig, QueueError};
+use crate::{DEFAULT_TENANT, Keys, QueueConfig, QueueError};
 
 pub struct LegacyBridge {
     conn: ConnectionManager,
@@ -22,12 +22,19 @@ pub struct LegacyBridge {
 
 impl LegacyBridge {
     pub async fn connect(config: QueueConfig) -> Result<LegacyBridge, QueueError> {
-        let conn = config.redis.connection_manager(true).await?;
+        let mut conn = config.redis.connection_manager(true).await?;
+        let keys = Keys::new(&config.prefix);
+        // Legacy tasks are queued as the default tenant's.
+        let _: i64 = redis::cmd("SADD")
+            .arg(&keys.tenants)
+            .arg(DEFAULT_TENANT)
+            .query_async(&mut conn)
+            .await?;
         // Same hash slot as the legacy list itself, so LMOVE works on Redis Cluster.
         let processing = format!("{{{}}}:processing", config.legacy_queue);
         Ok(LegacyBridge {
             conn,
-            keys: Keys::new(&config.prefix),
+            keys,
             config,
             processing,
         })
@@ -85,7 +92,7 @@ impl LegacyBridge {
                     ..ScanTask::default()
                 };
                 let _: String = redis::cmd("XADD")
-                    .arg(&self.keys.normal)
+                    .arg(self.keys.stream(DEFAULT_TENANT, Priority::Normal))
                     .arg("*")
                     .arg(TASK_FIELD)
                     .arg(encode_task(&scan_task))

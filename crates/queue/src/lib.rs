@@ -27,9 +27,11 @@
 // Linked for its `ring` feature: the crypto provider of `rediss://` connections.
 use rustls as _;
 
+pub mod acl;
 mod config;
 mod consumer;
 mod error;
+mod functions;
 mod keys;
 mod legacy;
 mod memo;
@@ -39,7 +41,7 @@ mod stored_body;
 pub use config::{QueueConfig, RedisConfig};
 pub use consumer::{Consumer, Delivery};
 pub use error::QueueError;
-pub(crate) use keys::Keys;
+pub use keys::{DEFAULT_TENANT, Keys};
 pub use legacy::LegacyBridge;
 pub use producer::Producer;
 pub use stored_body::{CHUNK_BYTES, MAX_CHUNK_BYTES, StoredBody, StoredBodyReader};

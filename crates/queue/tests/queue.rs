@@ -25,6 +25,24 @@ fn config(redis: &Redis) -> QueueConfig {
     c
 }
 
+fn tenant_config(redis: &Redis, tenant: &str) -> QueueConfig {
+    let mut c = config(redis);
+    c.tenant = tenant.into();
+    c
+}
+
+/// A delivery of `task` from `tenant`'s stream, as a claim returns it.
+fn delivered(tenant: &str, task: &ScanTask) -> virus_scanner_queue::Delivery {
+    virus_scanner_queue::Delivery {
+        entry_id: "0-1".into(),
+        stream: format!("{{virus-scanner}}:tasks:{tenant}:normal"),
+        tenant: tenant.into(),
+        priority: Priority::Normal,
+        deliveries: 1,
+        task: Ok(task.clone()),
+    }
+}
+
 fn task(id: &str, priority: Priority) -> ScanTask {
     ScanTask {
         id: id.into(),
@@ -497,14 +515,15 @@ async fn read_all(mut body: virus_scanner_queue::StoredBodyReader) -> std::io::R
 #[tokio::test]
 async fn a_body_stored_in_chunks_is_read_whole_and_removed_with_its_verdict() {
     let redis = Redis::start();
-    let producer = Producer::connect(config(&redis)).await.unwrap();
+    let producer = Producer::connect(tenant_config(&redis, "tenant-a"))
+        .await
+        .unwrap();
     let mut consumer = Consumer::connect(config(&redis), "c1").await.unwrap();
     let mut conn = redis_conn(&redis.url()).await;
     let body = clean_bytes(2 * CHUNK_BYTES + 12345, 5);
     let file = SpilledFile::new("whole", &body);
     let stored = producer
         .store_body(
-            "tenant-a",
             "big-1",
             &file.0,
             body.len() as u64,
@@ -533,14 +552,14 @@ async fn a_body_stored_in_chunks_is_read_whole_and_removed_with_its_verdict() {
     assert_eq!(claimed, &t);
     // Every reader starts from the beginning, as a retried scan does.
     for _ in 0..2 {
-        let got = read_all(consumer.stored_body(claimed).unwrap())
+        let got = read_all(consumer.stored_body(&d, claimed).unwrap())
             .await
             .unwrap();
         assert!(got == body, "the stored body differs");
     }
     assert!(
         consumer
-            .stored_body(&task("inline", Priority::Normal))
+            .stored_body(&d, &task("inline", Priority::Normal))
             .is_none()
     );
     assert!(consumer.complete(&d, &clean("big-1"), None).await.unwrap());
@@ -560,11 +579,11 @@ async fn a_stored_body_goes_when_its_producer_stops_waiting() {
     let file = SpilledFile::new("abandoned", &body);
     let deadline = Instant::now() + Duration::from_secs(10);
     let stored = producer
-        .store_body("", "abandoned", &file.0, body.len() as u64, deadline)
+        .store_body("abandoned", &file.0, body.len() as u64, deadline)
         .await
         .unwrap();
     let key = stored.key().to_owned();
-    assert_eq!(key, "{virus-scanner}:body::abandoned");
+    assert_eq!(key, "{virus-scanner}:body:default:abandoned");
     assert!(exists(&mut conn, &key).await);
     drop(stored);
     let start = Instant::now();
@@ -575,7 +594,7 @@ async fn a_stored_body_goes_when_its_producer_stops_waiting() {
 
     // Past the deadline nothing is stored, and the error says why.
     let late = producer
-        .store_body("", "late", &file.0, body.len() as u64, Instant::now())
+        .store_body("late", &file.0, body.len() as u64, Instant::now())
         .await;
     assert!(
         matches!(late, Err(QueueError::DeadlineExceeded)),
@@ -583,11 +602,11 @@ async fn a_stored_body_goes_when_its_producer_stops_waiting() {
     );
     // A file that is not the size the body had is refused, not sent in part.
     let short = producer
-        .store_body("", "short", &file.0, body.len() as u64 + 1, deadline)
+        .store_body("short", &file.0, body.len() as u64 + 1, deadline)
         .await;
     assert!(matches!(short, Err(QueueError::Body(_))), "{short:?}");
     let start = Instant::now();
-    while exists(&mut conn, "{virus-scanner}:body::short").await {
+    while exists(&mut conn, "{virus-scanner}:body:default:short").await {
         assert!(
             start.elapsed() < Duration::from_secs(5),
             "a refused body stayed"
@@ -599,7 +618,7 @@ async fn a_stored_body_goes_when_its_producer_stops_waiting() {
 #[tokio::test]
 async fn a_stored_body_that_is_short_long_or_has_a_huge_chunk_never_reads_as_complete() {
     let redis = Redis::start();
-    let producer = Producer::connect(config(&redis)).await.unwrap();
+    let producer = Producer::connect(tenant_config(&redis, "t")).await.unwrap();
     let consumer = Consumer::connect(config(&redis), "c1").await.unwrap();
     let mut conn = redis_conn(&redis.url()).await;
     let body = clean_bytes(2 * CHUNK_BYTES + 1, 7);
@@ -607,7 +626,6 @@ async fn a_stored_body_that_is_short_long_or_has_a_huge_chunk_never_reads_as_com
     let file = SpilledFile::new("checked", &body);
     let stored = producer
         .store_body(
-            "t",
             "checked",
             &file.0,
             size,
@@ -618,7 +636,10 @@ async fn a_stored_body_that_is_short_long_or_has_a_huge_chunk_never_reads_as_com
     let read = |count, size| {
         read_all(
             consumer
-                .stored_body(&stored_task("checked", "t", count, size))
+                .stored_body(
+                    &delivered("t", &stored_task("checked", "t", count, size)),
+                    &stored_task("checked", "t", count, size),
+                )
                 .unwrap(),
         )
     };

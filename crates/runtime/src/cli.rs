@@ -17,6 +17,9 @@ pub struct RedisArgs {
     /// Full Redis URL (`redis://` or `rediss://` for TLS); overrides host and port.
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
+    /// Redis ACL user (AUTH); without it, the default user.
+    #[arg(long, env = "REDIS_USERNAME")]
+    pub redis_username: Option<String>,
     /// Redis password (AUTH).
     #[arg(long, env = "REDIS_PASSWORD", hide_env_values = true)]
     pub redis_password: Option<String>,
@@ -46,6 +49,7 @@ impl RedisArgs {
             Some(_) => return Err("REDIS_URL must start with redis:// or rediss://".into()),
             None => RedisConfig::from_host_port(&self.redis_host, self.redis_port, self.redis_tls),
         };
+        redis.username = self.redis_username.clone().filter(|u| !u.is_empty());
         redis.password = self.redis_password.clone().filter(|p| !p.is_empty());
         if let Some(ca) = &self.redis_ca_file
             && !ca.is_file()

@@ -44,11 +44,10 @@ impl ScanService {
                     self.metrics.cache_hits.inc();
                     return (v, sha, String::new());
                 }
-                let tenant = &self.policy.tenant;
                 let path = spill.path();
                 match self
                     .producer
-                    .store_body(tenant, &task_id, path, file.len, deadline)
+                    .store_body(&task_id, path, file.len, deadline)
                     .await
                 {
                     Ok(body) => stored.insert(body).content(),

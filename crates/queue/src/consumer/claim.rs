@@ -1,5 +1,5 @@
-//! Claiming: entries abandoned by stopped members first, then the high stream, then the
-//! normal one.
+//! Claiming: entries abandoned by stopped members first, then new entries, tenant by tenant
+//! in turn (round robin), each tenant's high stream before its normal one.
 
 use std::time::{Duration, Instant};
 
@@ -9,8 +9,8 @@ use virus_scanner_protocol::task::{Priority, TASK_FIELD, decode_task};
 use super::{Consumer, Delivery};
 use crate::QueueError;
 
-/// Claims one new entry, from the high stream if it has one, else from the normal one, in
-/// one round trip. KEYS: the streams, highest priority first. ARGV: group, consumer.
+/// Claims one new entry from the first of the streams that has one, in one round trip.
+/// KEYS: the streams in the order to try them. ARGV: group, consumer.
 const CLAIM_NEW_SCRIPT: &str = r"
 for _, stream in ipairs(KEYS) do
   local found = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', stream, '>')
@@ -61,30 +61,48 @@ impl Consumer {
                 return Ok(reclaimed);
             }
         }
-        let found: Option<StreamReadReply> = self
-            .claim_new_script
-            .key(self.keys.stream(Priority::High))
-            .key(self.keys.stream(Priority::Normal))
+        self.refresh_tenants(false).await?;
+        if self.tenants.is_empty() {
+            tokio::time::sleep(block).await;
+            return Ok(Vec::new());
+        }
+        let first = self.next_tenant % self.tenants.len();
+        let streams = self.streams_from(first);
+        let mut invocation = self.claim_new_script.prepare_invoke();
+        for stream in &streams {
+            invocation.key(stream);
+        }
+        let found: Option<StreamReadReply> = invocation
             .arg(&self.config.group)
             .arg(&self.name)
             .invoke_async(&mut self.conn)
             .await?;
         let found = self.deliveries(found);
-        if !found.is_empty() {
+        if let Some(d) = found.first() {
+            self.served(&d.tenant);
             return Ok(found);
         }
-        let mut found = self
-            .read_new(&[Priority::High, Priority::Normal], block)
-            .await?;
-        // A read on both streams can return one of each: high first.
+        let mut found = self.read_new(&streams, block).await?;
+        // A read on several streams can return one entry of each: high first.
         found.sort_by_key(|d| d.priority != Priority::High);
+        if let Some(d) = found.first() {
+            let tenant = d.tenant.clone();
+            self.served(&tenant);
+        }
         Ok(found)
+    }
+
+    /// The next claim starts with the tenant after this one.
+    fn served(&mut self, tenant: &str) {
+        if let Some(i) = self.tenants.iter().position(|t| t == tenant) {
+            self.next_tenant = i + 1;
+        }
     }
 
     /// A blocking `XREADGROUP` of new entries (one per stream).
     async fn read_new(
         &mut self,
-        priorities: &[Priority],
+        streams: &[String],
         block: Duration,
     ) -> Result<Vec<Delivery>, QueueError> {
         let mut cmd = redis::cmd("XREADGROUP");
@@ -95,10 +113,10 @@ impl Consumer {
             .arg(1);
         cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
         cmd.arg("STREAMS");
-        for &p in priorities {
-            cmd.arg(self.keys.stream(p));
+        for stream in streams {
+            cmd.arg(stream);
         }
-        for _ in priorities {
+        for _ in streams {
             cmd.arg(">");
         }
         let reply: Option<StreamReadReply> = cmd.query_async(&mut self.conn).await?;
@@ -112,25 +130,27 @@ impl Consumer {
         reply
             .keys
             .into_iter()
-            .flat_map(|key| {
-                let priority = self.priority_of(&key.key);
-                key.ids
-                    .into_iter()
-                    .map(move |entry| delivery(entry, priority, 1))
+            .filter_map(|key| {
+                let (tenant, priority) = self.keys.parse_stream(&key.key)?;
+                let (tenant, stream) = (tenant.to_owned(), key.key.clone());
+                Some(
+                    key.ids.into_iter().map(move |entry| {
+                        delivery(entry, stream.clone(), tenant.clone(), priority, 1)
+                    }),
+                )
             })
+            .flatten()
             .collect()
-    }
-
-    fn priority_of(&self, stream: &str) -> Priority {
-        if stream == self.keys.high {
-            Priority::High
-        } else {
-            Priority::Normal
-        }
     }
 }
 
-pub(super) fn delivery(entry: StreamId, priority: Priority, deliveries: u32) -> Delivery {
+pub(super) fn delivery(
+    entry: StreamId,
+    stream: String,
+    tenant: String,
+    priority: Priority,
+    deliveries: u32,
+) -> Delivery {
     let task = match entry.map.get(TASK_FIELD) {
         Some(redis::Value::BulkString(bytes)) => decode_task(bytes).map_err(|e| e.to_string()),
         Some(_) => Err(format!("field {TASK_FIELD} is not a byte string")),
@@ -140,6 +160,8 @@ pub(super) fn delivery(entry: StreamId, priority: Priority, deliveries: u32) -> 
     };
     Delivery {
         entry_id: entry.id,
+        stream,
+        tenant,
         priority,
         deliveries,
         task,

@@ -48,7 +48,7 @@ impl Consumer {
         let legacy = task.is_some_and(|t| t.reply_format() == ReplyFormat::LegacyText);
         let verdict_key = self
             .keys
-            .verdict(task.map(|t| t.id.as_str()).unwrap_or("-"));
+            .verdict(&d.tenant, task.map(|t| t.id.as_str()).unwrap_or("-"));
         let cache = cache.filter(|_| verdict.is_cacheable());
         let cache_key = match cache {
             Some((db, sha)) => self.keys.cache(db, sha),
@@ -56,10 +56,10 @@ impl Consumer {
         };
         let mut cached_form = verdict.clone();
         cached_form.task_id.clear();
-        let body_key = task.and_then(|t| self.stored_body_key(t));
+        let body_key = task.and_then(|t| self.stored_body_key(&d.tenant, t));
         let owned: i64 = self
             .complete_script
-            .key(self.keys.stream(d.priority))
+            .key(&d.stream)
             .key(&verdict_key)
             .key(&cache_key)
             .key(body_key.as_ref().unwrap_or(&verdict_key))
@@ -86,33 +86,33 @@ impl Consumer {
         Ok(owned == 1)
     }
 
-    /// The body of a task whose content is stored in Redis, as a byte stream from its start
-    /// (each call starts again); `None` for other tasks.
-    pub fn stored_body(&self, task: &ScanTask) -> Option<StoredBodyReader> {
+    /// The body of a delivered task whose content is stored in Redis, as a byte stream from
+    /// its start (each call starts again); `None` for other tasks.
+    pub fn stored_body(&self, d: &Delivery, task: &ScanTask) -> Option<StoredBodyReader> {
         let Some(Content::RedisChunks(chunks)) = &task.content else {
             return None;
         };
         Some(StoredBodyReader::new(
             self.conn.clone(),
             self.read_chunk_script.clone(),
-            self.stored_body_key(task)?,
+            self.stored_body_key(&d.tenant, task)?,
             chunks.count,
             task.size,
         ))
     }
 
-    /// Derived from the task's tenant and id, which `decode_task` checked.
-    fn stored_body_key(&self, task: &ScanTask) -> Option<String> {
+    /// Derived from the tenant of the stream the task came from and the task's id, which
+    /// `decode_task` checked: whatever tenant the task names, it reaches only its own bodies.
+    fn stored_body_key(&self, tenant: &str, task: &ScanTask) -> Option<String> {
         let Some(Content::RedisChunks(_)) = task.content else {
             return None;
         };
-        let tenant = task.labels.as_ref().map_or("", |l| l.tenant.as_str());
         Some(self.keys.body(tenant, &task.id))
     }
 
     /// Acknowledges and deletes an entry that cannot be answered (it does not decode).
     pub async fn discard(&self, d: &Delivery) -> Result<(), QueueError> {
-        let stream = self.keys.stream(d.priority);
+        let stream = &d.stream;
         let mut conn = self.conn.clone();
         let _: i64 = redis::cmd("XACK")
             .arg(stream)

@@ -9,7 +9,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use redis::aio::ConnectionManager;
-use virus_scanner_protocol::task::{Priority, ScanTask, Verdict, decode_verdict};
+use std::time::Duration;
+
+use virus_scanner_protocol::task::{
+    Priority, ScanTask, Verdict, decode_verdict, validate_tenant_key,
+};
 
 use crate::{Keys, QueueConfig, QueueError, StoredBodyReader};
 
@@ -36,10 +40,19 @@ end
 return forgotten
 ";
 
+/// How often a consumer reads the set of tenants again, to serve a new tenant's streams.
+const TENANTS_REFRESH: Duration = Duration::from_secs(1);
+
 /// A task handed to this consumer. It stays owned until [`Consumer::complete`].
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub entry_id: String,
+    /// The stream the entry was read from.
+    pub stream: String,
+    /// The tenant whose stream it came from. Only that tenant's Redis user can write there, so
+    /// this, not the tenant the task names, decides where its verdict goes, which stored body
+    /// and which spool directory it may use.
+    pub tenant: String,
     pub priority: Priority,
     /// How often the entry was handed to a consumer, this time included.
     pub deliveries: u32,
@@ -59,6 +72,12 @@ pub struct Consumer {
     forget_script: redis::Script,
     read_chunk_script: Arc<redis::Script>,
     last_reclaim: Option<Instant>,
+    /// The registered tenants, each with its streams' group created, and when they were read.
+    tenants: Vec<String>,
+    tenants_read: Option<Instant>,
+    /// Where the next claim starts in `tenants`: right after the tenant served last, so that
+    /// every tenant with waiting tasks gets its turn (round robin), whatever another floods.
+    next_tenant: usize,
     group_ready: bool,
 }
 
@@ -78,6 +97,9 @@ impl Consumer {
             forget_script: redis::Script::new(FORGET_SCRIPT),
             read_chunk_script: Arc::new(StoredBodyReader::read_chunk_script()),
             last_reclaim: None,
+            tenants: Vec::new(),
+            tenants_read: None,
+            next_tenant: 0,
             group_ready: false,
         })
     }
@@ -93,26 +115,70 @@ impl Consumer {
         Ok(())
     }
 
-    /// Creates the streams and the group if they do not exist (first start, or a Redis that
+    /// Loads the producers' functions, reads the registered tenants and creates their streams
+    /// and the group where they do not exist (first start, a new tenant, or a Redis that
     /// restarted without persistence).
     pub async fn ensure_group(&mut self) -> Result<(), QueueError> {
-        for stream in [&self.keys.high, &self.keys.normal] {
-            let created: Result<String, _> = redis::cmd("XGROUP")
-                .arg("CREATE")
-                .arg(stream)
-                .arg(&self.config.group)
-                .arg("0")
-                .arg("MKSTREAM")
-                .query_async(&mut self.conn)
-                .await;
-            match created {
-                Ok(_) => {}
-                Err(e) if e.code() == Some("BUSYGROUP") => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        crate::functions::load(&mut self.conn).await?;
+        self.refresh_tenants(true).await?;
         self.group_ready = true;
         Ok(())
+    }
+
+    /// Reads the tenant set again when it is older than [`TENANTS_REFRESH`] (or `force`), and
+    /// creates the group on the streams of tenants not seen before.
+    async fn refresh_tenants(&mut self, force: bool) -> Result<(), QueueError> {
+        if !force
+            && self
+                .tenants_read
+                .is_some_and(|at| at.elapsed() < TENANTS_REFRESH)
+        {
+            return Ok(());
+        }
+        let mut registered: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(&self.keys.tenants)
+            .query_async(&mut self.conn)
+            .await?;
+        // A name that could not have been registered by a producer is not polled.
+        registered.retain(|t| !t.is_empty() && validate_tenant_key(t).is_ok());
+        registered.sort();
+        for tenant in &registered {
+            if !force && self.tenants.binary_search(tenant).is_ok() {
+                continue;
+            }
+            for priority in [Priority::High, Priority::Normal] {
+                let created: Result<String, _> = redis::cmd("XGROUP")
+                    .arg("CREATE")
+                    .arg(self.keys.stream(tenant, priority))
+                    .arg(&self.config.group)
+                    .arg("0")
+                    .arg("MKSTREAM")
+                    .query_async(&mut self.conn)
+                    .await;
+                match created {
+                    Ok(_) => {}
+                    Err(e) if e.code() == Some("BUSYGROUP") => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        self.tenants = registered;
+        self.tenants_read = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Every registered tenant's streams, high before normal per tenant, starting at `first`.
+    fn streams_from(&self, first: usize) -> Vec<String> {
+        let n = self.tenants.len();
+        (0..n)
+            .flat_map(|i| {
+                let tenant = &self.tenants[(first + i) % n];
+                [
+                    self.keys.stream(tenant, Priority::High),
+                    self.keys.stream(tenant, Priority::Normal),
+                ]
+            })
+            .collect()
     }
 
     /// Leaves the group on shutdown, if this consumer holds no entries (otherwise they stay
@@ -123,10 +189,15 @@ impl Consumer {
     }
 
     async fn forget(&mut self, min_idle_ms: u64, name: &str) -> Result<u64, QueueError> {
-        Ok(self
-            .forget_script
-            .key(self.keys.stream(Priority::High))
-            .key(self.keys.stream(Priority::Normal))
+        let streams = self.streams_from(0);
+        if streams.is_empty() {
+            return Ok(0);
+        }
+        let mut invocation = self.forget_script.prepare_invoke();
+        for stream in &streams {
+            invocation.key(stream);
+        }
+        Ok(invocation
             .arg(&self.config.group)
             .arg(min_idle_ms)
             .arg(name)
@@ -156,17 +227,35 @@ impl Consumer {
         Ok(())
     }
 
-    /// Entries in the high and normal streams (waiting or being scanned).
+    /// Entries in the high and normal streams of every tenant (waiting or being scanned).
     pub async fn depth(&self) -> Result<(u64, u64), QueueError> {
+        let mut total = (0, 0);
+        for (_, high, normal) in self.depth_by_tenant().await? {
+            total.0 += high;
+            total.1 += normal;
+        }
+        Ok(total)
+    }
+
+    /// Entries in each registered tenant's high and normal streams, in one round trip.
+    pub async fn depth_by_tenant(&self) -> Result<Vec<(String, u64, u64)>, QueueError> {
         let mut conn = self.conn.clone();
-        let high: u64 = redis::cmd("XLEN")
-            .arg(&self.keys.high)
+        let tenants: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(&self.keys.tenants)
             .query_async(&mut conn)
             .await?;
-        let normal: u64 = redis::cmd("XLEN")
-            .arg(&self.keys.normal)
-            .query_async(&mut conn)
-            .await?;
-        Ok((high, normal))
+        let mut pipe = redis::pipe();
+        for tenant in &tenants {
+            pipe.cmd("XLEN")
+                .arg(self.keys.stream(tenant, Priority::High));
+            pipe.cmd("XLEN")
+                .arg(self.keys.stream(tenant, Priority::Normal));
+        }
+        let lengths: Vec<u64> = pipe.query_async(&mut conn).await?;
+        Ok(tenants
+            .into_iter()
+            .zip(lengths.chunks(2))
+            .map(|(t, l)| (t, l[0], l[1]))
+            .collect())
     }
 }

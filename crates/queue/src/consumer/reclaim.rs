@@ -2,7 +2,7 @@
 //! entries, and keeping a long scan's entry from being taken over.
 
 use redis::streams::{StreamClaimReply, StreamPendingCountReply};
-use virus_scanner_protocol::task::{Priority, Verdict};
+use virus_scanner_protocol::task::Verdict;
 
 use super::claim::delivery;
 use super::{Consumer, Delivery};
@@ -13,8 +13,11 @@ impl Consumer {
     pub(super) async fn reclaim(&mut self) -> Result<Vec<Delivery>, QueueError> {
         let min_idle = self.config.visibility_timeout.as_millis() as u64;
         let mut out = Vec::new();
-        for priority in [Priority::High, Priority::Normal] {
-            let stream = self.keys.stream(priority).to_owned();
+        for stream in self.streams_from(0) {
+            let Some((tenant, priority)) = self.keys.parse_stream(&stream) else {
+                continue;
+            };
+            let tenant = tenant.to_owned();
             let pending: StreamPendingCountReply = redis::cmd("XPENDING")
                 .arg(&stream)
                 .arg(&self.config.group)
@@ -43,7 +46,7 @@ impl Consumer {
                         deliveries,
                         "reclaimed a task from a consumer that stopped"
                     );
-                    let d = delivery(id, priority, deliveries);
+                    let d = delivery(id, stream.clone(), tenant.clone(), priority, deliveries);
                     if deliveries > self.config.max_deliveries {
                         self.answer_poison(&d).await?;
                     } else {
@@ -75,7 +78,7 @@ impl Consumer {
     /// Resets the entry's idle time so that nobody reclaims it while the scan runs.
     pub async fn heartbeat(&self, d: &Delivery) -> Result<(), QueueError> {
         let _: Vec<String> = redis::cmd("XCLAIM")
-            .arg(self.keys.stream(d.priority))
+            .arg(&d.stream)
             .arg(&self.config.group)
             .arg(&self.name)
             .arg(0)

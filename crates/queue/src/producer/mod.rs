@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
-use virus_scanner_protocol::task::{ScanTask, Verdict, decode_verdict};
+use virus_scanner_protocol::task::{
+    MAX_TENANT_KEY_LEN, ScanTask, Verdict, decode_verdict, validate_tenant_key,
+};
 
 use crate::memo::VerdictMemo;
 use crate::{Keys, QueueConfig, QueueError, StoredBody};
@@ -43,15 +45,27 @@ impl Drop for Producer {
 }
 
 impl Producer {
+    /// Connects as `config.tenant`, registers the tenant with the consumers and loads the
+    /// queue's functions where its Redis user may (a tenant's user may not: the operator and
+    /// the consumers did).
     pub async fn connect(config: QueueConfig) -> Result<Producer, QueueError> {
+        if config.tenant.is_empty() || validate_tenant_key(&config.tenant).is_err() {
+            return Err(QueueError::Config(format!(
+                "the tenant must be 1 to {MAX_TENANT_KEY_LEN} characters of [A-Za-z0-9._-], \
+                 got {:?}",
+                config.tenant
+            )));
+        }
         let client = config.redis.client()?;
-        let conn = config.redis.connection_manager(false).await?;
+        let mut conn = config.redis.connection_manager(false).await?;
         let keys = Keys::new(&config.prefix);
+        register_tenant(&mut conn, &keys, &config.tenant).await?;
+        crate::functions::load_if_allowed(&mut conn).await?;
         let health = Arc::new(Health::default());
         let canary = tokio::spawn(watch_connection(
             client.clone(),
             config.redis.connect_timeout,
-            keys.canary.clone(),
+            keys.canary(&config.tenant),
             Arc::downgrade(&health),
         ));
         Ok(Producer {
@@ -81,19 +95,18 @@ impl Producer {
         Ok(())
     }
 
-    /// Stores the `size` bytes of the spilled file at `path` in Redis, in chunks, for a task
-    /// of `tenant` with id `task_id` whose consumers cannot open the file. The returned body
+    /// Stores the `size` bytes of the spilled file at `path` in Redis, in chunks, for this
+    /// producer's task `task_id` whose consumers cannot open the file. The returned body
     /// names itself in the task ([`StoredBody::content`]) and is removed from Redis when it is
     /// dropped; its TTL removes it after the deadline otherwise.
     pub async fn store_body(
         &self,
-        tenant: &str,
         task_id: &str,
         path: &std::path::Path,
         size: u64,
         deadline: Instant,
     ) -> Result<StoredBody, QueueError> {
-        let key = self.keys.body(tenant, task_id);
+        let key = self.keys.body(&self.config.tenant, task_id);
         crate::stored_body::store(&self.conn, key, path, size, deadline).await
     }
 
@@ -155,5 +168,24 @@ impl Producer {
             v.cached = true;
             v
         }))
+    }
+}
+
+/// Adds the tenant to the set whose streams the consumers read. A tenant's own user may not
+/// (it could fill the set with names for the consumers to poll): the operator registered it.
+async fn register_tenant(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+    tenant: &str,
+) -> Result<(), QueueError> {
+    let added: redis::RedisResult<i64> = redis::cmd("SADD")
+        .arg(&keys.tenants)
+        .arg(tenant)
+        .query_async(conn)
+        .await;
+    match added {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Some("NOPERM") => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }

@@ -7,25 +7,7 @@ use virus_scanner_protocol::task::{
 };
 
 use super::Producer;
-use crate::QueueError;
-
-/// Verdict-cache lookup and enqueue in one step. KEYS: cache entry, task stream, verdict list.
-/// ARGV: encoded task, verdict TTL, '1' to consult the cache, the stream field of the task.
-/// A cached verdict is pushed to the task's verdict list, where the `BLPOP` sent right behind
-/// this script finds it; 1 = cached. Sent with EVAL, never EVALSHA: a NOSCRIPT retry would
-/// queue behind the blocking `BLPOP`.
-const SUBMIT_SCRIPT: &str = r"
-if ARGV[3] == '1' then
-  local cached = redis.call('GET', KEYS[1])
-  if cached then
-    redis.call('RPUSH', KEYS[3], cached)
-    redis.call('EXPIRE', KEYS[3], ARGV[2])
-    return 1
-  end
-end
-redis.call('XADD', KEYS[2], '*', ARGV[4], ARGV[1])
-return 0
-";
+use crate::{QueueError, functions};
 
 impl Producer {
     pub(super) async fn submit_and_wait(
@@ -37,24 +19,25 @@ impl Producer {
         let use_cache = db_version.is_some() && task.sha256.len() == 32;
         let cache_key = match db_version {
             Some(db) if use_cache => self.keys.cache(db, &task.sha256),
-            // Unused, but named, and in the same slot as the others.
-            _ => self.keys.verdict(&task.id),
+            _ => String::new(),
         };
-        let verdict_key = self.keys.verdict(&task.id);
-        let mut submit = redis::cmd("EVAL");
+        let tenant = &self.config.tenant;
+        let verdict_key = self.keys.verdict(tenant, &task.id);
+        // A function, not a script: a tenant's Redis user may call the queue's functions but
+        // not run scripts of its own.
+        let mut submit = redis::cmd("FCALL");
         submit
-            .arg(SUBMIT_SCRIPT)
-            .arg(3)
-            .arg(&cache_key)
-            .arg(self.keys.stream(task.priority()))
+            .arg(functions::SUBMIT)
+            .arg(2)
             .arg(&verdict_key)
+            .arg(self.keys.stream(tenant, task.priority()))
+            .arg(&cache_key)
             .arg(if use_cache {
                 encode_task_cache_checked(task)
             } else {
                 encode_task(task)
             })
             .arg(self.config.verdict_ttl.as_secs().max(1))
-            .arg(if use_cache { "1" } else { "0" })
             .arg(TASK_FIELD);
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining < Duration::from_millis(1) {
@@ -100,6 +83,13 @@ impl Producer {
                     fresh = true;
                     continue;
                 }
+                // A Redis restarted without persistence forgot the functions until a consumer
+                // loads them again; load them here where this user may, and try once more.
+                Err(e) if !fresh && functions::is_missing_function(&e) => {
+                    functions::load_if_allowed(&mut self.conn.clone()).await?;
+                    fresh = true;
+                    continue;
+                }
                 Err(e) => return Err(e.into()),
             };
             // The server-side timeout ends the wait; the local one guards a hung connection.
@@ -135,7 +125,7 @@ impl Producer {
         task_id: &str,
         deadline: Instant,
     ) -> Result<Verdict, QueueError> {
-        let key = self.keys.verdict(task_id);
+        let key = self.keys.verdict(&self.config.tenant, task_id);
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining < Duration::from_millis(1) {

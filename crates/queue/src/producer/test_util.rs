@@ -10,7 +10,7 @@ use crate::QueueError;
 
 impl Producer {
     pub async fn enqueue(&self, task: &ScanTask) -> Result<(), QueueError> {
-        let stream = self.keys.stream(task.priority());
+        let stream = self.keys.stream(&self.config.tenant, task.priority());
         let _: String = redis::cmd("XADD")
             .arg(stream)
             .arg("*")
@@ -41,15 +41,15 @@ impl Producer {
         self.pop_verdict(task_id, deadline).await
     }
 
-    /// Entries in the high and normal streams (waiting or being scanned).
+    /// Entries in this tenant's high and normal streams (waiting or being scanned).
     pub async fn depth(&self) -> Result<(u64, u64), QueueError> {
         let mut conn = self.conn.clone();
         let high: u64 = redis::cmd("XLEN")
-            .arg(self.keys.stream(Priority::High))
+            .arg(self.keys.stream(&self.config.tenant, Priority::High))
             .query_async(&mut conn)
             .await?;
         let normal: u64 = redis::cmd("XLEN")
-            .arg(self.keys.stream(Priority::Normal))
+            .arg(self.keys.stream(&self.config.tenant, Priority::Normal))
             .query_async(&mut conn)
             .await?;
         Ok((high, normal))
