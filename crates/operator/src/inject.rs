@@ -54,13 +54,10 @@ pub fn decide<'a>(
     pod: &Pod,
     namespace: &str,
     policies: impl IntoIterator<Item = &'a VirusScanPolicy>,
+    defaults: &InjectDefaults,
 ) -> Decision<'a> {
-    let opted_out = |m: &BTreeMap<String, String>| m.get(INJECT).is_some_and(|v| v == "false");
-    if opted_out(pod.annotations()) || opted_out(pod.labels()) {
+    if opted_out(pod) {
         return Decision::Skip("opted out");
-    }
-    if has_sidecar(pod) {
-        return Decision::Skip("already injected");
     }
     let matching: Vec<&VirusScanPolicy> = policies
         .into_iter()
@@ -69,7 +66,13 @@ pub fn decide<'a>(
         .collect();
     match matching.as_slice() {
         [] => Decision::Skip("no policy selects the pod"),
-        [one] => Decision::Inject(one),
+        // A container named like the sidecar, or an annotation, proves nothing: anyone can
+        // write them into a pod. Only the sidecar this policy injects, recorded as such, is
+        // left alone; anything else is injected over.
+        [one] => match check(pod, one, defaults) {
+            Injection::Verified => Decision::Skip("already injected"),
+            Injection::Absent | Injection::Mismatch => Decision::Inject(one),
+        },
         many => {
             let mut names: Vec<String> = many.iter().map(|p| p.name_any()).collect();
             names.sort();
@@ -81,23 +84,119 @@ pub fn decide<'a>(
     }
 }
 
-fn has_sidecar(pod: &Pod) -> bool {
-    pod.spec.as_ref().is_some_and(|s| {
-        s.containers.iter().any(|c| c.name == SIDECAR)
-            || s.init_containers
-                .iter()
-                .flatten()
-                .any(|c| c.name == SIDECAR)
-    })
+/// On a pod, annotation or label [`INJECT`] `"false"`: never inject.
+pub fn opted_out(pod: &Pod) -> bool {
+    let off = |m: &BTreeMap<String, String>| m.get(INJECT).is_some_and(|v| v == "false");
+    off(pod.annotations()) || off(pod.labels())
+}
+
+/// What a pod carries of an injection, against what `policy` injects now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Injection {
+    /// No container named [`SIDECAR`] and no injection annotation.
+    Absent,
+    /// Exactly one sidecar, the one `policy` injects, where it puts it, and the annotations
+    /// name the policy and record that sidecar's hash.
+    Verified,
+    /// A sidecar or an injection annotation that is not what `policy` injects now: written
+    /// by hand, edited, copied from another pod, or injected from an older generation.
+    Mismatch,
+}
+
+/// Recomputes what `policy` injects and compares it with the pod's sidecar and with the
+/// hash the injector recorded in [`ANNOTATION_HASH`]. The webhook skips only a `Verified`
+/// pod, and the controller counts only those as injected.
+pub fn check(pod: &Pod, policy: &VirusScanPolicy, defaults: &InjectDefaults) -> Injection {
+    let found: Vec<(bool, &Container)> = pod
+        .spec
+        .iter()
+        .flat_map(|s| {
+            let init = s.init_containers.iter().flatten().map(|c| (true, c));
+            init.chain(s.containers.iter().map(|c| (false, c)))
+        })
+        .filter(|(_, c)| c.name == SIDECAR)
+        .collect();
+    let annotations = pod.annotations();
+    let recorded = annotations.get(ANNOTATION_HASH);
+    let named = annotations.get(ANNOTATION_POLICY);
+    if found.is_empty() && recorded.is_none() && named.is_none() {
+        return Injection::Absent;
+    }
+    let expected = injection_hash(
+        &placed_sidecar(policy, defaults),
+        policy.spec.producer.native_sidecar,
+    );
+    match found.as_slice() {
+        [(native, container)]
+            if named == Some(&policy.name_any())
+                && recorded == Some(&expected)
+                && injection_hash(container, *native) == expected =>
+        {
+            Injection::Verified
+        }
+        _ => Injection::Mismatch,
+    }
+}
+
+/// The hash recorded in [`ANNOTATION_HASH`]: of the sidecar container and whether it runs
+/// as a native sidecar. What decides what runs and how (image, command, arguments,
+/// environment, mounts, security context) is in it. Left out is what the API server fills
+/// in or rewrites when it stores a pod (pull policy, termination message, probe and port
+/// defaults, requests copied from limits, quantities in canonical form), so that a pod read
+/// back hashes as it was injected.
+pub fn injection_hash(container: &Container, native: bool) -> String {
+    let mut c = container.clone();
+    c.image_pull_policy = None;
+    c.termination_message_path = None;
+    c.termination_message_policy = None;
+    c.startup_probe = None;
+    c.readiness_probe = None;
+    c.liveness_probe = None;
+    c.resources = None;
+    c.ports = None;
+    // Go's `bool` and `string` fields with `omitempty`: false and "" are not stored.
+    for m in c.volume_mounts.iter_mut().flatten() {
+        m.read_only = m.read_only.filter(|r| *r);
+        m.sub_path = m.sub_path.take().filter(|p| !p.is_empty());
+        m.sub_path_expr = m.sub_path_expr.take().filter(|p| !p.is_empty());
+    }
+    hex::encode(Sha256::digest(
+        serde_json::to_vec(&(native, &c)).unwrap_or_default(),
+    ))
+}
+
+/// Takes out whatever an earlier injection, real or not, left in the pod: containers named
+/// [`SIDECAR`], the injector's volumes and the socket mounts of the other containers.
+fn remove_injection(pod: &mut Pod) {
+    let Some(spec) = pod.spec.as_mut() else {
+        return;
+    };
+    let ours = [SPOOL_VOLUME, SOCKET_VOLUME, REDIS_CA_VOLUME];
+    spec.containers.retain(|c| c.name != SIDECAR);
+    if let Some(init) = spec.init_containers.as_mut() {
+        init.retain(|c| c.name != SIDECAR);
+    }
+    if let Some(volumes) = spec.volumes.as_mut() {
+        volumes.retain(|v| !ours.contains(&v.name.as_str()));
+    }
+    let others = spec
+        .containers
+        .iter_mut()
+        .chain(spec.init_containers.iter_mut().flatten());
+    for c in others {
+        if let Some(mounts) = c.volume_mounts.as_mut() {
+            mounts.retain(|m| !ours.contains(&m.name.as_str()));
+        }
+    }
 }
 
 /// The pod with the producer sidecar, its volumes, the bootstrap swap and the annotations.
+/// Anything an earlier injection left is replaced, so the result always [`check`]s.
 pub fn inject(pod: &Pod, policy: &VirusScanPolicy, defaults: &InjectDefaults) -> Pod {
     let mut pod = pod.clone();
-    let sidecar = sidecar(policy, defaults);
-    let hash = hex::encode(Sha256::digest(
-        serde_json::to_vec(&sidecar).unwrap_or_default(),
-    ));
+    remove_injection(&mut pod);
+    let sidecar = placed_sidecar(policy, defaults);
+    let hash = injection_hash(&sidecar, policy.spec.producer.native_sidecar);
     let spec = pod.spec.get_or_insert_with(Default::default);
     let unix = policy.spec.producer.transport == Transport::UnixSocket;
 
@@ -161,13 +260,9 @@ pub fn inject(pod: &Pod, policy: &VirusScanPolicy, defaults: &InjectDefaults) ->
     }
 
     if policy.spec.producer.native_sidecar {
-        // A restartable init container starts before the app containers and stops after
-        // them, so Envoy never runs without its processor.
-        let mut init = sidecar;
-        init.restart_policy = Some("Always".to_owned());
         spec.init_containers
             .get_or_insert_with(Vec::new)
-            .insert(0, init);
+            .insert(0, sidecar);
     } else {
         spec.containers.push(sidecar);
     }
@@ -195,6 +290,17 @@ fn env(name: &str, value: impl ToString) -> EnvVar {
         value: Some(value.to_string()),
         value_from: None,
     }
+}
+
+/// The sidecar as it is placed in the pod.
+fn placed_sidecar(policy: &VirusScanPolicy, defaults: &InjectDefaults) -> Container {
+    let mut sidecar = sidecar(policy, defaults);
+    if policy.spec.producer.native_sidecar {
+        // A restartable init container starts before the app containers and stops after
+        // them, so Envoy never runs without its processor.
+        sidecar.restart_policy = Some("Always".to_owned());
+    }
+    sidecar
 }
 
 fn sidecar(policy: &VirusScanPolicy, defaults: &InjectDefaults) -> Container {
@@ -416,7 +522,7 @@ mod tests {
             json!({"selector": {"matchLabels": {"app": "gw"}}}),
         )];
         let p = pod(json!({"app": "gw"}), json!({}));
-        let Decision::Inject(chosen) = decide(&p, "t", &policies) else {
+        let Decision::Inject(chosen) = decide(&p, "t", &policies, &defaults()) else {
             panic!("no injection")
         };
         let injected = inject(&p, chosen, &defaults());
@@ -431,8 +537,143 @@ mod tests {
         assert_eq!(a[ANNOTATION_GENERATION], "3");
         assert_eq!(a[ANNOTATION_HASH].len(), 64);
         assert_eq!(
-            decide(&injected, "t", &policies),
+            decide(&injected, "t", &policies, &defaults()),
             Decision::Skip("already injected")
+        );
+    }
+
+    /// A pod whose sidecar is `container` under annotations that claim policy `p`, with a
+    /// hash made the way the injector makes it: the strongest forgery a tenant can write.
+    fn forged(container: serde_json::Value, generation: &str) -> Pod {
+        let mut p = pod(json!({"app": "gw"}), json!({}));
+        let fake: Container = serde_json::from_value(container).expect("container");
+        let hash = injection_hash(&fake, true);
+        p.spec.as_mut().expect("spec").init_containers = Some(vec![fake]);
+        p.metadata.annotations = Some(BTreeMap::from([
+            (ANNOTATION_POLICY.to_owned(), "p".to_owned()),
+            (ANNOTATION_GENERATION.to_owned(), generation.to_owned()),
+            (ANNOTATION_HASH.to_owned(), hash),
+        ]));
+        p
+    }
+
+    fn sidecars(pod: &Pod) -> Vec<&Container> {
+        let spec = pod.spec.as_ref().expect("spec");
+        spec.init_containers
+            .iter()
+            .flatten()
+            .chain(&spec.containers)
+            .filter(|c| c.name == SIDECAR)
+            .collect()
+    }
+
+    #[test]
+    fn a_sidecar_named_container_under_a_forged_record_is_injected_over() {
+        let policies = [policy(
+            "p",
+            json!({"selector": {"matchLabels": {"app": "gw"}}}),
+        )];
+        let fake = forged(
+            json!({"name": SIDECAR, "image": "busybox", "command": ["sleep", "inf"],
+                   "restartPolicy": "Always"}),
+            "3",
+        );
+        assert_eq!(check(&fake, &policies[0], &defaults()), Injection::Mismatch);
+        let Decision::Inject(chosen) = decide(&fake, "t", &policies, &defaults()) else {
+            panic!("a fake sidecar was taken for the real one")
+        };
+        let fixed = inject(&fake, chosen, &defaults());
+        let found = sidecars(&fixed);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].image.as_deref(), Some("producer:1"));
+        assert_eq!(
+            check(&fixed, &policies[0], &defaults()),
+            Injection::Verified
+        );
+        assert_ne!(
+            fixed.annotations()[ANNOTATION_HASH],
+            fake.annotations()[ANNOTATION_HASH]
+        );
+
+        // The real sidecar with one setting changed is no more the real one.
+        let mut edited = fixed.clone();
+        let init = edited.spec.as_mut().expect("spec").init_containers.as_mut();
+        let env = init.expect("init")[0].env.as_mut().expect("env");
+        env.iter_mut()
+            .filter(|e| e.name == "FAIL_OPEN")
+            .for_each(|e| e.value = Some("true".to_owned()));
+        let recorded = injection_hash(sidecars(&edited)[0], true);
+        edited
+            .metadata
+            .annotations
+            .as_mut()
+            .expect("annotations")
+            .insert(ANNOTATION_HASH.to_owned(), recorded);
+        assert_eq!(
+            check(&edited, &policies[0], &defaults()),
+            Injection::Mismatch
+        );
+        assert!(matches!(
+            decide(&edited, "t", &policies, &defaults()),
+            Decision::Inject(_)
+        ));
+
+        // Annotations alone, or a second copy of the real sidecar, are not an injection.
+        let mut bare = pod(json!({"app": "gw"}), json!({}));
+        bare.metadata.annotations = fixed.metadata.annotations.clone();
+        assert_eq!(check(&bare, &policies[0], &defaults()), Injection::Mismatch);
+        let mut twice = fixed.clone();
+        let real = sidecars(&fixed)[0].clone();
+        twice.spec.as_mut().expect("spec").containers.push(real);
+        assert_eq!(
+            check(&twice, &policies[0], &defaults()),
+            Injection::Mismatch
+        );
+        assert_eq!(
+            sidecars(&inject(&twice, &policies[0], &defaults())).len(),
+            1
+        );
+    }
+
+    #[test]
+    fn an_injected_pod_as_the_api_server_stores_it_still_checks() {
+        let p = policy(
+            "p",
+            json!({"selector": {}, "producer": {"resources": {"limits": {"cpu": "0.5"}}}}),
+        );
+        let mut stored = inject(&pod(json!({}), json!({})), &p, &defaults());
+        let init = stored.spec.as_mut().expect("spec").init_containers.as_mut();
+        let sidecar = &mut init.expect("init")[0];
+        sidecar.image_pull_policy = Some("IfNotPresent".to_owned());
+        sidecar.termination_message_path = Some("/dev/termination-log".to_owned());
+        sidecar.termination_message_policy = Some("File".to_owned());
+        let resources = sidecar.resources.as_mut().expect("resources");
+        resources.limits = Some(BTreeMap::from([(
+            "cpu".to_owned(),
+            Quantity("500m".to_owned()),
+        )]));
+        resources.requests = resources.limits.clone();
+        if let Some(probe) = sidecar.readiness_probe.as_mut() {
+            probe.success_threshold = Some(1);
+        }
+        assert_eq!(check(&stored, &p, &defaults()), Injection::Verified);
+        assert_eq!(
+            decide(&stored, "t", [&p], &defaults()),
+            Decision::Skip("already injected")
+        );
+    }
+
+    #[test]
+    fn a_sidecar_from_an_older_generation_that_differs_is_a_mismatch() {
+        let old = policy("p", json!({"selector": {}}));
+        let injected = inject(&pod(json!({}), json!({})), &old, &defaults());
+        let mut new = policy("p", json!({"selector": {}, "scan": {"timeoutSeconds": 5}}));
+        new.metadata.generation = Some(4);
+        assert_eq!(check(&injected, &old, &defaults()), Injection::Verified);
+        assert_eq!(check(&injected, &new, &defaults()), Injection::Mismatch);
+        assert_eq!(
+            check(&pod(json!({}), json!({})), &new, &defaults()),
+            Injection::Absent
         );
     }
 
@@ -443,11 +684,20 @@ mod tests {
             json!({"selector": {"matchLabels": {"app": "gw"}}}),
         )];
         let out = pod(json!({"app": "gw"}), json!({INJECT: "false"}));
-        assert_eq!(decide(&out, "t", &policies), Decision::Skip("opted out"));
+        assert_eq!(
+            decide(&out, "t", &policies, &defaults()),
+            Decision::Skip("opted out")
+        );
         let p = pod(json!({"app": "gw"}), json!({}));
-        assert!(matches!(decide(&p, "other", &policies), Decision::Skip(_)));
+        assert!(matches!(
+            decide(&p, "other", &policies, &defaults()),
+            Decision::Skip(_)
+        ));
         let q = pod(json!({"app": "db"}), json!({}));
-        assert!(matches!(decide(&q, "t", &policies), Decision::Skip(_)));
+        assert!(matches!(
+            decide(&q, "t", &policies, &defaults()),
+            Decision::Skip(_)
+        ));
     }
 
     #[test]
@@ -456,8 +706,12 @@ mod tests {
             policy("b", json!({"selector": {}})),
             policy("a", json!({"selector": {"matchLabels": {"app": "gw"}}})),
         ];
-        let Decision::Deny(why) = decide(&pod(json!({"app": "gw"}), json!({})), "t", &policies)
-        else {
+        let Decision::Deny(why) = decide(
+            &pod(json!({"app": "gw"}), json!({})),
+            "t",
+            &policies,
+            &defaults(),
+        ) else {
             panic!("not denied")
         };
         assert!(why.contains("a, b"), "{why}");

@@ -51,18 +51,20 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     ));
     let (policies, cache) = webhook::policy_cache(client.clone());
     tokio::spawn(cache);
+    // The webhook injects with these and the controller checks injected pods against them.
+    let defaults = Arc::new(inject::InjectDefaults {
+        image: args.producer_image.clone(),
+        redis: crd::RedisSettings {
+            host: args.default_redis_host.clone(),
+            port: args.default_redis_port,
+            tls: args.default_redis_tls,
+            password_secret_ref: None,
+            ca_secret_ref: None,
+        },
+    });
     let injector = webhook::Injector {
         policies,
-        defaults: Arc::new(inject::InjectDefaults {
-            image: args.producer_image.clone(),
-            redis: crd::RedisSettings {
-                host: args.default_redis_host.clone(),
-                port: args.default_redis_port,
-                tls: args.default_redis_tls,
-                password_secret_ref: None,
-                ca_secret_ref: None,
-            },
-        }),
+        defaults: defaults.clone(),
         metrics: webhook_metrics,
     };
     let webhook_listener = tokio::net::TcpListener::bind(args.webhook_addr)
@@ -80,7 +82,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     tracing::info!(addr = %webhook_addr, "webhook listening");
     tokio::spawn({
         let resolver = resolver.clone();
-        let app = webhook::router(injector);
+        let app = webhook::router(injector.clone());
         let stop = stopped();
         async move {
             if let Err(e) = webhook::serve_tls(webhook_listener, resolver, app, stop).await {
@@ -89,14 +91,16 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         }
     });
 
-    // Ready once the webhook has a certificate to present.
+    // Ready once the webhook has a certificate to present and the policies to decide by;
+    // until then the Service sends the API server no admission review to this replica.
     let ready: virus_scanner_runtime::ReadinessCheck = Arc::new(move || {
         let loaded = resolver.is_loaded();
+        let synced = injector.policies_synced();
         Box::pin(async move {
-            if loaded {
-                Ok(())
-            } else {
-                Err("no webhook certificate yet".to_owned())
+            match (loaded, synced) {
+                (true, true) => Ok(()),
+                (false, _) => Err("no webhook certificate yet".to_owned()),
+                (true, false) => Err("the VirusScanPolicy cache has not synced".to_owned()),
             }
         })
     });
@@ -118,7 +122,15 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         &identity,
         Duration::from_secs(args.lease_duration_seconds),
     );
-    let outcome = lead(&elector, client, metrics.clone(), &identity, stopped).await;
+    let outcome = lead(
+        &elector,
+        client,
+        metrics.clone(),
+        defaults,
+        &identity,
+        stopped,
+    )
+    .await;
     metrics.leader.set(0);
     elector.release().await;
     ops.abort();
@@ -129,6 +141,7 @@ async fn lead<F, Fut>(
     elector: &lease::LeaderElector,
     client: kube::Client,
     metrics: metrics::Metrics,
+    defaults: Arc<inject::InjectDefaults>,
     identity: &str,
     stopped: F,
 ) -> Result<(), Error>
@@ -152,7 +165,9 @@ where
     tracing::info!(identity = elector.identity(), "leading");
     metrics.leader.set(1);
 
-    let ctx = Arc::new(controller::Context::new(client, identity, metrics));
+    let ctx = Arc::new(controller::Context::new(
+        client, identity, metrics, defaults,
+    ));
     let (lost_tx, lost_rx) = watch::channel(false);
     let controller_stop = {
         let mut lost = lost_rx;

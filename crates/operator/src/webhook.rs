@@ -1,6 +1,10 @@
 //! The sidecar injector: AdmissionReview v1 for Pod CREATE over HTTPS. Every replica serves
 //! it (the API server may call any of them); it reads policies from a watch-fed cache and
 //! never writes, so it needs no leadership.
+//!
+//! Until that cache has synced, "no policy selects this pod" cannot be told apart from "the
+//! policy is not loaded yet": the replica is not ready, and a pod is refused rather than let
+//! through without its sidecar (its ReplicaSet tries again).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,13 +15,13 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -50,7 +54,7 @@ impl WebhookMetrics {
         };
         registry.register(
             "admission_requests",
-            "Admission reviews by result: injected, skipped, denied, invalid",
+            "Admission reviews by result: injected, skipped, denied, not_synced, invalid",
             m.requests.clone(),
         );
         registry.register(
@@ -71,6 +75,19 @@ pub struct Injector {
     pub policies: Store<VirusScanPolicy>,
     pub defaults: Arc<InjectDefaults>,
     pub metrics: WebhookMetrics,
+}
+
+/// What a pod is told while the policy cache is still loading.
+pub const NOT_SYNCED: &str = "the virus-scanner sidecar injector has not loaded the VirusScanPolicies yet, so it cannot tell whether this pod needs the scanning sidecar; the pod is refused rather than started unprotected (its controller retries it)";
+
+impl Injector {
+    /// Whether the policy cache holds a complete list from the API server.
+    pub fn policies_synced(&self) -> bool {
+        self.policies
+            .wait_until_ready()
+            .now_or_never()
+            .is_some_and(|r| r.is_ok())
+    }
 }
 
 /// A policy cache fed by a watch; the returned future drives it.
@@ -158,12 +175,32 @@ fn review_pod(
         .clone()
         .or_else(|| pod.metadata.namespace.clone())
         .unwrap_or_default();
+    // An opt-out needs no policy to be honoured.
+    if !injector.policies_synced() && !inject::opted_out(&pod) {
+        tracing::warn!(namespace, "refused a pod: the policy cache has not synced");
+        return (allow.deny(NOT_SYNCED), "not_synced");
+    }
     let policies = injector.policies.state();
-    match inject::decide(&pod, &namespace, policies.iter().map(|p| p.as_ref())) {
+    let decision = inject::decide(
+        &pod,
+        &namespace,
+        policies.iter().map(|p| p.as_ref()),
+        &injector.defaults,
+    );
+    match decision {
         Decision::Skip(_) => (allow, "skipped"),
         Decision::Deny(reason) => (allow.deny(reason), "denied"),
         Decision::Inject(policy) => {
             let mutated = inject::inject(&pod, policy, &injector.defaults);
+            if inject::check(&mutated, policy, &injector.defaults) != inject::Injection::Verified {
+                return (
+                    allow.deny(format!(
+                        "the pod cannot be given the sidecar of VirusScanPolicy {}: its containers or volumes clash with the injector's",
+                        policy.name_any()
+                    )),
+                    "denied",
+                );
+            }
             // Both sides go through the same serializer, so the patch holds our changes only.
             let (Ok(before), Ok(after)) =
                 (serde_json::to_value(&pod), serde_json::to_value(&mutated))

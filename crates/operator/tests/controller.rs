@@ -12,8 +12,9 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use support::{EXAMPLES, Operator, envoy_validates, eventually, plane_with_crd};
-use virus_scan_operator::crd::VirusScanPolicy;
+use virus_scan_operator::crd::{RedisSettings, VirusScanPolicy};
 use virus_scan_operator::envoy::EXT_PROC_FILTER;
+use virus_scan_operator::inject::{InjectDefaults, inject};
 
 const NS: &str = "tenant-a";
 
@@ -31,6 +32,44 @@ async fn create_pod(client: &Client, name: &str, labels: Value, annotations: Val
     }))
     .unwrap();
     pods.create(&PostParams::default(), &pod).await.unwrap();
+}
+
+/// What the operator fills in where a policy is silent, in these tests.
+const PRODUCER_IMAGE: &str = "virus-scanner:test";
+const REDIS_HOST: &str = "redis.virus-scanner.svc";
+
+fn operator_defaults() -> [(&'static str, String); 2] {
+    [
+        ("PRODUCER_IMAGE", PRODUCER_IMAGE.to_owned()),
+        ("DEFAULT_REDIS_HOST", REDIS_HOST.to_owned()),
+    ]
+}
+
+/// A gateway pod as the injector leaves it when the example policy (generation 1) selects it.
+async fn create_injected_pod(client: &Client, name: &str) {
+    let text = std::fs::read_to_string(format!("{EXAMPLES}/virusscanpolicy.yaml")).unwrap();
+    let mut policy: VirusScanPolicy = serde_saphyr::from_str(&text).unwrap();
+    policy.metadata.namespace = Some(NS.to_owned());
+    policy.metadata.generation = Some(1);
+    let defaults = InjectDefaults {
+        image: PRODUCER_IMAGE.to_owned(),
+        redis: RedisSettings {
+            host: REDIS_HOST.to_owned(),
+            port: 6379,
+            tls: false,
+            password_secret_ref: None,
+            ca_secret_ref: None,
+        },
+    };
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": { "name": name, "labels": {"app": "gateway"} },
+        "spec": { "containers": [{ "name": "envoy", "image": "envoyproxy/envoy:v1.40.0" }] }
+    }))
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    pods.create(&PostParams::default(), &inject(&pod, &policy, &defaults))
+        .await
+        .unwrap();
 }
 
 async fn ready_policy(api: &Api<VirusScanPolicy>, name: &str) -> Option<VirusScanPolicy> {
@@ -74,9 +113,11 @@ fn yaml(text: &str) -> Value {
 async fn policy_becomes_envoy_config_that_is_kept_in_step() {
     let plane = start_plane().await;
     let client = plane.client().await;
+    create_injected_pod(&client, "gw-injected").await;
+    // Annotations claiming an injection, without the sidecar: matched, not injected.
     create_pod(
         &client,
-        "gw-injected",
+        "gw-claimed",
         json!({"app": "gateway"}),
         json!({
             "virusscan.aether-platform.io/policy": "gateway",
@@ -87,7 +128,7 @@ async fn policy_becomes_envoy_config_that_is_kept_in_step() {
     create_pod(&client, "gw-plain", json!({"app": "gateway"}), json!({})).await;
     create_pod(&client, "other", json!({"app": "billing"}), json!({})).await;
 
-    let operator = Operator::start(&plane, "op-0");
+    let operator = Operator::start_with(&plane, "op-0", &operator_defaults());
     plane.kubectl(&["apply", "-f", &format!("{EXAMPLES}/virusscanpolicy.yaml")]);
 
     let policies: Api<VirusScanPolicy> = Api::namespaced(client.clone(), NS);
@@ -100,7 +141,7 @@ async fn policy_becomes_envoy_config_that_is_kept_in_step() {
             status.injected_pods,
             status.outdated_pods
         ),
-        (2, 1, 0)
+        (3, 1, 1)
     );
     assert_eq!(status.config_map_ref.as_deref(), Some("vsp-gateway-envoy"));
     assert!(
@@ -168,7 +209,8 @@ async fn policy_becomes_envoy_config_that_is_kept_in_step() {
         || async {
             ready_policy(&policies, "gateway").await.is_some_and(|p| {
                 let s = p.status.unwrap();
-                s.observed_generation == Some(2) && s.outdated_pods == 1
+                // The injected pod's sidecar is of generation 1, the claimed one is none.
+                s.observed_generation == Some(2) && s.outdated_pods == 2
             })
         },
     )

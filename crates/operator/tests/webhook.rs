@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
@@ -14,8 +15,9 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use support::{EXAMPLES, Operator, eventually, plane_with_crd};
-use virus_scan_operator::crd::VirusScanPolicy;
-use virus_scan_operator::inject::SIDECAR;
+use virus_scan_operator::crd::{RedisSettings, VirusScanPolicy};
+use virus_scan_operator::inject::{ANNOTATION_HASH, InjectDefaults, SIDECAR, injection_hash};
+use virus_scan_operator::{certs, inject, webhook};
 use virus_scanner_test_support::kube::ControlPlane;
 
 const NS: &str = "tenant-a";
@@ -566,4 +568,260 @@ async fn certificate_from_files_as_cert_manager_provides_it() {
             .unwrap()
             .is_none()
     );
+}
+
+/// A webhook configuration for `port`, trusted through the plane's test CA.
+async fn trust_webhook_at(plane: &ControlPlane, client: &Client, port: u16) {
+    let ca = std::fs::read(plane.ca_file()).unwrap();
+    let mut config: MutatingWebhookConfiguration =
+        serde_saphyr::from_str(&webhook_configuration(port)).unwrap();
+    for hook in config.webhooks.iter_mut().flatten() {
+        hook.client_config.ca_bundle = Some(k8s_openapi::ByteString(ca.clone()));
+    }
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    configs
+        .create(&PostParams::default(), &config)
+        .await
+        .unwrap();
+}
+
+fn admissions(injector: &webhook::Injector, result: &'static str) -> u64 {
+    injector
+        .metrics
+        .requests
+        .get_or_create(&webhook::ResultLabel { result })
+        .get()
+}
+
+/// The operator's webhook as it runs in a replica (the same router, TLS listener and
+/// policy cache), in this process, so that the test decides when the cache may sync: the
+/// watch that fills it starts only when `release` fires, as after a slow start or a restart
+/// while the API server is busy.
+async fn webhook_with_held_cache(
+    plane: &ControlPlane,
+    client: &Client,
+    certs_dir: &std::path::Path,
+) -> (webhook::Injector, u16, tokio::sync::oneshot::Sender<()>) {
+    let (crt, key) = plane.issue_server_certificate("webhook");
+    std::fs::copy(&crt, certs_dir.join("tls.crt")).unwrap();
+    std::fs::copy(&key, certs_dir.join("tls.key")).unwrap();
+    let resolver = Arc::new(certs::CertResolver::default());
+    tokio::spawn(certs::maintain(
+        client.clone(),
+        certs::CertSource::Files(certs_dir.to_owned()),
+        resolver.clone(),
+        Duration::from_secs(1),
+    ));
+    eventually(Duration::from_secs(10), "certificate loaded", || {
+        let loaded = resolver.is_loaded();
+        async move { loaded }
+    })
+    .await;
+
+    let (policies, cache) = webhook::policy_cache(client.clone());
+    let (release, held) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        if held.await.is_ok() {
+            cache.await;
+        }
+    });
+    let injector = webhook::Injector {
+        policies,
+        defaults: Arc::new(InjectDefaults {
+            image: "virus-scanner:test".to_owned(),
+            redis: RedisSettings {
+                host: "redis.virus-scanner.svc".to_owned(),
+                port: 6379,
+                tls: false,
+                password_secret_ref: None,
+                ca_secret_ref: None,
+            },
+        }),
+        metrics: webhook::WebhookMetrics::register(&mut Default::default()),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(webhook::serve_tls(
+        listener,
+        resolver,
+        webhook::router(injector.clone()),
+        std::future::pending(),
+    ));
+    (injector, port, release)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_pod_is_admitted_without_its_sidecar_before_the_policy_cache_syncs() {
+    let plane = tenant_plane(&["pod-security.kubernetes.io/enforce=restricted"]).await;
+    let client = plane.client().await;
+    let certs_dir = tempfile::tempdir().unwrap();
+    let (injector, port, release) =
+        webhook_with_held_cache(&plane, &client, certs_dir.path()).await;
+    trust_webhook_at(&plane, &client, port).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+
+    // An opted-out pod needs no policy: it is let through, which also shows that the API
+    // server now calls the webhook.
+    let opted_out = json!({"virusscan.aether-platform.io/inject": "false"});
+    let started = Instant::now();
+    while admissions(&injector, "skipped") == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the webhook is never called"
+        );
+        let _ = pods
+            .create(
+                &PostParams::default(),
+                &pod("probe", json!({"app": "gateway"}), opted_out.clone()),
+            )
+            .await;
+        let _ = pods.delete("probe", &Default::default()).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The cache has not synced: the replica is not ready, and no pod gets in, whether a
+    // policy would select it or not, as no one can tell yet.
+    assert!(!injector.policies_synced());
+    for (name, app) in [
+        ("gw-0", "gateway"),
+        ("gw-1", "gateway"),
+        ("billing", "billing"),
+    ] {
+        let refused = pods
+            .create(
+                &PostParams::default(),
+                &pod(name, json!({"app": app}), json!({})),
+            )
+            .await
+            .expect_err("a pod was admitted before the policies were loaded");
+        assert!(
+            refused
+                .to_string()
+                .contains("has not loaded the VirusScanPolicies"),
+            "{refused}"
+        );
+    }
+    assert_eq!(admissions(&injector, "not_synced"), 3);
+    assert!(!injector.policies_synced());
+
+    // Once the cache syncs, the same pods are admitted with their sidecar.
+    release.send(()).unwrap();
+    eventually(Duration::from_secs(20), "policy cache synced", || {
+        let synced = injector.policies_synced();
+        async move { synced }
+    })
+    .await;
+    for name in ["gw-0", "gw-1"] {
+        let created = pods
+            .create(
+                &PostParams::default(),
+                &pod(name, json!({"app": "gateway"}), json!({})),
+            )
+            .await
+            .unwrap();
+        assert_eq!(sidecars(&created).len(), 1);
+    }
+    // Every pod that exists, but the opted-out probes, carries the sidecar.
+    let all = pods.list(&Default::default()).await.unwrap();
+    let mut names = Vec::new();
+    for p in all {
+        if inject::opted_out(&p) {
+            continue;
+        }
+        assert_eq!(sidecars(&p).len(), 1, "{p:?}");
+        names.push(p.metadata.name.clone().unwrap());
+    }
+    assert_eq!(names, ["gw-0", "gw-1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_sidecar_is_injected_over_and_never_counted_as_injected() {
+    let plane = tenant_plane(&["pod-security.kubernetes.io/enforce=restricted"]).await;
+    let operator = Operator::start(&plane, "op-forged");
+    let client = plane.client().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let policies: Api<VirusScanPolicy> = Api::namespaced(client.clone(), NS);
+
+    // A container named like the sidecar that scans nothing, under the annotations of an
+    // injection and a hash made the way the injector makes it.
+    let forged = |name: &str| {
+        let mut p = pod(name, json!({"app": "gateway"}), json!({}));
+        let fake: Container = serde_json::from_value(json!({
+            "name": SIDECAR,
+            "image": "busybox",
+            "command": ["sleep", "infinity"],
+            "securityContext": {
+                "allowPrivilegeEscalation": false,
+                "capabilities": { "drop": ["ALL"] }
+            }
+        }))
+        .unwrap();
+        let hash = injection_hash(&fake, false);
+        p.spec.as_mut().unwrap().containers.push(fake);
+        p.metadata.annotations = Some(
+            serde_json::from_value(json!({
+                "virusscan.aether-platform.io/policy": "gateway",
+                "virusscan.aether-platform.io/policy-generation": "1",
+                ANNOTATION_HASH: hash,
+            }))
+            .unwrap(),
+        );
+        p
+    };
+
+    // Before the webhook is installed, a forged pod gets in as written: the controller
+    // counts it as matched and needing a restart, not as injected.
+    pods.create(&PostParams::default(), &forged("gw-early"))
+        .await
+        .unwrap();
+    let status = || async {
+        policies
+            .get("gateway")
+            .await
+            .unwrap()
+            .status
+            .map(|s| (s.matched_pods, s.injected_pods, s.outdated_pods))
+    };
+    eventually(
+        Duration::from_secs(30),
+        "the forged pod counted",
+        || async { status().await == Some((1, 0, 1)) },
+    )
+    .await;
+
+    // Through the webhook, the forged container is replaced by the real sidecar.
+    apply(&plane, &webhook_configuration(operator.webhook_port));
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    eventually(Duration::from_secs(30), "caBundle patched", || async {
+        ca_bundle(&configs).await.is_some()
+    })
+    .await;
+    let sent = forged("gw-forged");
+    let created = create_injected(&pods, &sent).await;
+    let found = sidecars(&created);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_ne!(found[0].image.as_deref(), Some("busybox"));
+    assert_eq!(found[0].restart_policy.as_deref(), Some("Always"));
+    assert!(
+        created
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers
+            .iter()
+            .all(|c| c.name != SIDECAR)
+    );
+    let recorded = &created.metadata.annotations.as_ref().unwrap()[ANNOTATION_HASH];
+    assert_ne!(
+        recorded,
+        &sent.metadata.annotations.as_ref().unwrap()[ANNOTATION_HASH]
+    );
+
+    // The pod as the API server stored it checks: it, and only it, counts as injected.
+    eventually(
+        Duration::from_secs(30),
+        "the injected pod counted",
+        || async { status().await == Some((2, 1, 1)) },
+    )
+    .await;
 }

@@ -28,6 +28,7 @@ use self::writes::{apply_config_map, derive_bootstrap, publish, restart_outdated
 use crate::crd::VirusScanPolicy;
 use crate::envoy;
 use crate::error::Error;
+use crate::inject::InjectDefaults;
 use crate::metrics::Metrics;
 use crate::selector;
 
@@ -35,8 +36,8 @@ use crate::selector;
 pub const MANAGER: &str = "virus-scan-operator";
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "virus-scan-operator");
 pub const POLICY_LABEL: &str = "virusscan.aether-platform.io/policy";
-/// Pod annotations the injector writes: the policy, its generation, and a hash of what
-/// was injected.
+/// Pod annotations the injector writes: the policy, its generation, and (in
+/// [`crate::inject::ANNOTATION_HASH`]) a hash of what was injected.
 pub const ANNOTATION_POLICY: &str = "virusscan.aether-platform.io/policy";
 pub const ANNOTATION_GENERATION: &str = "virusscan.aether-platform.io/policy-generation";
 /// On a policy, `"true"` lets the operator restart the Deployments of outdated pods.
@@ -52,10 +53,18 @@ pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
     pub metrics: Metrics,
+    /// What the injector fills in where a policy is silent; a pod counts as injected only
+    /// when it carries what the injector would inject now.
+    pub defaults: Arc<InjectDefaults>,
 }
 
 impl Context {
-    pub fn new(client: Client, identity: &str, metrics: Metrics) -> Context {
+    pub fn new(
+        client: Client,
+        identity: &str,
+        metrics: Metrics,
+        defaults: Arc<InjectDefaults>,
+    ) -> Context {
         let reporter = Reporter {
             controller: MANAGER.to_owned(),
             instance: Some(identity.to_owned()),
@@ -64,6 +73,7 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             metrics,
+            defaults,
         }
     }
 }
@@ -256,5 +266,5 @@ async fn count_pods(
     let list = pods
         .list(&ListParams::default().labels_from(&selector))
         .await?;
-    Ok(PodCounts::of(policy, list))
+    Ok(PodCounts::of(policy, &ctx.defaults, list))
 }

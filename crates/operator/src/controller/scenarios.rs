@@ -15,8 +15,9 @@ use tower_test::mock;
 use super::{
     Context, RESYNC, RETRY_ERROR, RETRY_MISSING_BOOTSTRAP, error_policy, reconcile_policy,
 };
-use crate::crd::VirusScanPolicy;
+use crate::crd::{RedisSettings, VirusScanPolicy};
 use crate::envoy;
+use crate::inject::{InjectDefaults, inject};
 use crate::metrics::{KindLabel, Metrics, ReasonLabel};
 
 const POLICY_UID: &str = "0b5f6c5e-8f7a-4bd4-9d1c-5e8a1f0c2a11";
@@ -76,7 +77,23 @@ fn context() -> (Arc<Context>, mock::Handle<Request<Body>, Response<Body>>) {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     let metrics = Metrics::register(&mut Registry::default());
-    (Arc::new(Context::new(client, "test", metrics)), handle)
+    (
+        Arc::new(Context::new(client, "test", metrics, Arc::new(defaults()))),
+        handle,
+    )
+}
+
+fn defaults() -> InjectDefaults {
+    InjectDefaults {
+        image: "producer:1".to_owned(),
+        redis: RedisSettings {
+            host: "redis".to_owned(),
+            port: 6379,
+            tls: false,
+            password_secret_ref: None,
+            ca_secret_ref: None,
+        },
+    }
 }
 
 fn policy(spec: Value) -> VirusScanPolicy {
@@ -137,17 +154,18 @@ async fn new_policy_gets_its_config_map_and_a_ready_status() {
     let (ctx, handle) = context();
     let policy = policy(json!({"selector": {"matchLabels": {"app": "gw"}}}));
     let stored = serde_json::to_value(&policy).expect("policy");
+    let gateway = serde_json::from_value(
+        json!({"metadata": {"name": "gw-0", "labels": {"app": "gw"}},
+        "spec": {"containers": [{"name": "envoy", "image": "envoy"}]}}),
+    )
+    .expect("pod");
+    let injected = serde_json::to_value(inject(&gateway, &policy, &defaults())).expect("pod");
     let server = api_server(handle, move |method, uri, body| {
         match (method.as_str(), uri) {
             ("GET", u) if u.starts_with(CM_PATH) => (404, status(404, "NotFound")),
-            ("GET", u) if u.starts_with("/api/v1/namespaces/tenant/pods") => (
-                200,
-                pod_list(
-                    json!([{"metadata": {"name": "gw-0", "labels": {"app": "gw"},
-                "annotations": {"virusscan.aether-platform.io/policy": "gw",
-                                "virusscan.aether-platform.io/policy-generation": "1"}}}]),
-                ),
-            ),
+            ("GET", u) if u.starts_with("/api/v1/namespaces/tenant/pods") => {
+                (200, pod_list(json!([injected.clone()])))
+            }
             _ => (200, echo(&stored, body)),
         }
     });

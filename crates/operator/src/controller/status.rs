@@ -12,6 +12,7 @@ use kube::ResourceExt;
 use super::{ANNOTATION_GENERATION, ANNOTATION_POLICY, RESYNC, RETRY_MISSING_BOOTSTRAP};
 use crate::bootstrap::MergeReport;
 use crate::crd::{ConfigMapKeyRef, VirusScanPolicy, VirusScanPolicyStatus};
+use crate::inject::{self, InjectDefaults, Injection};
 
 /// The outcome of writing the configuration, for the ConfigGenerated condition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,8 +70,10 @@ impl Generated {
     }
 }
 
-/// Pods the policy selects; of those, pods carrying its sidecar; of those, pods injected
-/// from an older generation.
+/// Pods the policy selects; of those, pods carrying exactly the sidecar it injects now
+/// ([`inject::check`]: a container named like it or an annotation is not enough); and pods
+/// that need a restart to get it: injected from an older generation, or claiming an
+/// injection by this policy that does not check.
 #[derive(Debug, Default)]
 pub struct PodCounts {
     pub matched: i32,
@@ -80,18 +83,33 @@ pub struct PodCounts {
 
 impl PodCounts {
     /// Counts `pods`, which the API server has already filtered by the policy's selector.
-    pub fn of(policy: &VirusScanPolicy, pods: impl IntoIterator<Item = Pod>) -> PodCounts {
+    pub fn of(
+        policy: &VirusScanPolicy,
+        defaults: &InjectDefaults,
+        pods: impl IntoIterator<Item = Pod>,
+    ) -> PodCounts {
         let name = policy.name_any();
         let generation = policy.metadata.generation.unwrap_or_default().to_string();
         let mut counts = PodCounts::default();
         for pod in pods {
             counts.matched += 1;
             let annotations = pod.annotations();
-            if annotations.get(ANNOTATION_POLICY) == Some(&name) {
-                counts.injected += 1;
-                if annotations.get(ANNOTATION_GENERATION) != Some(&generation) {
-                    counts.outdated.push(pod);
+            // Injected by another policy before this one selected it too: not this one's.
+            if annotations
+                .get(ANNOTATION_POLICY)
+                .is_some_and(|p| *p != name)
+            {
+                continue;
+            }
+            match inject::check(&pod, policy, defaults) {
+                Injection::Absent => {}
+                Injection::Verified => {
+                    counts.injected += 1;
+                    if annotations.get(ANNOTATION_GENERATION) != Some(&generation) {
+                        counts.outdated.push(pod);
+                    }
                 }
+                Injection::Mismatch => counts.outdated.push(pod),
             }
         }
         counts
@@ -198,6 +216,24 @@ mod tests {
             .expect("pod")
     }
 
+    fn defaults() -> InjectDefaults {
+        InjectDefaults {
+            image: "producer:1".to_owned(),
+            redis: crate::crd::RedisSettings {
+                host: "redis".to_owned(),
+                port: 6379,
+                tls: false,
+                password_secret_ref: None,
+                ca_secret_ref: None,
+            },
+        }
+    }
+
+    /// A pod as the injector leaves it when `policy` selects it.
+    fn injected(name: &str, policy: &VirusScanPolicy) -> Pod {
+        inject::inject(&pod(name, json!({})), policy, &defaults())
+    }
+
     fn at(seconds: i64) -> Timestamp {
         Timestamp::from_second(seconds).expect("time")
     }
@@ -211,18 +247,18 @@ mod tests {
 
     #[test]
     fn pods_are_counted_as_matched_injected_and_outdated() {
+        let mut changed = policy(2);
+        changed.spec.scan.timeout_seconds = 5;
         let counts = PodCounts::of(
             &policy(3),
+            &defaults(),
             [
                 pod("plain", json!({})),
-                pod(
-                    "current",
-                    json!({ANNOTATION_POLICY: "gw", ANNOTATION_GENERATION: "3"}),
-                ),
-                pod(
-                    "old",
-                    json!({ANNOTATION_POLICY: "gw", ANNOTATION_GENERATION: "2"}),
-                ),
+                injected("current", &policy(3)),
+                // Same sidecar, older generation: injected, and its Envoy config is outdated.
+                injected("old", &policy(2)),
+                // A different sidecar from an older generation: a restart brings the new one.
+                injected("changed", &changed),
                 pod(
                     "other-policy",
                     json!({ANNOTATION_POLICY: "other", ANNOTATION_GENERATION: "1"}),
@@ -231,21 +267,40 @@ mod tests {
         );
         assert_eq!(
             (counts.matched, counts.injected, counts.outdated()),
-            (4, 2, 1)
+            (5, 2, 2)
         );
-        assert_eq!(counts.outdated[0].name_any(), "old");
+        let outdated: Vec<String> = counts.outdated.iter().map(|p| p.name_any()).collect();
+        assert_eq!(outdated, ["old", "changed"]);
+    }
+
+    #[test]
+    fn a_forged_injection_is_not_counted_as_injected() {
+        let p = policy(3);
+        let real = injected("real", &p);
+        // The annotations of a real injection over a container named like the sidecar.
+        let mut fake = pod("fake", json!({}));
+        fake.metadata.annotations = real.metadata.annotations.clone();
+        fake.spec = Some(
+            serde_json::from_value(json!({"containers": [
+                {"name": "envoy", "image": "envoy"},
+                {"name": inject::SIDECAR, "image": "busybox"}
+            ]}))
+            .expect("spec"),
+        );
+        // Annotations alone.
+        let mut bare = pod("bare", json!({}));
+        bare.metadata.annotations = real.metadata.annotations.clone();
+        let counts = PodCounts::of(&p, &defaults(), [real, fake, bare]);
+        assert_eq!(
+            (counts.matched, counts.injected, counts.outdated()),
+            (3, 1, 2)
+        );
     }
 
     #[test]
     fn ready_reports_the_pod_counts_when_the_config_is_generated() {
         let p = policy(2);
-        let pods = PodCounts::of(
-            &p,
-            [pod(
-                "a",
-                json!({ANNOTATION_POLICY: "gw", ANNOTATION_GENERATION: "1"}),
-            )],
-        );
+        let pods = PodCounts::of(&p, &defaults(), [injected("a", &policy(1))]);
         let s = status(
             &p,
             &Generated::config_map("vsp-gw-envoy"),
