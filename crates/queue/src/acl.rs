@@ -11,11 +11,15 @@
 //! keys each call touches; Redis 7 selectors tie each command to the keys it may touch, so a
 //! tenant cannot, say, turn its task stream into a hash and break the consumers' reads.
 
-use crate::Keys;
+use crate::{Keys, QueueError};
+
+/// The prefix of every tenant's username, so that the users of tenants that are gone can be
+/// told from others.
+pub const TENANT_USER_PREFIX: &str = "vs-tenant-";
 
 /// The username of a tenant's Redis user.
 pub fn tenant_user(tenant: &str) -> String {
-    format!("vs-tenant-{tenant}")
+    format!("{TENANT_USER_PREFIX}{tenant}")
 }
 
 /// Commands every client needs to connect and stay connected.
@@ -25,7 +29,6 @@ const CONNECTION: &[&str] = &[
     "+auth",
     "+select",
     "+client|setname",
-    "+client|setinfo",
     "+multi",
     "+exec",
     "+discard",
@@ -84,6 +87,81 @@ pub fn setuser_line(user: &str, password_rule: &str, rules: &[String]) -> String
         }
     }
     line
+}
+
+/// Creates or updates `user` with exactly `rules` and `password` (existing connections stay;
+/// they were authenticated with the password they had), in one command.
+pub async fn set_user<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    user: &str,
+    password: &str,
+    rules: &[String],
+) -> Result<(), QueueError> {
+    let mut cmd = redis::cmd("ACL");
+    cmd.arg("SETUSER").arg(user).arg("reset");
+    cmd.arg(format!(">{password}"));
+    for r in rules {
+        cmd.arg(r);
+    }
+    let _: () = cmd.query_async(conn).await?;
+    Ok(())
+}
+
+/// Gives `tenant` its user with `password` and registers it with the consumers.
+pub async fn provision_tenant<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    prefix: &str,
+    tenant: &str,
+    password: &str,
+) -> Result<(), QueueError> {
+    virus_scanner_protocol::task::validate_tenant_key(tenant)
+        .ok()
+        .filter(|_| !tenant.is_empty())
+        .ok_or_else(|| QueueError::Config(format!("{tenant:?} cannot name a tenant's keys")))?;
+    set_user(
+        conn,
+        &tenant_user(tenant),
+        password,
+        &tenant_rules(prefix, tenant),
+    )
+    .await?;
+    let _: i64 = redis::cmd("SADD")
+        .arg(Keys::new(prefix).tenants)
+        .arg(tenant)
+        .query_async(conn)
+        .await?;
+    Ok(())
+}
+
+/// Removes a tenant's user (and disconnects its clients) and stops the consumers polling its
+/// streams. Tasks still queued for it get no verdict; its producers fail closed.
+pub async fn remove_tenant<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    prefix: &str,
+    tenant: &str,
+) -> Result<(), QueueError> {
+    let _: i64 = redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(tenant_user(tenant))
+        .query_async(conn)
+        .await?;
+    let _: i64 = redis::cmd("SREM")
+        .arg(Keys::new(prefix).tenants)
+        .arg(tenant)
+        .query_async(conn)
+        .await?;
+    Ok(())
+}
+
+/// The tenants that have a user now.
+pub async fn provisioned_tenants<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+) -> Result<Vec<String>, QueueError> {
+    let users: Vec<String> = redis::cmd("ACL").arg("USERS").query_async(conn).await?;
+    Ok(users
+        .into_iter()
+        .filter_map(|u| u.strip_prefix(TENANT_USER_PREFIX).map(str::to_owned))
+        .collect())
 }
 
 #[cfg(test)]

@@ -60,7 +60,7 @@ impl RedisConfig {
             .await?)
     }
 
-    pub(crate) fn client(&self) -> Result<redis::Client, QueueError> {
+    pub fn client(&self) -> Result<redis::Client, QueueError> {
         use redis::IntoConnectionInfo;
         let mut info = self
             .url
