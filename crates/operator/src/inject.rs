@@ -13,6 +13,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use sha2::{Digest, Sha256};
+use virus_scanner_runtime::sidecar_env;
 
 use crate::controller::{ANNOTATION_GENERATION, ANNOTATION_POLICY, derived_bootstrap_name};
 use crate::crd::{FailureMode, Priority, RangeRequests, RedisSettings, Transport, VirusScanPolicy};
@@ -308,47 +309,50 @@ fn sidecar(policy: &VirusScanPolicy, defaults: &InjectDefaults) -> Container {
     let scan = &spec.scan;
     let redis = redis_settings(policy, defaults);
     let mut envs = vec![
-        env("REDIS_HOST", &redis.host),
-        env("REDIS_PORT", redis.port),
-        env("SCAN_TMP_DIR", SPOOL_DIR),
-        env("SCAN_FILE_THRESHOLD_MB", scan.file_threshold_mb),
-        env("MAX_BODY_MB", scan.max_body_mb),
-        env("SCAN_TIMEOUT_SECONDS", scan.timeout_seconds),
-        env("FAIL_OPEN", scan.failure_mode == FailureMode::FailOpen),
-        env("ALLOW_UNSCANNABLE", scan.allow_unscannable),
-        env("INFECTED_STATUS", scan.infected_status_code),
+        env(sidecar_env::REDIS_HOST, &redis.host),
+        env(sidecar_env::REDIS_PORT, redis.port),
+        env(sidecar_env::SCAN_TMP_DIR, SPOOL_DIR),
+        env(sidecar_env::SCAN_FILE_THRESHOLD_MB, scan.file_threshold_mb),
+        env(sidecar_env::MAX_BODY_MB, scan.max_body_mb),
+        env(sidecar_env::SCAN_TIMEOUT_SECONDS, scan.timeout_seconds),
         env(
-            "DEFAULT_PRIORITY",
+            sidecar_env::FAIL_OPEN,
+            scan.failure_mode == FailureMode::FailOpen,
+        ),
+        env(sidecar_env::ALLOW_UNSCANNABLE, scan.allow_unscannable),
+        env(sidecar_env::INFECTED_STATUS, scan.infected_status_code),
+        env(
+            sidecar_env::DEFAULT_PRIORITY,
             match scan.default_priority {
                 Priority::Normal => "normal",
                 Priority::High => "high",
             },
         ),
-        env("TENANT", policy.namespace().unwrap_or_default()),
-        env("POLICY", policy.name_any()),
-        env("HTTP_ADDR", format!("0.0.0.0:{OPS_PORT}")),
+        env(sidecar_env::TENANT, policy.namespace().unwrap_or_default()),
+        env(sidecar_env::POLICY, policy.name_any()),
+        env(sidecar_env::HTTP_ADDR, format!("0.0.0.0:{OPS_PORT}")),
         // The gateway speaks ext_proc; ICAP stays on loopback, out of reach of other pods
         // that could otherwise submit scans as this tenant.
-        env("ICAP_ADDR", "127.0.0.1:0"),
+        env(sidecar_env::ICAP_ADDR, "127.0.0.1:0"),
         // Without a shared volume the spool is this pod's emptyDir, which no scanner can
         // open: a body queued by path there could never be scanned.
-        env("SPOOL_SHARED", spec.shared_volume.is_some()),
+        env(sidecar_env::SPOOL_SHARED, spec.shared_volume.is_some()),
         env(
-            "RANGE_REQUESTS",
+            sidecar_env::RANGE_REQUESTS,
             match scan.range_requests {
                 RangeRequests::Strip => "strip",
                 RangeRequests::Refuse => "refuse",
                 RangeRequests::Allow => "allow",
             },
         ),
-        env("EMBEDDED_FILES", scan.embedded_files),
+        env(sidecar_env::EMBEDDED_FILES, scan.embedded_files),
     ];
     if redis.tls {
-        envs.push(env("REDIS_TLS", true));
+        envs.push(env(sidecar_env::REDIS_TLS, true));
     }
     if let Some(secret) = &redis.password_secret_ref {
         envs.push(EnvVar {
-            name: "REDIS_PASSWORD".to_owned(),
+            name: sidecar_env::REDIS_PASSWORD.to_owned(),
             value: None,
             value_from: Some(EnvVarSource {
                 secret_key_ref: Some(SecretKeySelector {
@@ -366,7 +370,10 @@ fn sidecar(policy: &VirusScanPolicy, defaults: &InjectDefaults) -> Container {
         ..VolumeMount::default()
     }];
     if let Some(ca) = &redis.ca_secret_ref {
-        envs.push(env("REDIS_CA_FILE", format!("{REDIS_CA_DIR}/{}", ca.key)));
+        envs.push(env(
+            sidecar_env::REDIS_CA_FILE,
+            format!("{REDIS_CA_DIR}/{}", ca.key),
+        ));
         mounts.push(VolumeMount {
             name: REDIS_CA_VOLUME.to_owned(),
             mount_path: REDIS_CA_DIR.to_owned(),
@@ -384,7 +391,7 @@ fn sidecar(policy: &VirusScanPolicy, defaults: &InjectDefaults) -> Container {
         Transport::Tcp => {
             // Envoy is in the same pod: the processor listens on loopback only.
             envs.push(env(
-                "GRPC_ADDR",
+                sidecar_env::GRPC_ADDR,
                 format!("127.0.0.1:{}", spec.producer.port),
             ));
             ports.push(ContainerPort {
@@ -395,8 +402,8 @@ fn sidecar(policy: &VirusScanPolicy, defaults: &InjectDefaults) -> Container {
             });
         }
         Transport::UnixSocket => {
-            envs.push(env("GRPC_ADDR", "127.0.0.1:0"));
-            envs.push(env("GRPC_SOCKET", crate::envoy::SOCKET_PATH));
+            envs.push(env(sidecar_env::GRPC_ADDR, "127.0.0.1:0"));
+            envs.push(env(sidecar_env::GRPC_SOCKET, crate::envoy::SOCKET_PATH));
             mounts.push(VolumeMount {
                 name: SOCKET_VOLUME.to_owned(),
                 mount_path: SOCKET_DIR.to_owned(),
@@ -733,6 +740,95 @@ mod tests {
             .flatten()
             .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
             .collect()
+    }
+
+    /// Every name the injector writes, in every form of the sidecar, is one the producer
+    /// reads: a name only one side renamed would leave its setting at the producer's default
+    /// without a word.
+    #[test]
+    fn every_name_the_injector_writes_is_a_setting_the_producer_reads() {
+        use clap::CommandFactory;
+        let read: Vec<String> = virus_scanner_producer::ProducerArgs::command()
+            .get_arguments()
+            .filter_map(|a| a.get_env()?.to_str().map(str::to_owned))
+            .collect();
+        for spec in [
+            json!({"selector": {}}),
+            json!({
+                "selector": {},
+                "producer": {"transport": "UnixSocket", "nativeSidecar": false},
+                "sharedVolume": {"claimName": "spool"},
+                "redis": {"host": "r", "tls": true,
+                          "passwordSecretRef": {"name": "s", "key": "k"},
+                          "caSecretRef": {"name": "ca", "key": "ca.crt"}}
+            }),
+        ] {
+            let injected = inject(&pod(json!({}), json!({})), &policy("p", spec), &defaults());
+            let names: Vec<&str> = sidecars(&injected)[0]
+                .env
+                .iter()
+                .flatten()
+                .map(|e| e.name.as_str())
+                .collect();
+            for name in &names {
+                assert!(
+                    read.iter().any(|r| r == name),
+                    "the injector writes {name}, which the producer does not read"
+                );
+            }
+            let mut unique = names.clone();
+            unique.sort_unstable();
+            unique.dedup();
+            assert_eq!(unique.len(), names.len(), "{names:?}");
+        }
+    }
+
+    /// The producer's own configuration, fed the injected environment, holds the policy.
+    /// Every setting here differs from the producer's default, so a name that one side
+    /// renamed shows up as a default (FAIL_OPEN as fail-closed, or worse the other way).
+    #[test]
+    fn the_producer_reads_the_policy_from_the_injected_environment() {
+        let p = policy(
+            "p",
+            json!({
+                "selector": {},
+                "scan": {"maxBodyMB": 40, "fileThresholdMB": 3, "timeoutSeconds": 7,
+                         "failureMode": "FailOpen", "allowUnscannable": true,
+                         "infectedStatusCode": 403, "defaultPriority": "High",
+                         "rangeRequests": "Refuse", "embeddedFiles": false},
+                "producer": {"port": 50099},
+                "redis": {"host": "redis.example", "port": 6380, "tls": true}
+            }),
+        );
+        let env = sidecar_env(&p);
+        let argv = ["virus-scanner-producer"];
+        let config =
+            virus_scanner_runtime::env::parse_from::<virus_scanner_producer::ProducerArgs, _, _>(
+                argv, &env,
+            )
+            .expect("the injected environment parses")
+            .validate()
+            .expect("the injected environment is valid");
+        assert_eq!(config.queue.redis.url, "rediss://redis.example:6380/");
+        assert_eq!(config.grpc_addr.to_string(), "127.0.0.1:50099");
+        assert_eq!(config.http_addr.port(), OPS_PORT);
+        assert!(config.icap_addr.ip().is_loopback());
+        assert_eq!(config.scan_tmp_dir.to_str(), Some(SPOOL_DIR));
+        assert_eq!(
+            (config.spill_threshold, config.max_body),
+            (3 << 20, 40 << 20)
+        );
+        let scan = &config.scan;
+        assert_eq!(scan.scan_timeout.as_secs(), 7);
+        assert!(scan.fail_open && scan.allow_unscannable && !scan.embedded_files);
+        assert!(!scan.spool_shared);
+        assert_eq!(scan.infected_status, 403);
+        assert_eq!(format!("{:?}", scan.default_priority), "High");
+        assert_eq!(
+            scan.range_requests,
+            virus_scanner_producer::config::RangeRequests::Refuse
+        );
+        assert_eq!((scan.tenant.as_str(), scan.policy.as_str()), ("t", "p"));
     }
 
     #[test]

@@ -8,6 +8,7 @@ use virus_scanner_queue::QueueConfig;
 use virus_scanner_runtime::LogFormat;
 use virus_scanner_runtime::cli::RedisArgs;
 use virus_scanner_runtime::env::ConfigErrors;
+use virus_scanner_runtime::sidecar_env;
 
 /// The gateway sidecar: Envoy ext_proc (and ICAP) in front of the scan queue.
 ///
@@ -18,47 +19,47 @@ pub struct ProducerArgs {
     #[command(flatten)]
     pub redis: RedisArgs,
     /// ext_proc gRPC listen address.
-    #[arg(long, env = "GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    #[arg(long, env = sidecar_env::GRPC_ADDR, default_value = "0.0.0.0:50051")]
     pub grpc_addr: SocketAddr,
     /// Also serve ext_proc on this Unix socket (for gateways that refuse loopback backends).
-    #[arg(long, env = "GRPC_SOCKET")]
+    #[arg(long, env = sidecar_env::GRPC_SOCKET)]
     pub grpc_socket: Option<PathBuf>,
     /// /health, /ready and /metrics listen address.
-    #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    #[arg(long, env = sidecar_env::HTTP_ADDR, default_value = "0.0.0.0:8080")]
     pub http_addr: SocketAddr,
     /// Shared directory for bodies above the threshold (the consumers read them there).
-    #[arg(long, env = "SCAN_TMP_DIR", default_value = "/tmp/virusscan")]
+    #[arg(long, env = sidecar_env::SCAN_TMP_DIR, default_value = "/tmp/virusscan")]
     pub scan_tmp_dir: PathBuf,
     /// Bodies above this many MiB are spilled to SCAN_TMP_DIR and queued by path.
-    #[arg(long, env = "SCAN_FILE_THRESHOLD_MB", default_value_t = 10)]
+    #[arg(long, env = sidecar_env::SCAN_FILE_THRESHOLD_MB, default_value_t = 10)]
     pub scan_file_threshold_mb: u64,
     /// Whether the consumers can open files in SCAN_TMP_DIR (a shared volume). When false,
     /// spilled bodies are sent through Redis in chunks instead of by path.
     #[arg(
         long,
-        env = "SPOOL_SHARED",
+        env = sidecar_env::SPOOL_SHARED,
         default_value_t = true,
         action = clap::ArgAction::Set,
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub spool_shared: bool,
     /// Largest body accepted for scanning, in MiB; larger ones are `unscannable`.
-    #[arg(long, env = "MAX_BODY_MB", default_value_t = 100)]
+    #[arg(long, env = sidecar_env::MAX_BODY_MB, default_value_t = 100)]
     pub max_body_mb: u64,
     /// Largest decoded size of a Content-Encoding'd body, in MiB (decompression bombs).
     #[arg(long, env = "MAX_DECODED_MB", default_value_t = 200)]
     pub max_decoded_mb: u64,
     /// Time from a complete body to its verdict, in seconds.
-    #[arg(long, env = "SCAN_TIMEOUT_SECONDS", default_value_t = 30)]
+    #[arg(long, env = sidecar_env::SCAN_TIMEOUT_SECONDS, default_value_t = 30)]
     pub scan_timeout_seconds: u64,
     /// Let bodies through when the scan fails or times out (never for infected bodies).
-    #[arg(long, env = "FAIL_OPEN", default_value_t = false)]
+    #[arg(long, env = sidecar_env::FAIL_OPEN, default_value_t = false)]
     pub fail_open: bool,
     /// Let bodies through that could not be scanned completely (too large, encrypted).
-    #[arg(long, env = "ALLOW_UNSCANNABLE", default_value_t = false)]
+    #[arg(long, env = sidecar_env::ALLOW_UNSCANNABLE, default_value_t = false)]
     pub allow_unscannable: bool,
     /// HTTP status for an infected body.
-    #[arg(long, env = "INFECTED_STATUS", default_value_t = 406)]
+    #[arg(long, env = sidecar_env::INFECTED_STATUS, default_value_t = 406)]
     pub infected_status: u16,
     /// HTTP status when the scan failed or timed out.
     #[arg(long, env = "ERROR_STATUS", default_value_t = 503)]
@@ -70,20 +71,20 @@ pub struct ProducerArgs {
     #[arg(long, env = "PRIORITY_HEADER", default_value = "x-priority")]
     pub priority_header: String,
     /// Queue for requests without the priority header: normal or high.
-    #[arg(long, env = "DEFAULT_PRIORITY", default_value = "normal")]
+    #[arg(long, env = sidecar_env::DEFAULT_PRIORITY, default_value = "normal")]
     pub default_priority: String,
     /// The tenant: names this producer's streams and verdict lists in Redis (its Redis user
     /// may touch only those), and labels metrics and the audit log. Empty: `default`.
-    #[arg(long, env = "TENANT", default_value = "")]
+    #[arg(long, env = sidecar_env::TENANT, default_value = "")]
     pub tenant: String,
     /// Policy label for the audit log.
-    #[arg(long, env = "POLICY", default_value = "")]
+    #[arg(long, env = sidecar_env::POLICY, default_value = "")]
     pub policy: String,
     /// Log format: json or text.
     #[arg(long, env = "LOG_FORMAT", default_value = "json")]
     pub log_format: LogFormat,
     /// ICAP (RFC 3507) address.
-    #[arg(long, env = "ICAP_ADDR", default_value = "0.0.0.0:1344")]
+    #[arg(long, env = sidecar_env::ICAP_ADDR, default_value = "0.0.0.0:1344")]
     pub icap_addr: SocketAddr,
     /// The ICAP service path that answers REQMOD and RESPMOD.
     #[arg(long, env = "ICAP_SERVICE", default_value = "/avscan")]
@@ -116,10 +117,10 @@ pub struct ProducerArgs {
     /// What to do with `Range`/`If-Range` on scanned routes: `strip` (the upstream then
     /// sends the whole representation, which is scanned), `refuse` (416) or `allow` (a 206
     /// that does not cover the whole representation is refused when it reaches a scan).
-    #[arg(long, env = "RANGE_REQUESTS", default_value = "strip")]
+    #[arg(long, env = sidecar_env::RANGE_REQUESTS, default_value = "strip")]
     pub range_requests: String,
     /// Decode files sent as base64 inside JSON string values and scan them as files.
-    #[arg(long, env = "EMBEDDED_FILES", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = sidecar_env::EMBEDDED_FILES, default_value_t = true, action = clap::ArgAction::Set)]
     pub embedded_files: bool,
     /// Threads that serve the streams. One is the cheapest per request for a sidecar;
     /// decoding, splitting and storing large bodies run off that thread either way.

@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::Pod;
 use support::{Stack, StackOptions, post_file, temp_file};
 use virus_scan_operator::crd::{RedisSettings, VirusScanPolicy};
 use virus_scan_operator::inject::{InjectDefaults, SIDECAR, inject};
+use virus_scanner_runtime::sidecar_env;
 use virus_scanner_test_support::{BodyMode, EICAR, clean_bytes};
 
 const POLICY: &str = r#"apiVersion: virusscan.aether-platform.io/v1alpha1
@@ -30,16 +31,18 @@ spec:
 /// Addresses and paths are the pod's; on this machine the stack gives its own. Everything
 /// else comes from the injected container's environment as written.
 const MAPPED: &[&str] = &[
-    "REDIS_HOST",
-    "REDIS_PORT",
-    "GRPC_ADDR",
-    "GRPC_SOCKET",
-    "HTTP_ADDR",
-    "ICAP_ADDR",
-    "SCAN_TMP_DIR",
+    sidecar_env::REDIS_HOST,
+    sidecar_env::REDIS_PORT,
+    sidecar_env::GRPC_ADDR,
+    sidecar_env::GRPC_SOCKET,
+    sidecar_env::HTTP_ADDR,
+    sidecar_env::ICAP_ADDR,
+    sidecar_env::SCAN_TMP_DIR,
 ];
 
-fn injected_env() -> Vec<(String, String)> {
+/// The injected sidecar's environment, every name and value as written (`None` for a value
+/// from a Secret).
+fn injected_sidecar_env() -> Vec<(String, Option<String>)> {
     let policy: VirusScanPolicy = serde_saphyr::from_str(POLICY).unwrap();
     let pod: Pod = serde_saphyr::from_str(POD).unwrap();
     let defaults = InjectDefaults {
@@ -65,14 +68,44 @@ fn injected_env() -> Vec<(String, String)> {
         .env
         .unwrap_or_default()
         .into_iter()
-        .filter(|e| !MAPPED.contains(&e.name.as_str()))
-        .map(|e| {
-            let value = e
-                .value
-                .unwrap_or_else(|| panic!("{} comes from a Secret; this policy has none", e.name));
-            (e.name, value)
+        .map(|e| (e.name, e.value))
+        .collect()
+}
+
+fn injected_env() -> Vec<(String, String)> {
+    injected_sidecar_env()
+        .into_iter()
+        .filter(|(name, _)| !MAPPED.contains(&name.as_str()))
+        .map(|(name, value)| {
+            let value =
+                value.unwrap_or_else(|| panic!("{name} comes from a Secret; this policy has none"));
+            (name, value)
         })
         .collect()
+}
+
+/// The run below would not notice a setting the producer does not read: it would run with
+/// that setting's default. So every name the injector writes, the mapped ones too, must be
+/// one the producer declares.
+#[test]
+fn every_setting_the_injector_writes_is_one_the_producer_reads() {
+    use clap::CommandFactory;
+    let read: Vec<String> = virus_scanner_producer::ProducerArgs::command()
+        .get_arguments()
+        .filter_map(|a| a.get_env()?.to_str().map(str::to_owned))
+        .collect();
+    let written = injected_sidecar_env();
+    assert!(!written.is_empty());
+    for (name, _) in &written {
+        assert!(
+            read.contains(name),
+            "the injector writes {name}, which the producer does not read"
+        );
+    }
+    // The addresses and paths mapped to this machine are still the producer's settings.
+    for name in MAPPED {
+        assert!(read.iter().any(|r| r == name), "{name}");
+    }
 }
 
 #[test]

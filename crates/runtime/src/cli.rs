@@ -5,29 +5,31 @@ use std::path::PathBuf;
 
 use virus_scanner_queue::{QueueConfig, RedisConfig};
 
+use crate::sidecar_env;
+
 /// The Redis and queue settings every binary takes, as flags and environment variables.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RedisArgs {
     /// Redis host.
-    #[arg(long, env = "REDIS_HOST", default_value = "localhost")]
+    #[arg(long, env = sidecar_env::REDIS_HOST, default_value = "localhost")]
     pub redis_host: String,
     /// Redis port.
-    #[arg(long, env = "REDIS_PORT", default_value_t = 6379)]
+    #[arg(long, env = sidecar_env::REDIS_PORT, default_value_t = 6379)]
     pub redis_port: u16,
     /// Full Redis URL (`redis://` or `rediss://` for TLS); overrides host and port.
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
     /// Redis ACL user (AUTH); without it, the default user.
-    #[arg(long, env = "REDIS_USERNAME")]
+    #[arg(long, env = sidecar_env::REDIS_USERNAME)]
     pub redis_username: Option<String>,
     /// Redis password (AUTH).
-    #[arg(long, env = "REDIS_PASSWORD", hide_env_values = true)]
+    #[arg(long, env = sidecar_env::REDIS_PASSWORD, hide_env_values = true)]
     pub redis_password: Option<String>,
     /// Connect to Redis with TLS.
-    #[arg(long, env = "REDIS_TLS", default_value_t = false)]
+    #[arg(long, env = sidecar_env::REDIS_TLS, default_value_t = false)]
     pub redis_tls: bool,
     /// PEM CA certificate that signed Redis's TLS certificate (default: system roots).
-    #[arg(long, env = "REDIS_CA_FILE")]
+    #[arg(long, env = sidecar_env::REDIS_CA_FILE)]
     pub redis_ca_file: Option<PathBuf>,
     /// Prefix (and cluster hash tag) of every queue key; the same for producers and consumers.
     #[arg(long, env = "QUEUE_PREFIX", default_value = "virus-scanner")]
