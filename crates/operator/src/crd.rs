@@ -356,10 +356,12 @@ pub struct VirusScanPolicyStatus {
     /// Pods the selector matches.
     #[serde(default)]
     pub matched_pods: i32,
-    /// Matched pods that carry the producer sidecar.
+    /// Matched pods that carry exactly the sidecar this policy injects, as the injector
+    /// recorded it; a container named like it or an annotation alone does not count.
     #[serde(default)]
     pub injected_pods: i32,
-    /// Injected pods whose sidecar comes from an older generation of this policy.
+    /// Matched pods that need a restart to run what this policy injects now: injected from
+    /// an older generation, or claiming an injection by this policy that does not match it.
     #[serde(default)]
     pub outdated_pods: i32,
     /// The ConfigMap with the generated Envoy configuration.
