@@ -63,7 +63,7 @@ pub(crate) async fn scan(
         Some(Content::Body(body)) => (Input::Bytes(body), body.len() as u64),
         Some(Content::Path(path)) => {
             let seed = task.reply_format() == ReplyFormat::LegacyText;
-            let file = match state.open_path(trusted_tenant(d, task), seed, path) {
+            let file = match state.open_path(trusted_tenant(d), seed, path) {
                 Ok(f) => f,
                 Err(e) => {
                     tracing::warn!(task_id = %task.id, error = %e, "refused PATH task");
@@ -212,12 +212,10 @@ pub(crate) async fn scan(
 }
 
 /// The tenant a task is handled for, which decides the only spool directory its PATH may
-/// name.
-// TODO(queue): the tenant of the stream the task was delivered from (`Delivery::tenant`),
-// which only that tenant's Redis user can write to, once deliveries carry it; until then the
-// tenant the task names.
-fn trusted_tenant<'t>(_d: &Delivery, task: &'t ScanTask) -> &'t str {
-    task.labels.as_ref().map_or("", |l| l.tenant.as_str())
+/// name: the tenant of the stream it was delivered from, which only that tenant's Redis user
+/// can write to, never the tenant the task names.
+fn trusted_tenant(d: &Delivery) -> &str {
+    &d.tenant
 }
 
 async fn hash_file(file: &mut tokio::fs::File) -> std::io::Result<Vec<u8>> {

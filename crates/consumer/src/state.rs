@@ -49,9 +49,22 @@ impl ConsumerState {
         &self.metrics
     }
 
-    /// Opens a PATH task's file, if it is one the consumer may read.
-    pub(crate) fn open_path(&self, path: &str) -> Result<std::fs::File, PathRejected> {
-        self.scan_dir.open(path)
+    /// Opens a PATH task's file, if it is one the consumer may read for `tenant` (trusted):
+    /// in that tenant's directory, or for a task of the seed's format, which only the default
+    /// tenant's are, at the top of the scan directory.
+    pub(crate) fn open_path(
+        &self,
+        tenant: &str,
+        seed: bool,
+        path: &str,
+    ) -> Result<std::fs::File, PathRejected> {
+        let default = crate::scan_dir::tenant_dir_name(tenant)
+            .is_ok_and(|d| d == crate::scan_dir::DEFAULT_TENANT_DIR);
+        if seed && default {
+            self.scan_dir.open_seed(path)
+        } else {
+            self.scan_dir.open(tenant, path)
+        }
     }
 
     /// Counts the failure under its `kind`, if it is counted.

@@ -86,7 +86,20 @@ impl Stack {
         (p, metrics)
     }
 
+    /// A file spilled by a producer of the default tenant, in its directory.
     fn spill(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let dir = self
+            .scan_dir
+            .path()
+            .join(virus_scanner_queue::DEFAULT_TENANT);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    /// A file spilled by a producer of the seed, at the top of the scan directory.
+    fn spill_seed(&self, name: &str, bytes: &[u8]) -> PathBuf {
         let path = self.scan_dir.path().join(name);
         std::fs::write(&path, bytes).unwrap();
         path
@@ -596,7 +609,7 @@ async fn seed_format_task_on_the_legacy_list_is_scanned_and_answered() {
     let mut task = format!("seed-1|BODY|{}|", now_ns()).into_bytes();
     task.extend_from_slice(b"prefix|with|pipes ");
     task.extend_from_slice(EICAR);
-    let path = stack.spill("seed-file", b"harmless");
+    let path = stack.spill_seed("seed-file", b"harmless");
     let path_task = format!("seed-2|PATH|{}|{}", now_ns(), path.display());
     let _: () = redis::cmd("LPUSH")
         .arg("scan_queue")

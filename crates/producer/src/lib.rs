@@ -39,8 +39,15 @@ pub async fn run(
         "SCAN_TMP_DIR",
         config.scan_tmp_dir.display(),
     ))?;
+    // This producer's own directory of the (maybe shared) scan directory.
+    let spill_dir =
+        body::tenant_spill_dir(&config.scan_tmp_dir, &config.scan.tenant).map_err(|e| {
+            StartError::setting("SCAN_TMP_DIR", config.scan_tmp_dir.display())(
+                std::io::Error::other(e),
+            )
+        })?;
     let leftover_age = (config.scan.scan_timeout * 2).max(Duration::from_secs(60));
-    match body::remove_leftovers(&config.scan_tmp_dir, leftover_age) {
+    match body::remove_leftovers(&spill_dir, leftover_age) {
         Ok(0) => {}
         Ok(n) => tracing::info!(files = n, "removed spilled bodies left by an earlier run"),
         Err(e) => tracing::warn!(error = %e, "cannot clean SCAN_TMP_DIR"),
@@ -50,7 +57,7 @@ pub async fn run(
     let metrics = metrics::Metrics::register(&mut registry);
     let producer = connect(&config).await?;
     let limits = body::BodyLimits {
-        spill_dir: config.scan_tmp_dir.clone(),
+        spill_dir: spill_dir.clone(),
         spill_threshold: config.spill_threshold,
         max: config.max_body,
     };
@@ -117,13 +124,13 @@ pub async fn run(
         icap.serve(icap_listener, icap_stop).await;
         Ok(())
     }));
-    tokio::spawn(janitor(config.clone(), leftover_age, stop_rx.clone()));
+    tokio::spawn(janitor(spill_dir.clone(), leftover_age, stop_rx.clone()));
     tracing::info!(
         grpc = %grpc_addr,
         grpc_socket = ?config.grpc_socket,
         http = %http_addr,
         icap = %icap_addr,
-        scan_dir = %config.scan_tmp_dir.display(),
+        spill_dir = %spill_dir.display(),
         "producer started"
     );
 
@@ -215,9 +222,10 @@ async fn connect(config: &ProducerConfig) -> Result<Producer, StartError> {
     }
 }
 
-/// Removes spilled files left by killed processes, now and then.
+/// Removes spilled files left by killed processes, now and then: this producer's own, in
+/// its own directory.
 async fn janitor(
-    config: ProducerConfig,
+    spill_dir: std::path::PathBuf,
     min_age: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -226,7 +234,7 @@ async fn janitor(
             _ = tokio::time::sleep(Duration::from_secs(60)) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        if let Err(e) = body::remove_leftovers(&config.scan_tmp_dir, min_age) {
+        if let Err(e) = body::remove_leftovers(&spill_dir, min_age) {
             tracing::warn!(error = %e, "cannot clean SCAN_TMP_DIR");
         }
     }

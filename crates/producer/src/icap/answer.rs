@@ -1,7 +1,7 @@
 //! Writing the answer to a REQMOD or RESPMOD: the message unmodified (204, or echoed), the
 //! request without its range, the block page, or an ICAP error.
 
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use virus_scanner_protocol::icap::{self, Blocked, Encapsulated, Method, RequestHead, Section};
 use virus_scanner_protocol::task::VerdictStatus;
 
@@ -187,11 +187,14 @@ async fn write_chunked<W: AsyncWrite + Unpin>(body: &Body, write: &mut W) -> Res
                 write.write_all(&out).await?;
             }
         }
-        BodyData::Spilled(spill) => {
-            let mut file = tokio::fs::File::open(spill.path()).await?;
+        BodyData::Spilled(_) => {
+            // From the descriptor the body was written (and hashed) through, never the path:
+            // a file put in its place since is not the one that was scanned. Plain reads:
+            // the file was just written and sits in the page cache.
+            let mut file = body.reader()?;
             let mut piece = vec![0u8; 256 * 1024];
             loop {
-                let n = file.read(&mut piece).await?;
+                let n = std::io::Read::read(&mut file, &mut piece)?;
                 if n == 0 {
                     break;
                 }

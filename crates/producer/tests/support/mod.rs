@@ -194,7 +194,6 @@ impl Stack {
         }
     }
 
-    /// Files the producer left in the scan directory (and in its own spool).
     /// The upload answered by `reply` passed: 200, and it is the one body the upstream
     /// received, byte for byte.
     pub fn assert_only_delivery(&self, reply: &Reply, bytes: &[u8]) {
@@ -212,12 +211,29 @@ impl Stack {
         );
     }
 
+    /// Files left in the scan directory and the producer's own spool: anything but the
+    /// tenant directories the producers spill into, and anything in those.
     pub fn leftovers(&self) -> Vec<PathBuf> {
         std::iter::once(self.scan_dir.path())
             .chain(self.producer_spool.as_ref().map(|d| d.path()))
             .flat_map(|dir| std::fs::read_dir(dir).unwrap())
             .map(|e| e.unwrap().path())
+            .flat_map(|p| {
+                if p.symlink_metadata().unwrap().is_dir() {
+                    std::fs::read_dir(&p)
+                        .unwrap()
+                        .map(|e| e.unwrap().path())
+                        .collect()
+                } else {
+                    vec![p]
+                }
+            })
             .collect()
+    }
+
+    /// The directory the producer spills into (the default tenant's), as the consumer sees it.
+    pub fn spill_dir(&self) -> PathBuf {
+        self.scan_dir.path().join("default")
     }
 
     /// Keys in Redis that match `pattern`.

@@ -73,8 +73,10 @@ impl<S: BodyScan> ExtProcStream<S> {
                 }
             }
             BodyData::Spilled(_) => {
-                // Plain reads: the file was just written and sits in the page cache, and
-                // tokio::fs would add a thread hop and a copy per chunk.
+                // From the descriptor the body was written (and hashed) through, never the
+                // path: a file put in its place since the scan is not the one scanned. Plain
+                // reads: the file was just written and sits in the page cache, and tokio::fs
+                // would add a thread hop and a copy per chunk.
                 use std::io::Read;
                 let mut file = body.reader().map_err(io)?;
                 let mut left = body.len;
