@@ -18,6 +18,7 @@ use support::{EXAMPLES, Operator, eventually, plane_with_crd};
 use virus_scan_operator::crd::{RedisSettings, VirusScanPolicy};
 use virus_scan_operator::inject::{ANNOTATION_HASH, InjectDefaults, SIDECAR, injection_hash};
 use virus_scan_operator::{certs, inject, webhook};
+use virus_scanner_test_support::http_get;
 use virus_scanner_test_support::kube::ControlPlane;
 
 const NS: &str = "tenant-a";
@@ -824,4 +825,122 @@ async fn a_forged_sidecar_is_injected_over_and_never_counted_as_injected() {
         || async { status().await == Some((2, 1, 1)) },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_that_cannot_load_the_policies_yet_is_not_ready_and_admits_no_pod() {
+    let plane = tenant_plane(&["pod-security.kubernetes.io/enforce=restricted"]).await;
+    // The operator acts as a user that may do everything it needs but read the policies,
+    // until the test grants that: its policy cache cannot sync before.
+    apply(
+        &plane,
+        r#"apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: { name: vs-operator-base }
+roleRef: { apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: vs-operator-base }
+subjects: [{ apiGroup: rbac.authorization.k8s.io, kind: User, name: vs-operator }]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: { name: vs-operator-base }
+rules:
+- apiGroups: ["", apps, coordination.k8s.io, admissionregistration.k8s.io, events.k8s.io]
+  resources: ["*"]
+  verbs: ["*"]
+"#,
+    );
+    let kubeconfig = tempfile::Builder::new().suffix(".yaml").tempfile().unwrap();
+    let admin = std::fs::read_to_string(plane.kubeconfig()).unwrap();
+    let limited = admin.replacen("  user:\n", "  user:\n    as: vs-operator\n", 1);
+    assert_ne!(limited, admin);
+    std::fs::write(kubeconfig.path(), limited).unwrap();
+    let operator = Operator::start_with(
+        &plane,
+        "op-limited",
+        &[("KUBECONFIG", kubeconfig.path().display().to_string())],
+    );
+    apply(&plane, &webhook_configuration(operator.webhook_port));
+    let client = plane.client().await;
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    eventually(Duration::from_secs(30), "caBundle patched", || async {
+        ca_bundle(&configs).await.is_some()
+    })
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let ready = || http_get(operator.ops_port, "/ready").map(|(status, _)| status);
+
+    // Opted-out pods need no policy and get in: the API server calls the webhook by now.
+    let skipped = "virus_scan_operator_admission_requests_total{result=\"skipped\"}";
+    let opted_out = json!({"virusscan.aether-platform.io/inject": "false"});
+    let mut probes = 0;
+    while operator.metric(skipped) == 0.0 {
+        assert!(probes < 100, "the webhook is never called");
+        probes += 1;
+        let _ = pods
+            .create(
+                &PostParams::default(),
+                &pod(
+                    &format!("probe-{probes}"),
+                    json!({"app": "gateway"}),
+                    opted_out.clone(),
+                ),
+            )
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // The certificate is served, but without the policies the replica is not ready and
+    // refuses every pod.
+    assert_ne!(ready(), Some(200));
+    for name in ["gw-0", "gw-1"] {
+        let refused = pods
+            .create(
+                &PostParams::default(),
+                &pod(name, json!({"app": "gateway"}), json!({})),
+            )
+            .await
+            .expect_err("a pod was admitted before the policies were loaded");
+        assert!(
+            refused
+                .to_string()
+                .contains("has not loaded the VirusScanPolicies"),
+            "{refused}"
+        );
+    }
+    assert_ne!(ready(), Some(200));
+
+    // Allowed to read the policies, it syncs, becomes ready and injects.
+    apply(
+        &plane,
+        r#"apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: { name: vs-operator-policies }
+roleRef: { apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: vs-operator-policies }
+subjects: [{ apiGroup: rbac.authorization.k8s.io, kind: User, name: vs-operator }]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: { name: vs-operator-policies }
+rules:
+- apiGroups: [virusscan.aether-platform.io]
+  resources: ["*"]
+  verbs: ["*"]
+"#,
+    );
+    eventually(Duration::from_secs(60), "the operator ready", || {
+        let status = ready();
+        async move { status == Some(200) }
+    })
+    .await;
+    for name in ["gw-0", "gw-1"] {
+        let created =
+            create_injected(&pods, &pod(name, json!({"app": "gateway"}), json!({}))).await;
+        assert_eq!(sidecars(&created).len(), 1);
+    }
+    for p in pods.list(&Default::default()).await.unwrap() {
+        assert!(
+            inject::opted_out(&p) || sidecars(&p).len() == 1,
+            "admitted without its sidecar: {p:?}"
+        );
+    }
 }
