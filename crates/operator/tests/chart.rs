@@ -485,3 +485,24 @@ fn clamd_alerts_on_what_it_cannot_scan_and_its_limits_follow_the_values() {
         );
     }
 }
+
+/// A replica answers admission reviews only once it is ready, which it is only after its
+/// policy cache has synced; and when no replica can answer, the API server refuses the pod.
+#[test]
+fn the_webhook_fails_closed_and_only_ready_replicas_serve_it() {
+    let fullname = format!("{RELEASE}-virus-scanner");
+    let objects = template(&[]);
+    let config = object(&objects, "MutatingWebhookConfiguration", &fullname);
+    for hook in config["webhooks"].as_array().unwrap() {
+        assert_eq!(hook["failurePolicy"], "Fail", "{hook}");
+    }
+    let deployment = object(&objects, "Deployment", &format!("{fullname}-operator"));
+    let operator = &deployment["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(operator["readinessProbe"]["httpGet"]["path"], "/ready");
+    let service = object(&objects, "Service", &format!("{fullname}-webhook"));
+    assert!(
+        service["spec"]["publishNotReadyAddresses"].is_null()
+            || service["spec"]["publishNotReadyAddresses"] == false,
+        "{service}"
+    );
+}
