@@ -33,6 +33,26 @@ const REDIS_CA_DIR: &str = "/etc/virus-scanner/redis-ca";
 pub const OPS_PORT: u16 = 9141;
 /// The distroless image's `nonroot` user.
 const NON_ROOT_UID: i64 = 65532;
+/// The sidecars on a shared spool run as uids (and gids) of `[2^30, 2^31)`, one per tenant:
+/// see [`spool_uid`].
+const SPOOL_UID_BASE: u64 = 1 << 30;
+
+/// The uid (and gid) of the sidecars of `namespace` on a shared spool volume: stable, so
+/// that the tenant's directory there stays its own across pods and restarts, and derived
+/// from the namespace alone (the first 8 bytes of its SHA-256, big-endian, modulo 2^30, plus
+/// 2^30), so that an administrator can compute it to create the directory ahead.
+///
+/// On the volume each tenant's producer is a uid of its own: another tenant's cannot enter
+/// its directory, nor read, rename or remove its files. The consumers read them through the
+/// volume's group, which no sidecar is given (see the producer's `body` module for why a
+/// group and not a capability). Two namespaces share a uid with a chance of about n²/2^31
+/// for n tenants; such a pair is separated by its subPath mounts alone.
+pub fn spool_uid(namespace: &str) -> i64 {
+    let digest = Sha256::digest(namespace.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    (SPOOL_UID_BASE + u64::from_be_bytes(first) % SPOOL_UID_BASE) as i64
+}
 
 /// Operator-wide defaults for what a policy leaves out.
 #[derive(Debug, Clone)]
@@ -364,11 +384,7 @@ fn sidecar(policy: &VirusScanPolicy, defaults: &InjectDefaults) -> Container {
             }),
         });
     }
-    let mut mounts = vec![VolumeMount {
-        name: SPOOL_VOLUME.to_owned(),
-        mount_path: SPOOL_DIR.to_owned(),
-        ..VolumeMount::default()
-    }];
+    let mut mounts = vec![spool_mount(policy)];
     if let Some(ca) = &redis.ca_secret_ref {
         envs.push(env(
             sidecar_env::REDIS_CA_FILE,
@@ -442,10 +458,44 @@ fn sidecar(policy: &VirusScanPolicy, defaults: &InjectDefaults) -> Container {
                 .clone()
                 .unwrap_or_else(default_resources),
         ),
-        security_context: Some(restricted_security_context()),
+        security_context: Some(sidecar_security_context(policy)),
         volume_mounts: Some(mounts),
         ..Container::default()
     }
+}
+
+/// The spool: the pod's emptyDir at [`SPOOL_DIR`]; or, on a shared volume, only the
+/// tenant's directory of it (`subPath: <namespace>`) at `SPOOL_DIR/<namespace>`, where the
+/// producer (`SCAN_TMP_DIR=SPOOL_DIR`, `TENANT=<namespace>`) spills and where the consumers,
+/// which mount the whole volume at [`SPOOL_DIR`], find its files under the same path. The
+/// sidecar never sees another tenant's directory.
+fn spool_mount(policy: &VirusScanPolicy) -> VolumeMount {
+    let namespace = policy.namespace().unwrap_or_default();
+    match &policy.spec.shared_volume {
+        Some(_) if !namespace.is_empty() => VolumeMount {
+            name: SPOOL_VOLUME.to_owned(),
+            mount_path: format!("{SPOOL_DIR}/{namespace}"),
+            sub_path: Some(namespace),
+            ..VolumeMount::default()
+        },
+        _ => VolumeMount {
+            name: SPOOL_VOLUME.to_owned(),
+            mount_path: SPOOL_DIR.to_owned(),
+            ..VolumeMount::default()
+        },
+    }
+}
+
+/// [`restricted_security_context`], as the tenant's own uid and gid ([`spool_uid`]) on a
+/// shared spool volume.
+fn sidecar_security_context(policy: &VirusScanPolicy) -> SecurityContext {
+    let mut context = restricted_security_context();
+    if policy.spec.shared_volume.is_some() {
+        let uid = spool_uid(&policy.namespace().unwrap_or_default());
+        context.run_as_user = Some(uid);
+        context.run_as_group = Some(uid);
+    }
+    context
 }
 
 fn default_resources() -> ResourceRequirements {
@@ -848,6 +898,66 @@ mod tests {
             json!({"selector": {}, "sharedVolume": {"claimName": "spool"}}),
         ));
         assert_eq!(shared["SPOOL_SHARED"], "true");
+    }
+
+    #[test]
+    fn on_a_shared_volume_the_sidecar_sees_only_its_tenants_directory_as_its_tenants_uid() {
+        let shared = |ns: &str| {
+            let mut p = policy(
+                "p",
+                json!({"selector": {}, "sharedVolume": {"claimName": "spool"}}),
+            );
+            p.metadata.namespace = Some(ns.to_owned());
+            let injected = inject(&pod(json!({}), json!({})), &p, &defaults());
+            sidecars(&injected)[0].clone()
+        };
+        let a = shared("team-a");
+        let mount = a
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == SPOOL_VOLUME)
+            .expect("spool mount");
+        assert_eq!(mount.sub_path.as_deref(), Some("team-a"));
+        assert_eq!(mount.mount_path, format!("{SPOOL_DIR}/team-a"));
+        let env: BTreeMap<_, _> = a
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+            .collect();
+        assert_eq!(
+            (env["SCAN_TMP_DIR"].as_str(), env["TENANT"].as_str()),
+            (SPOOL_DIR, "team-a")
+        );
+        let ids = |c: &Container| {
+            let s = c.security_context.clone().expect("securityContext");
+            (s.run_as_user.expect("uid"), s.run_as_group.expect("gid"))
+        };
+        let (uid, gid) = ids(&a);
+        assert_eq!((uid, gid), (spool_uid("team-a"), spool_uid("team-a")));
+        assert!(((1 << 30)..(1 << 31)).contains(&uid), "{uid}");
+        // Stable per tenant, different between tenants.
+        assert_eq!(ids(&shared("team-a")), (uid, gid));
+        assert_ne!(ids(&shared("team-b")).0, uid);
+        // Without a shared volume: the pod's own emptyDir, whole, as the image's user.
+        let local = inject(
+            &pod(json!({}), json!({})),
+            &policy("p", json!({"selector": {}})),
+            &defaults(),
+        );
+        let local = &sidecars(&local)[0];
+        let mount = local
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == SPOOL_VOLUME)
+            .expect("spool mount");
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.sub_path.as_deref()),
+            (SPOOL_DIR, None)
+        );
+        assert_eq!(ids(local), (NON_ROOT_UID, NON_ROOT_UID));
     }
 
     #[test]
