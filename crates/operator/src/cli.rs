@@ -13,8 +13,12 @@ use clap::{Parser, Subcommand};
 use virus_scanner_runtime::LogFormat;
 use virus_scanner_runtime::env::{ConfigErrors, Env};
 
+use virus_scanner_queue::{QueueConfig, RedisConfig};
+
 use crate::certs;
+use crate::crd::{RedisSettings, SecretKeyRef};
 use crate::error::Error;
+use crate::tenants::{self, TenantUsers};
 
 #[derive(Debug, Parser)]
 #[command(name = "virus-scan-operator", version, about)]
@@ -33,6 +37,62 @@ pub enum Command {
     Crd,
     /// Render the Envoy configuration of a policy file, without a cluster.
     EnvoyConfig(EnvoyConfigArgs),
+    /// Print the `ACL SETUSER` lines of the consumers' user and of each tenant's, to apply to
+    /// an external Redis by hand (passwords as placeholders).
+    RedisAcl(RedisAclArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RedisAclArgs {
+    /// Tenant namespaces.
+    #[arg(long = "tenant")]
+    pub tenants: Vec<String>,
+    #[arg(long, default_value = "virus-scanner")]
+    pub queue_prefix: String,
+    #[arg(long, default_value = "vs-consumer")]
+    pub consumer_user: String,
+}
+
+impl RedisAclArgs {
+    /// One line per user.
+    pub fn lines(&self) -> Result<String, Error> {
+        let defaults = QueueConfig::new(RedisConfig::from_host_port("localhost", 6379, false));
+        let mut out = String::new();
+        let consumer = virus_scanner_queue::acl::consumer_rules(
+            &self.queue_prefix,
+            &defaults.legacy_queue,
+            &defaults.legacy_result_prefix,
+        );
+        out += &virus_scanner_queue::acl::setuser_line(
+            &self.consumer_user,
+            ">CONSUMER_PASSWORD",
+            &consumer,
+        );
+        out.push('\n');
+        for tenant in &self.tenants {
+            if tenant.is_empty()
+                || tenant.len() > 63
+                || !tenant
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            {
+                let mut errors = ConfigErrors::new();
+                errors.push(format!("{tenant:?} is not a namespace name"));
+                return Err(Error::Config(errors));
+            }
+            out += &virus_scanner_queue::acl::setuser_line(
+                &virus_scanner_queue::acl::tenant_user(tenant),
+                &format!(
+                    ">{}_PASSWORD",
+                    tenant.to_ascii_uppercase().replace(['-', '.'], "_")
+                ),
+                &virus_scanner_queue::acl::tenant_rules(&self.queue_prefix, tenant),
+            );
+            out.push('\n');
+            out += &format!("SADD {{{}}}:tenants {tenant}\n", self.queue_prefix);
+        }
+        Ok(out)
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -122,6 +182,30 @@ pub struct RunArgs {
     pub default_redis_port: u16,
     #[arg(long, env = "DEFAULT_REDIS_TLS", default_value_t = false)]
     pub default_redis_tls: bool,
+    /// The CA of the default Redis's TLS certificate (PEM); tenants get a copy in their
+    /// Secret.
+    #[arg(long, env = "DEFAULT_REDIS_CA_FILE")]
+    pub default_redis_ca_file: Option<PathBuf>,
+    /// Keep a Redis ACL user per namespace with policies on the default Redis, with its
+    /// credentials in the Secret `virus-scanner-redis` there, which the sidecar is given.
+    #[arg(long, env = "TENANT_REDIS_USERS", default_value_t = false)]
+    pub tenant_redis_users: bool,
+    /// The operator's Redis user, which may administer ACL users.
+    #[arg(long, env = "REDIS_ADMIN_USERNAME")]
+    pub redis_admin_username: Option<String>,
+    #[arg(long, env = "REDIS_ADMIN_PASSWORD", hide_env_values = true)]
+    pub redis_admin_password: Option<String>,
+    /// The consumers' Redis user, kept with the consumers' rules when its password is set.
+    #[arg(long, env = "REDIS_CONSUMER_USERNAME", default_value = "vs-consumer")]
+    pub redis_consumer_username: String,
+    #[arg(long, env = "REDIS_CONSUMER_PASSWORD", hide_env_values = true)]
+    pub redis_consumer_password: Option<String>,
+    /// Prefix of the queue's keys (the consumers' `QUEUE_PREFIX`).
+    #[arg(long, env = "QUEUE_PREFIX", default_value = "virus-scanner")]
+    pub queue_prefix: String,
+    /// How often the tenants' Redis users are checked and re-applied.
+    #[arg(long, env = "TENANT_REDIS_USERS_PERIOD_SECONDS", default_value_t = 10)]
+    pub tenant_redis_users_period_seconds: u64,
 }
 
 impl Cli {
@@ -157,7 +241,75 @@ impl RunArgs {
         if self.producer_image.is_empty() {
             errors.push("PRODUCER_IMAGE must not be empty");
         }
+        if self.tenant_redis_users {
+            if self
+                .redis_admin_password
+                .as_deref()
+                .unwrap_or("")
+                .is_empty()
+            {
+                errors.push("TENANT_REDIS_USERS needs REDIS_ADMIN_PASSWORD");
+            }
+            if self.tenant_redis_users_period_seconds == 0 {
+                errors.push("TENANT_REDIS_USERS_PERIOD_SECONDS must be positive");
+            }
+        }
         Ok(errors.into_result()?)
+    }
+
+    /// The Redis a policy without `spec.redis` is given: the chart's, with the tenant's own
+    /// credentials from its Secret when the operator keeps them.
+    pub fn default_redis(&self) -> RedisSettings {
+        let tenant_secret = |key: &str| {
+            Some(SecretKeyRef {
+                name: tenants::SECRET_NAME.to_owned(),
+                key: key.to_owned(),
+            })
+        };
+        let managed = self.tenant_redis_users;
+        RedisSettings {
+            host: self.default_redis_host.clone(),
+            port: self.default_redis_port,
+            tls: self.default_redis_tls,
+            username_secret_ref: managed
+                .then(|| tenant_secret(tenants::USERNAME_KEY))
+                .flatten(),
+            password_secret_ref: managed
+                .then(|| tenant_secret(tenants::PASSWORD_KEY))
+                .flatten(),
+            ca_secret_ref: (managed && self.default_redis_ca_file.is_some())
+                .then(|| tenant_secret(tenants::CA_KEY))
+                .flatten(),
+        }
+    }
+
+    /// What the tenants' Redis users are kept with, when the operator keeps them.
+    pub fn tenant_users(&self) -> Result<Option<TenantUsers>, Error> {
+        if !self.tenant_redis_users {
+            return Ok(None);
+        }
+        let mut redis = RedisConfig::from_host_port(
+            &self.default_redis_host,
+            self.default_redis_port,
+            self.default_redis_tls,
+        );
+        redis.username = self.redis_admin_username.clone();
+        redis.password = self.redis_admin_password.clone();
+        redis.ca_file = self.default_redis_ca_file.clone();
+        let defaults = QueueConfig::new(redis.clone());
+        Ok(Some(TenantUsers {
+            redis,
+            prefix: self.queue_prefix.clone(),
+            ca_file: self.default_redis_ca_file.clone(),
+            consumer: self
+                .redis_consumer_password
+                .clone()
+                .filter(|p| !p.is_empty())
+                .map(|p| (self.redis_consumer_username.clone(), p)),
+            legacy_queue: defaults.legacy_queue,
+            legacy_result_prefix: defaults.legacy_result_prefix,
+            period: Duration::from_secs(self.tenant_redis_users_period_seconds),
+        }))
     }
 
     pub(crate) fn cert_source(&self) -> certs::CertSource {

@@ -292,6 +292,10 @@ pub struct RedisSettings {
     /// Connect with TLS (`rediss://`).
     #[serde(default)]
     pub tls: bool,
+    /// The Redis ACL username, from a Secret in the policy's namespace (without it, the
+    /// default user).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username_secret_ref: Option<SecretKeyRef>,
     /// The Redis password, from a Secret in the policy's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_secret_ref: Option<SecretKeyRef>,

@@ -370,9 +370,15 @@ fn sidecar(policy: &VirusScanPolicy, defaults: &InjectDefaults) -> Container {
     if redis.tls {
         envs.push(env(sidecar_env::REDIS_TLS, true));
     }
-    if let Some(secret) = &redis.password_secret_ref {
+    for (name, secret) in [
+        (sidecar_env::REDIS_USERNAME, &redis.username_secret_ref),
+        (sidecar_env::REDIS_PASSWORD, &redis.password_secret_ref),
+    ] {
+        let Some(secret) = secret else { continue };
+        // Not optional: without its credentials the sidecar does not start, and neither does
+        // the gateway's pod with it.
         envs.push(EnvVar {
-            name: sidecar_env::REDIS_PASSWORD.to_owned(),
+            name: name.to_owned(),
             value: None,
             value_from: Some(EnvVarSource {
                 secret_key_ref: Some(SecretKeySelector {
@@ -568,6 +574,7 @@ mod tests {
                 tls: false,
                 password_secret_ref: None,
                 ca_secret_ref: None,
+                username_secret_ref: None,
             },
         }
     }

@@ -15,6 +15,7 @@ pub mod lease;
 pub mod metrics;
 pub mod run;
 pub mod selector;
+pub mod tenants;
 pub mod webhook;
 
 pub use cli::{Cli, Command, EnvoyConfigArgs, RunArgs};

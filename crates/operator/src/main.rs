@@ -13,6 +13,10 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", virus_scan_operator::envoy_config(&args)?);
             Ok(())
         }
+        Some(Command::RedisAcl(args)) => {
+            print!("{}", args.lines()?);
+            Ok(())
+        }
         Some(Command::Run) | None => {
             virus_scanner_runtime::init_tracing(cli.run.log_format);
             virus_scan_operator::run(cli.run).await?;

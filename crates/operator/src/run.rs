@@ -10,13 +10,14 @@ use tokio::sync::watch;
 
 use crate::cli::RunArgs;
 use crate::error::Error;
-use crate::{certs, controller, crd, inject, lease, metrics, webhook};
+use crate::{certs, controller, inject, lease, metrics, tenants, webhook};
 
 /// Runs the operator until SIGTERM: the ops endpoint on every replica, the controller only
 /// on the leader. Losing the lease ends the process (the kubelet restarts it as a
 /// candidate), which is the one way to be sure no write of the old term is in flight.
 pub async fn run(args: RunArgs) -> Result<(), Error> {
     args.validate()?;
+    let tenant_users = args.tenant_users()?;
     let client = kube::Client::try_default()
         .await
         .map_err(Error::ClientConfig)?;
@@ -54,13 +55,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     // The webhook injects with these and the controller checks injected pods against them.
     let defaults = Arc::new(inject::InjectDefaults {
         image: args.producer_image.clone(),
-        redis: crd::RedisSettings {
-            host: args.default_redis_host.clone(),
-            port: args.default_redis_port,
-            tls: args.default_redis_tls,
-            password_secret_ref: None,
-            ca_secret_ref: None,
-        },
+        redis: args.default_redis(),
     });
     let injector = webhook::Injector {
         policies,
@@ -127,6 +122,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         client,
         metrics.clone(),
         defaults,
+        tenant_users,
         &identity,
         stopped,
     )
@@ -142,6 +138,7 @@ async fn lead<F, Fut>(
     client: kube::Client,
     metrics: metrics::Metrics,
     defaults: Arc<inject::InjectDefaults>,
+    tenant_users: Option<tenants::TenantUsers>,
     identity: &str,
     stopped: F,
 ) -> Result<(), Error>
@@ -165,10 +162,21 @@ where
     tracing::info!(identity = elector.identity(), "leading");
     metrics.leader.set(1);
 
+    let (lost_tx, lost_rx) = watch::channel(false);
+    // The leader alone keeps the tenants' Redis users, until it stops or loses the lease.
+    if let Some(settings) = tenant_users {
+        let mut lost = lost_rx.clone();
+        let stop = stopped();
+        tokio::spawn(tenants::run(client.clone(), settings, async move {
+            tokio::select! {
+                () = stop => {}
+                _ = lost.wait_for(|l| *l) => {}
+            }
+        }));
+    }
     let ctx = Arc::new(controller::Context::new(
         client, identity, metrics, defaults,
     ));
-    let (lost_tx, lost_rx) = watch::channel(false);
     let controller_stop = {
         let mut lost = lost_rx;
         let stop = stopped();

@@ -59,6 +59,7 @@ async fn create_injected_pod(client: &Client, name: &str) {
             tls: false,
             password_secret_ref: None,
             ca_secret_ref: None,
+            username_secret_ref: None,
         },
     };
     let pod: Pod = serde_json::from_value(json!({

@@ -636,6 +636,7 @@ async fn webhook_with_held_cache(
                 tls: false,
                 password_secret_ref: None,
                 ca_secret_ref: None,
+                username_secret_ref: None,
             },
         }),
         metrics: webhook::WebhookMetrics::register(&mut Default::default()),

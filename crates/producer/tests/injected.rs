@@ -53,6 +53,7 @@ fn injected_sidecar_env() -> Vec<(String, Option<String>)> {
             tls: false,
             password_secret_ref: None,
             ca_secret_ref: None,
+            username_secret_ref: None,
         },
     };
     let pod = inject(&pod, &policy, &defaults);

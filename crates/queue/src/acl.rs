@@ -68,7 +68,7 @@ pub fn consumer_rules(prefix: &str, legacy_queue: &str, legacy_result_prefix: &s
         "+function|load".into(),
         format!("~{}:*", keys.prefix()),
         format!("~{legacy_queue}"),
-        format!("~{legacy_queue}:*"),
+        format!("~{{{legacy_queue}}}:*"),
         format!("~{legacy_result_prefix}*"),
     ]
 }

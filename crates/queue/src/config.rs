@@ -69,6 +69,9 @@ impl RedisConfig {
             .map_err(|e| QueueError::Config(format!("invalid Redis URL: {e}")))?;
         // Verdict waits are latency-bound: no Nagle delay on small commands.
         info = info.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        // No `CLIENT SETINFO` after connecting: a tenant's ACL user may not run it.
+        let settings = info.redis_settings().clone().set_skip_set_lib_name();
+        info = info.set_redis_settings(settings);
         if let Some(username) = &self.username {
             let settings = info.redis_settings().clone().set_username(username);
             info = info.set_redis_settings(settings);

@@ -92,6 +92,7 @@ fn defaults() -> InjectDefaults {
             tls: false,
             password_secret_ref: None,
             ca_secret_ref: None,
+            username_secret_ref: None,
         },
     }
 }

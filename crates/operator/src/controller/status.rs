@@ -225,6 +225,7 @@ mod tests {
                 tls: false,
                 password_secret_ref: None,
                 ca_secret_ref: None,
+                username_secret_ref: None,
             },
         }
     }

@@ -1,0 +1,197 @@
+//! A Redis user per tenant. For every namespace with a VirusScanPolicy on the shared Redis,
+//! the operator keeps a Secret `virus-scanner-redis` (username, a generated password, the CA
+//! of Redis's TLS certificate) and the ACL user it names, with the rules of
+//! [`virus_scanner_queue::acl::tenant_rules`]; the injector points the sidecar at that Secret.
+//! It also keeps the consumers' user. Users are re-applied on every pass, so a Redis that
+//! restarted without its ACLs has them back within one period. A namespace without policies
+//! loses its user (its Secret goes with its policies, by owner references). Deleting the
+//! Secret rotates the password: a new one is generated and applied; pods started with the old
+//! one fail closed when they reconnect, until they are restarted.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Api, ListParams, ObjectMeta, PostParams};
+use kube::{Resource, ResourceExt};
+use virus_scanner_queue::{RedisConfig, acl};
+
+use crate::crd::VirusScanPolicy;
+
+/// The Secret in each tenant namespace that holds its Redis credentials.
+pub const SECRET_NAME: &str = "virus-scanner-redis";
+pub const USERNAME_KEY: &str = "username";
+pub const PASSWORD_KEY: &str = "password";
+pub const CA_KEY: &str = "ca.crt";
+
+/// What the operator needs to keep the users.
+#[derive(Debug, Clone)]
+pub struct TenantUsers {
+    /// The operator's own (administrative) connection to the shared Redis.
+    pub redis: RedisConfig,
+    pub prefix: String,
+    /// The CA tenants verify Redis's certificate with, copied into their Secret.
+    pub ca_file: Option<PathBuf>,
+    /// The consumers' user and password, kept with the consumers' rules.
+    pub consumer: Option<(String, String)>,
+    pub legacy_queue: String,
+    pub legacy_result_prefix: String,
+    pub period: Duration,
+}
+
+/// Keeps the users until `stop` resolves.
+pub async fn run(
+    client: kube::Client,
+    settings: TenantUsers,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    loop {
+        if let Err(e) = reconcile(&client, &settings).await {
+            tracing::warn!(error = %e, "cannot keep the tenants' Redis users; trying again");
+        }
+        tokio::select! {
+            () = &mut stop => return,
+            () = tokio::time::sleep(settings.period) => {}
+        }
+    }
+}
+
+/// One pass: every tenant namespace has its Secret and user, the consumers have theirs, and
+/// tenants without policies have none.
+pub async fn reconcile(
+    client: &kube::Client,
+    settings: &TenantUsers,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let policies = Api::<VirusScanPolicy>::all(client.clone())
+        .list(&ListParams::default())
+        .await?;
+    // Policies with a Redis of their own bring their own credentials.
+    let mut tenants: BTreeMap<String, Vec<&VirusScanPolicy>> = BTreeMap::new();
+    for p in policies.items.iter().filter(|p| p.spec.redis.is_none()) {
+        if let Some(ns) = p.namespace() {
+            tenants.entry(ns).or_default().push(p);
+        }
+    }
+    let ca = match &settings.ca_file {
+        Some(path) => Some(
+            std::fs::read(path)
+                .map_err(|e| format!("cannot read the Redis CA {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
+    let mut conn = settings
+        .redis
+        .client()?
+        .get_multiplexed_async_connection()
+        .await?;
+    if let Some((user, password)) = &settings.consumer {
+        let rules = acl::consumer_rules(
+            &settings.prefix,
+            &settings.legacy_queue,
+            &settings.legacy_result_prefix,
+        );
+        acl::set_user(&mut conn, user, password, &rules).await?;
+    }
+    for (namespace, owners) in &tenants {
+        let password = ensure_secret(client, namespace, owners, ca.as_deref()).await?;
+        acl::provision_tenant(&mut conn, &settings.prefix, namespace, &password).await?;
+    }
+    let wanted: BTreeSet<&String> = tenants.keys().collect();
+    for tenant in acl::provisioned_tenants(&mut conn).await? {
+        if !wanted.contains(&tenant) {
+            tracing::info!(
+                tenant,
+                "removing the Redis user of a namespace without policies"
+            );
+            acl::remove_tenant(&mut conn, &settings.prefix, &tenant).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The tenant's password: from its Secret, or a new one in a new Secret owned by the
+/// namespace's policies. The CA and the owners are brought up to date.
+async fn ensure_secret(
+    client: &kube::Client,
+    namespace: &str,
+    owners: &[&VirusScanPolicy],
+    ca: Option<&[u8]>,
+) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+    let api = Api::<Secret>::namespaced(client.clone(), namespace);
+    let owner_refs: Vec<OwnerReference> = owners
+        .iter()
+        .filter_map(|p| p.controller_owner_ref(&()))
+        .map(|mut r| {
+            r.controller = Some(false);
+            r
+        })
+        .collect();
+    let mut data = BTreeMap::new();
+    data.insert(
+        USERNAME_KEY.to_owned(),
+        ByteString(acl::tenant_user(namespace).into_bytes()),
+    );
+    if let Some(ca) = ca {
+        data.insert(CA_KEY.to_owned(), ByteString(ca.to_vec()));
+    }
+    match api.get_opt(SECRET_NAME).await? {
+        Some(mut secret) => {
+            let current = secret.data.get_or_insert_with(BTreeMap::new);
+            let password = match current.get(PASSWORD_KEY) {
+                Some(p) if !p.0.is_empty() => String::from_utf8(p.0.clone())
+                    .map_err(|_| format!("{namespace}/{SECRET_NAME}: the password is not UTF-8"))?,
+                // Emptied by hand: a new password, as if the Secret had been deleted.
+                _ => new_password()?,
+            };
+            data.insert(
+                PASSWORD_KEY.to_owned(),
+                ByteString(password.clone().into_bytes()),
+            );
+            let owners_differ = secret.metadata.owner_references.as_ref() != Some(&owner_refs);
+            if *current != data || owners_differ {
+                *current = data;
+                secret.metadata.owner_references = Some(owner_refs);
+                secret.metadata.managed_fields = None;
+                api.replace(SECRET_NAME, &PostParams::default(), &secret)
+                    .await?;
+            }
+            Ok(password)
+        }
+        None => {
+            let password = new_password()?;
+            data.insert(
+                PASSWORD_KEY.to_owned(),
+                ByteString(password.clone().into_bytes()),
+            );
+            let secret = Secret {
+                metadata: ObjectMeta {
+                    name: Some(SECRET_NAME.to_owned()),
+                    namespace: Some(namespace.to_owned()),
+                    owner_references: Some(owner_refs),
+                    labels: Some(BTreeMap::from([(
+                        "app.kubernetes.io/managed-by".to_owned(),
+                        "virus-scan-operator".to_owned(),
+                    )])),
+                    ..ObjectMeta::default()
+                },
+                data: Some(data),
+                ..Secret::default()
+            };
+            api.create(&PostParams::default(), &secret).await?;
+            tracing::info!(namespace, "created the tenant's Redis credentials");
+            Ok(password)
+        }
+    }
+}
+
+/// 256 random bits, hex.
+fn new_password() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(hex::encode(bytes))
+}

@@ -1,0 +1,305 @@
+//! The operator keeps a Redis user per tenant namespace on a real Redis that serves TLS only:
+//! the Secret it writes lets the tenant's producer submit and get verdicts from the real
+//! consumer and clamd, and nothing else; deleting the Secret rotates the password; a namespace
+//! without policies loses its user.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use kube::api::DeleteParams;
+use support::{EXAMPLES, plane_with_crd};
+use virus_scan_operator::tenants::{self, TenantUsers};
+use virus_scanner_protocol::task::{Content, ScanTask, VerdictStatus};
+use virus_scanner_queue::{Producer, QueueConfig, RedisConfig};
+use virus_scanner_test_support::{Clamd, EICAR, Redis, RedisOptions, clean_bytes, wait_for};
+
+const ADMIN_PASSWORD: &str = "operator-secret";
+const CONSUMER_PASSWORD: &str = "consumer-secret";
+
+fn admin(redis: &Redis) -> RedisConfig {
+    let mut r = RedisConfig::from_host_port(redis.host(), redis.port(), true);
+    r.ca_file = Some(redis.ca_file());
+    r.password = Some(ADMIN_PASSWORD.into());
+    r
+}
+
+fn settings(redis: &Redis) -> TenantUsers {
+    let defaults = QueueConfig::new(admin(redis));
+    TenantUsers {
+        redis: admin(redis),
+        prefix: defaults.prefix,
+        ca_file: Some(redis.ca_file()),
+        consumer: Some(("vs-consumer".into(), CONSUMER_PASSWORD.into())),
+        legacy_queue: defaults.legacy_queue,
+        legacy_result_prefix: defaults.legacy_result_prefix,
+        period: Duration::from_secs(1),
+    }
+}
+
+/// What the tenant's sidecar would be given: host and port from the chart, the rest from the
+/// Secret (the CA written to a file, as the mounted Secret).
+async fn tenant_config(
+    client: &kube::Client,
+    redis: &Redis,
+    ns: &str,
+    dir: &std::path::Path,
+) -> QueueConfig {
+    let secret = Api::<Secret>::namespaced(client.clone(), ns)
+        .get(tenants::SECRET_NAME)
+        .await
+        .unwrap();
+    let data = secret.data.unwrap();
+    let field = |k: &str| String::from_utf8(data[k].0.clone()).unwrap();
+    let ca = dir.join(format!("{ns}-ca.crt"));
+    std::fs::write(&ca, &data[tenants::CA_KEY].0).unwrap();
+    let mut r = RedisConfig::from_host_port(redis.host(), redis.port(), true);
+    r.username = Some(field(tenants::USERNAME_KEY));
+    r.password = Some(field(tenants::PASSWORD_KEY));
+    r.ca_file = Some(ca);
+    let mut q = QueueConfig::new(r);
+    q.tenant = ns.into();
+    q
+}
+
+fn body_task(id: &str, body: Vec<u8>) -> ScanTask {
+    ScanTask {
+        id: id.into(),
+        size: body.len() as u64,
+        content: Some(Content::Body(body.into())),
+        ..ScanTask::default()
+    }
+}
+
+/// The consumer, in process, as the consumers' user.
+fn consumer(
+    rt: &tokio::runtime::Runtime,
+    redis: &Redis,
+    clamd: &Clamd,
+    scan_dir: &std::path::Path,
+) -> tokio::sync::oneshot::Sender<()> {
+    let port = redis.port().to_string();
+    let ca = redis.ca_file().display().to_string();
+    let dir = scan_dir.display().to_string();
+    let args = <virus_scanner_consumer::ConsumerArgs as clap::Parser>::parse_from([
+        "virus-scanner-handler",
+        "--redis-host",
+        "127.0.0.1",
+        "--redis-port",
+        &port,
+        "--redis-tls",
+        "--redis-ca-file",
+        &ca,
+        "--redis-username",
+        "vs-consumer",
+        "--redis-password",
+        CONSUMER_PASSWORD,
+        "--clamd-address",
+        &clamd.address(),
+        "--scan-tmp-dir",
+        &dir,
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--log-format",
+        "text",
+    ])
+    .validate()
+    .unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    rt.spawn(async move {
+        let stop = async move {
+            let _ = rx.await;
+        };
+        if let Err(e) = virus_scanner_consumer::run(args, stop).await {
+            panic!("consumer: {e}");
+        }
+    });
+    tx
+}
+
+#[test]
+fn each_tenant_gets_a_redis_user_that_reaches_only_its_own_scans() {
+    let plane = plane_with_crd();
+    let example = std::fs::read_to_string(format!("{EXAMPLES}/virusscanpolicy.yaml")).unwrap();
+    let policies = tempfile::tempdir().unwrap();
+    for ns in ["team-a", "team-b"] {
+        plane.kubectl(&["create", "namespace", ns]);
+        let file = policies.path().join(format!("{ns}.yaml"));
+        std::fs::write(&file, example.replace("namespace: tenant-a", &format!("namespace: {ns}")))
+            .unwrap();
+        plane.kubectl(&["apply", "-f", file.to_str().unwrap()]);
+    }
+    let redis = Redis::start_with(RedisOptions {
+        tls: true,
+        password: Some(ADMIN_PASSWORD.into()),
+        ..RedisOptions::default()
+    });
+    let clamd = Clamd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = plane.client().await;
+        let settings = settings(&redis);
+        tenants::reconcile(&client, &settings).await.unwrap();
+
+        // The Secret: the tenant's username, a generated password, the CA; owned by the policy.
+        let secret = Api::<Secret>::namespaced(client.clone(), "team-a")
+            .get(tenants::SECRET_NAME)
+            .await
+            .unwrap();
+        let owners = secret.metadata.owner_references.clone().unwrap();
+        assert_eq!(owners.len(), 1);
+        assert_eq!(
+            (owners[0].kind.as_str(), owners[0].name.as_str()),
+            ("VirusScanPolicy", "gateway")
+        );
+        let data = secret.data.clone().unwrap();
+        assert_eq!(data[tenants::USERNAME_KEY].0, b"vs-tenant-team-a");
+        assert_eq!(data[tenants::PASSWORD_KEY].0.len(), 64);
+        assert_eq!(
+            data[tenants::CA_KEY].0,
+            std::fs::read(redis.ca_file()).unwrap()
+        );
+        // A second pass changes nothing.
+        tenants::reconcile(&client, &settings).await.unwrap();
+        let again = Api::<Secret>::namespaced(client.clone(), "team-a")
+            .get(tenants::SECRET_NAME)
+            .await
+            .unwrap();
+        assert_eq!(again.data, secret.data);
+        assert_eq!(
+            again.metadata.resource_version,
+            secret.metadata.resource_version
+        );
+    });
+
+    let stop = consumer(&rt, &redis, &clamd, dir.path());
+    rt.block_on(async {
+        let client = plane.client().await;
+        let a_config = tenant_config(&client, &redis, "team-a", dir.path()).await;
+        let a = Producer::connect(a_config.clone()).await.unwrap();
+        let deadline = || Instant::now() + Duration::from_secs(30);
+        let mut infected = b"--x\r\n".to_vec();
+        infected.extend_from_slice(EICAR);
+        let v = a
+            .submit(&body_task("00a1", infected), deadline())
+            .await
+            .unwrap();
+        assert_eq!(v.status(), VerdictStatus::Infected, "{}", v.detail);
+        let v = a
+            .submit(&body_task("00a2", clean_bytes(10_000, 1)), deadline())
+            .await
+            .unwrap();
+        assert_eq!(v.status(), VerdictStatus::Clean, "{}", v.detail);
+
+        // With a's credentials: nothing outside a's own scans.
+        let mut c = a_config
+            .redis
+            .client()
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let p = "{virus-scanner}";
+        let cache = format!("{p}:cache:1:{}", "ab".repeat(32));
+        let refused: Vec<(&str, redis::Cmd)> = vec![
+            (
+                "SET cache",
+                redis::cmd("SET").arg(&cache).arg("clean").clone(),
+            ),
+            (
+                "XRANGE",
+                redis::cmd("XRANGE")
+                    .arg(format!("{p}:tasks:team-b:normal"))
+                    .arg("-")
+                    .arg("+")
+                    .clone(),
+            ),
+            (
+                "XREADGROUP",
+                redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg("scanners")
+                    .arg("x")
+                    .arg("STREAMS")
+                    .arg(format!("{p}:tasks:team-a:normal"))
+                    .arg(">")
+                    .clone(),
+            ),
+            (
+                "BLPOP b's verdict",
+                redis::cmd("BLPOP")
+                    .arg(format!("{p}:verdict:team-b:00b1"))
+                    .arg(0.1)
+                    .clone(),
+            ),
+            (
+                "XGROUP",
+                redis::cmd("XGROUP")
+                    .arg("DESTROY")
+                    .arg(format!("{p}:tasks:team-b:normal"))
+                    .arg("scanners")
+                    .clone(),
+            ),
+            (
+                "CONFIG",
+                redis::cmd("CONFIG").arg("GET").arg("requirepass").clone(),
+            ),
+            ("MONITOR", redis::cmd("MONITOR").clone()),
+            ("KEYS", redis::cmd("KEYS").arg("*").clone()),
+        ];
+        for (what, cmd) in refused {
+            let r: redis::RedisResult<redis::Value> = cmd.query_async(&mut c).await;
+            assert!(
+                matches!(&r, Err(e) if e.code() == Some("NOPERM")),
+                "{what}: {r:?}"
+            );
+        }
+        // No credentials, and plain TCP.
+        let mut anonymous = a_config.clone();
+        anonymous.redis.username = None;
+        anonymous.redis.password = None;
+        assert!(Producer::connect(anonymous).await.is_err());
+        let mut plain = a_config.clone();
+        plain.redis.url = plain.redis.url.replace("rediss://", "redis://");
+        plain.redis.ca_file = None;
+        assert!(Producer::connect(plain).await.is_err());
+
+        // Rotation: the Secret deleted, a new password; the old one opens nothing new.
+        let secrets = Api::<Secret>::namespaced(client.clone(), "team-a");
+        secrets
+            .delete(tenants::SECRET_NAME, &DeleteParams::default())
+            .await
+            .unwrap();
+        tenants::reconcile(&client, &settings(&redis))
+            .await
+            .unwrap();
+        let rotated = tenant_config(&client, &redis, "team-a", dir.path()).await;
+        assert_ne!(rotated.redis.password, a_config.redis.password);
+        assert!(Producer::connect(a_config.clone()).await.is_err());
+        let a = Producer::connect(rotated).await.unwrap();
+        let v = a
+            .submit(&body_task("00a3", clean_bytes(10_000, 2)), deadline())
+            .await
+            .unwrap();
+        assert_eq!(v.status(), VerdictStatus::Clean, "{}", v.detail);
+
+        // A namespace without policies loses its user.
+        let b_config = tenant_config(&client, &redis, "team-b", dir.path()).await;
+        assert!(Producer::connect(b_config.clone()).await.is_ok());
+        plane.kubectl(&["delete", "-n", "team-b", "virusscanpolicy", "gateway"]);
+        tenants::reconcile(&client, &settings(&redis))
+            .await
+            .unwrap();
+        assert!(Producer::connect(b_config).await.is_err());
+    });
+    let _ = stop.send(());
+    assert!(wait_for(Duration::from_secs(1), || true));
+}
