@@ -66,8 +66,9 @@ pub enum SpoolError {
     #[error("{0} is not a directory")]
     NotADirectory(PathBuf),
     #[error(
-        "{path} belongs to uid {owner}, not to this process (uid {me}); another tenant may \
-         own it"
+        "{path} belongs to uid {owner}, not to this process (uid {me}), and is not a sticky \
+         directory of root's: another tenant's, or made without the sticky bit; make it \
+         owned by uid {me}, mode 2750, in the consumers' group"
     )]
     ForeignOwner { path: PathBuf, owner: u32, me: u32 },
     #[error("{path}: {source}")]
