@@ -95,12 +95,7 @@ pub(crate) async fn scan(
         // Hashed before the scan for the cache lookup, and again as it streams to clamd.
         Input::File { file, .. } => match hash_file(file).await {
             Ok(sha) if task.sha256.len() == 32 && task.sha256 != sha => {
-                let path = match &task.content {
-                    Some(Content::Path(p)) => p.clone(),
-                    _ => String::new(),
-                };
-                let e = ConsumerError::PathRefused(PathRejected::NotTheHashedBody(path));
-                return (refused(state, task, e), None);
+                return (refused(state, task, not_the_hashed_body(task)), None);
             }
             Ok(sha) => Some(sha),
             Err(e) => {
@@ -182,17 +177,8 @@ pub(crate) async fn scan(
                 Some(_) => None,
             }
             .map(ConsumerError::StoredBodyMismatch),
-            _ => {
-                let path = match &task.content {
-                    Some(Content::Path(p)) => p.clone(),
-                    _ => String::new(),
-                };
-                let first = pre_scan_sha.as_deref();
-                let ok = sha.as_deref().is_some_and(|s| {
-                    expected.map_or(first == Some(s), |e| e == s && first == Some(s))
-                });
-                (!ok).then(|| ConsumerError::PathRefused(PathRejected::NotTheHashedBody(path)))
-            }
+            // Hashed before the scan, and equal to the producer's hash if the task has one.
+            _ => (sha.is_none() || sha != pre_scan_sha).then(|| not_the_hashed_body(task)),
         }
     });
     if let Some(e) = failed {
@@ -209,6 +195,15 @@ pub(crate) async fn scan(
         state.metrics().scan_seconds.observe(elapsed.as_secs_f64());
     }
     (verdict, db_version.zip(sha))
+}
+
+/// A spilled file whose bytes are not those its producer hashed, or that changed while read.
+fn not_the_hashed_body(task: &ScanTask) -> ConsumerError {
+    let path = match &task.content {
+        Some(Content::Path(p)) => p.clone(),
+        _ => String::new(),
+    };
+    ConsumerError::PathRefused(PathRejected::NotTheHashedBody(path))
 }
 
 /// The tenant a task is handled for, which decides the only spool directory its PATH may
