@@ -63,3 +63,8 @@ AlertEncrypted yes
 AlertEncryptedArchive yes
 AlertEncryptedDoc yes
 {{- end -}}
+
+{{/* Tenants on the bundled Redis: TLS, ACL users, secrets kept by the operator. */}}
+{{- define "vs.redisAcl" -}}
+{{- if and (eq .Values.redis.mode "bundled") .Values.redis.tenantUsers -}}true{{- end -}}
+{{- end -}}

@@ -27,7 +27,7 @@ use virus_scanner_queue::Consumer;
 
 pub use config::{ConsumerArgs, ConsumerConfig};
 pub use error::{ConsumerError, Origin, RunError};
-use metrics::{Metrics, PriorityLabels};
+use metrics::{Metrics, QueueLabels};
 use scan_dir::ScanDir;
 use state::ConsumerState;
 
@@ -129,13 +129,19 @@ async fn sample_depth(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
-        if let Ok((high, normal)) = control.depth().await {
-            for (priority, depth) in [("high", high), ("normal", normal)] {
-                state
-                    .metrics()
-                    .queue_depth
-                    .get_or_create(&PriorityLabels { priority })
-                    .set(depth as i64);
+        if let Ok(depths) = control.depth_by_tenant().await {
+            let gauge = &state.metrics().queue_depth;
+            // Tenants that are gone leave no stale series behind.
+            gauge.clear();
+            for (tenant, high, normal) in depths {
+                for (priority, depth) in [("high", high), ("normal", normal)] {
+                    gauge
+                        .get_or_create(&QueueLabels {
+                            tenant: tenant.clone(),
+                            priority,
+                        })
+                        .set(depth as i64);
+                }
             }
         }
         tokio::select! {

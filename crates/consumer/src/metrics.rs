@@ -11,8 +11,14 @@ pub struct VerdictLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PriorityLabels {
+pub struct QueueLabels {
+    pub tenant: String,
     pub priority: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLabels {
+    pub tenant: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -25,7 +31,8 @@ pub struct Metrics {
     pub scans: Family<VerdictLabels, Counter>,
     pub scanned_bytes: Counter,
     pub scan_seconds: Histogram,
-    pub queue_depth: Family<PriorityLabels, Gauge>,
+    pub queue_depth: Family<QueueLabels, Gauge>,
+    pub queue_wait: Family<TenantLabels, Histogram>,
     pub redeliveries: Counter,
     pub cache_hits: Counter,
     pub expired: Counter,
@@ -40,6 +47,9 @@ impl Metrics {
             scanned_bytes: Counter::default(),
             scan_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             queue_depth: Family::default(),
+            queue_wait: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 16))
+            }),
             redeliveries: Counter::default(),
             cache_hits: Counter::default(),
             expired: Counter::default(),
@@ -60,8 +70,13 @@ impl Metrics {
         );
         r.register(
             "queue_depth",
-            "Entries in the task streams",
+            "Entries in each tenant's task streams (waiting or being scanned)",
             m.queue_depth.clone(),
+        );
+        r.register(
+            "queue_wait_seconds",
+            "Time from enqueue to claim, per tenant",
+            m.queue_wait.clone(),
         );
         r.register(
             "redeliveries",

@@ -58,6 +58,18 @@ async fn process(state: &ConsumerState, consumer: &Consumer, d: Delivery) {
     if d.deliveries > 1 {
         metrics.redeliveries.inc();
     }
+    if let Ok(task) = &d.task
+        && task.enqueued_at_ns != 0
+        && d.deliveries == 1
+    {
+        let waited = now_ns().saturating_sub(task.enqueued_at_ns);
+        metrics
+            .queue_wait
+            .get_or_create(&crate::metrics::TenantLabels {
+                tenant: d.tenant.clone(),
+            })
+            .observe(waited as f64 / 1e9);
+    }
     let task = match &d.task {
         Ok(task) => task,
         Err(e) => {

@@ -153,6 +153,22 @@ pub async fn ensure_managed(
     m: &ManagedCert,
     resolver: &CertResolver,
 ) -> Result<(), CertError> {
+    let secret = ensure_secret(client, m).await?;
+    let bundle = field(&secret, KEY_BUNDLE)
+        .or_else(|| field(&secret, KEY_CA))
+        .ok_or_else(|| CertError::Files(format!("Secret {} has no {KEY_CA}", m.secret_name)))?;
+    patch_ca_bundle(client, &m.webhook_config_name, bundle).await?;
+    let cert = field(&secret, KEY_CERT)
+        .ok_or_else(|| CertError::Files(format!("Secret {} has no {KEY_CERT}", m.secret_name)))?;
+    let key = field(&secret, KEY_KEY)
+        .ok_or_else(|| CertError::Files(format!("Secret {} has no {KEY_KEY}", m.secret_name)))?;
+    resolver.load(cert, key)
+}
+
+/// The Secret with a CA (`ca.crt`, and `ca-bundle.crt` with the previous CA while it is
+/// trusted) and a server certificate (`tls.crt`, `tls.key`) for `m.names`: made, or renewed
+/// when close to its end.
+pub async fn ensure_secret(client: &Client, m: &ManagedCert) -> Result<Secret, CertError> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &m.namespace);
     let mut secret = secrets.get_opt(&m.secret_name).await?;
     if secret
@@ -173,7 +189,7 @@ pub async fn ensure_managed(
         };
         secret = match written {
             Ok(s) => {
-                tracing::info!(secret = m.secret_name, "issued a new webhook certificate");
+                tracing::info!(secret = m.secret_name, "issued a new certificate");
                 Some(s)
             }
             // Another replica rotated first: use what it wrote.
@@ -181,18 +197,7 @@ pub async fn ensure_managed(
             Err(e) => return Err(e.into()),
         };
     }
-    let Some(secret) = secret else {
-        return Err(CertError::Files("the certificate Secret vanished".into()));
-    };
-    let bundle = field(&secret, KEY_BUNDLE)
-        .or_else(|| field(&secret, KEY_CA))
-        .ok_or_else(|| CertError::Files(format!("Secret {} has no {KEY_CA}", m.secret_name)))?;
-    patch_ca_bundle(client, &m.webhook_config_name, bundle).await?;
-    let cert = field(&secret, KEY_CERT)
-        .ok_or_else(|| CertError::Files(format!("Secret {} has no {KEY_CERT}", m.secret_name)))?;
-    let key = field(&secret, KEY_KEY)
-        .ok_or_else(|| CertError::Files(format!("Secret {} has no {KEY_KEY}", m.secret_name)))?;
-    resolver.load(cert, key)
+    secret.ok_or_else(|| CertError::Files("the certificate Secret vanished".into()))
 }
 
 fn field<'a>(secret: &'a Secret, key: &str) -> Option<&'a Vec<u8>> {

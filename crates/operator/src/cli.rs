@@ -203,6 +203,14 @@ pub struct RunArgs {
     /// Prefix of the queue's keys (the consumers' `QUEUE_PREFIX`).
     #[arg(long, env = "QUEUE_PREFIX", default_value = "virus-scanner")]
     pub queue_prefix: String,
+    /// The bundled Redis: the operator keeps its passwords and ACL file in this Secret (in its
+    /// own namespace) and reads them from there instead of REDIS_ADMIN_PASSWORD.
+    #[arg(long, env = "REDIS_AUTH_SECRET")]
+    pub redis_auth_secret: Option<String>,
+    /// The bundled Redis: the operator keeps its TLS certificate (from a CA of its own) in
+    /// this Secret, for the names of DEFAULT_REDIS_HOST.
+    #[arg(long, env = "REDIS_TLS_SECRET")]
+    pub redis_tls_secret: Option<String>,
     /// How often the tenants' Redis users are checked and re-applied.
     #[arg(long, env = "TENANT_REDIS_USERS_PERIOD_SECONDS", default_value_t = 10)]
     pub tenant_redis_users_period_seconds: u64,
@@ -247,8 +255,12 @@ impl RunArgs {
                 .as_deref()
                 .unwrap_or("")
                 .is_empty()
+                && self.redis_auth_secret.is_none()
             {
-                errors.push("TENANT_REDIS_USERS needs REDIS_ADMIN_PASSWORD");
+                errors.push("TENANT_REDIS_USERS needs REDIS_ADMIN_PASSWORD or REDIS_AUTH_SECRET");
+            }
+            if self.redis_auth_secret.is_some() != self.redis_tls_secret.is_some() {
+                errors.push("REDIS_AUTH_SECRET and REDIS_TLS_SECRET go together");
             }
             if self.tenant_redis_users_period_seconds == 0 {
                 errors.push("TENANT_REDIS_USERS_PERIOD_SECONDS must be positive");
@@ -309,7 +321,43 @@ impl RunArgs {
             legacy_queue: defaults.legacy_queue,
             legacy_result_prefix: defaults.legacy_result_prefix,
             period: Duration::from_secs(self.tenant_redis_users_period_seconds),
+            backbone: self.backbone(),
         }))
+    }
+
+    /// The bundled Redis's secrets, when the operator keeps them.
+    fn backbone(&self) -> Option<tenants::Backbone> {
+        let (auth, tls) = (
+            self.redis_auth_secret.clone()?,
+            self.redis_tls_secret.clone()?,
+        );
+        let host = self.default_redis_host.clone();
+        let mut names = vec![host.clone()];
+        // `name.namespace.svc` also answers as `name.namespace` and `name`.
+        if let Some(short) = host.strip_suffix(".svc") {
+            names.push(short.to_owned());
+            names.push(format!("{host}.cluster.local"));
+            if let Some((service, _)) = short.split_once('.') {
+                names.push(service.to_owned());
+            }
+        }
+        Some(tenants::Backbone {
+            namespace: self.namespace.clone(),
+            auth_secret: auth,
+            admin_user: self
+                .redis_admin_username
+                .clone()
+                .unwrap_or_else(|| "vs-operator".to_owned()),
+            consumer_user: self.redis_consumer_username.clone(),
+            tls: certs::ManagedCert {
+                namespace: self.namespace.clone(),
+                secret_name: tls,
+                webhook_config_name: String::new(),
+                names,
+                validity: Duration::from_secs(self.webhook_cert_validity_seconds),
+                renew_before: Duration::from_secs(self.webhook_cert_renew_before_seconds),
+            },
+        })
     }
 
     pub(crate) fn cert_source(&self) -> certs::CertSource {

@@ -24,6 +24,8 @@ pub const SIDECAR: &str = "virus-scanner-producer";
 /// Opt-out: on a pod (annotation or label) `"false"` means never inject.
 pub const INJECT: &str = "virusscan.aether-platform.io/inject";
 pub const ANNOTATION_HASH: &str = "virusscan.aether-platform.io/injected-hash";
+/// The label of every pod the injector gave the sidecar.
+pub const LABEL_SIDECAR: &str = "virusscan.aether-platform.io/sidecar";
 pub const SPOOL_VOLUME: &str = "virus-scanner-spool";
 pub const SOCKET_VOLUME: &str = "virus-scanner-socket";
 pub const REDIS_CA_VOLUME: &str = "virus-scanner-redis-ca";
@@ -295,6 +297,12 @@ pub fn inject(pod: &Pod, policy: &VirusScanPolicy, defaults: &InjectDefaults) ->
         policy.metadata.generation.unwrap_or_default().to_string(),
     );
     annotations.insert(ANNOTATION_HASH.to_owned(), hash);
+    // What the chart's NetworkPolicy lets reach Redis. A label is no credential (a tenant can
+    // put it on any pod it runs): the tenant's Redis user is.
+    pod.metadata
+        .labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(LABEL_SIDECAR.to_owned(), "injected".to_owned());
     pod
 }
 

@@ -40,7 +40,26 @@ pub struct TenantUsers {
     pub legacy_queue: String,
     pub legacy_result_prefix: String,
     pub period: Duration,
+    /// The bundled Redis's own credentials and certificate, kept by the operator.
+    pub backbone: Option<Backbone>,
 }
+
+/// The bundled Redis's secrets, in the operator's namespace: one with the operator's and the
+/// consumers' passwords and the ACL file Redis starts with (the default user off, the operator
+/// an administrator), one with Redis's TLS certificate from a CA the operator made. The
+/// chart mounts them into Redis and the consumers; the operator reads them through the API.
+#[derive(Debug, Clone)]
+pub struct Backbone {
+    pub namespace: String,
+    pub auth_secret: String,
+    pub admin_user: String,
+    pub consumer_user: String,
+    pub tls: crate::certs::ManagedCert,
+}
+
+pub const OPERATOR_PASSWORD_KEY: &str = "operator-password";
+pub const CONSUMER_PASSWORD_KEY: &str = "consumer-password";
+pub const ACL_FILE_KEY: &str = "users.acl";
 
 /// Keeps the users until `stop` resolves.
 pub async fn run(
@@ -76,19 +95,32 @@ pub async fn reconcile(
             tenants.entry(ns).or_default().push(p);
         }
     }
-    let ca = match &settings.ca_file {
+    let mut redis = settings.redis.clone();
+    let mut consumer = settings.consumer.clone();
+    let mut ca = match &settings.ca_file {
         Some(path) => Some(
             std::fs::read(path)
                 .map_err(|e| format!("cannot read the Redis CA {}: {e}", path.display()))?,
         ),
         None => None,
     };
-    let mut conn = settings
-        .redis
-        .client()?
-        .get_multiplexed_async_connection()
-        .await?;
-    if let Some((user, password)) = &settings.consumer {
+    if let Some(b) = &settings.backbone {
+        let (admin, consumer_password) = ensure_backbone_auth(client, b).await?;
+        let tls = crate::certs::ensure_secret(client, &b.tls).await?;
+        let pem = tls
+            .data
+            .as_ref()
+            .and_then(|d| d.get("ca.crt"))
+            .map(|b| b.0.clone())
+            .ok_or("the Redis certificate Secret has no ca.crt")?;
+        redis.username = Some(b.admin_user.clone());
+        redis.password = Some(admin);
+        redis.ca_pem = Some(pem.clone());
+        ca = Some(pem);
+        consumer = Some((b.consumer_user.clone(), consumer_password));
+    }
+    let mut conn = redis.client()?.get_multiplexed_async_connection().await?;
+    if let Some((user, password)) = &consumer {
         let rules = acl::consumer_rules(
             &settings.prefix,
             &settings.legacy_queue,
@@ -185,6 +217,80 @@ async fn ensure_secret(
             tracing::info!(namespace, "created the tenant's Redis credentials");
             Ok(password)
         }
+    }
+}
+
+/// The operator's and the consumers' passwords, from the backbone's Secret or new in a new one.
+async fn ensure_backbone_auth(
+    client: &kube::Client,
+    b: &Backbone,
+) -> Result<(String, String), Box<dyn std::error::Error + Send + Sync>> {
+    let api = Api::<Secret>::namespaced(client.clone(), &b.namespace);
+    let read = |secret: &Secret, key: &str| {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .and_then(|v| String::from_utf8(v.0.clone()).ok())
+            .filter(|v| !v.is_empty())
+    };
+    if let Some(secret) = api.get_opt(&b.auth_secret).await?
+        && let (Some(admin), Some(consumer)) = (
+            read(&secret, OPERATOR_PASSWORD_KEY),
+            read(&secret, CONSUMER_PASSWORD_KEY),
+        )
+    {
+        return Ok((admin, consumer));
+    }
+    let (admin, consumer) = (new_password()?, new_password()?);
+    let acl_file = format!(
+        "user default off\nuser {} on >{admin} ~* &* +@all\n",
+        b.admin_user
+    );
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(b.auth_secret.clone()),
+            namespace: Some(b.namespace.clone()),
+            labels: Some(BTreeMap::from([(
+                "app.kubernetes.io/managed-by".to_owned(),
+                "virus-scan-operator".to_owned(),
+            )])),
+            ..ObjectMeta::default()
+        },
+        data: Some(BTreeMap::from([
+            (
+                OPERATOR_PASSWORD_KEY.to_owned(),
+                ByteString(admin.clone().into_bytes()),
+            ),
+            (
+                CONSUMER_PASSWORD_KEY.to_owned(),
+                ByteString(consumer.clone().into_bytes()),
+            ),
+            (ACL_FILE_KEY.to_owned(), ByteString(acl_file.into_bytes())),
+        ])),
+        ..Secret::default()
+    };
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => {
+            tracing::info!(secret = b.auth_secret, "created the Redis credentials");
+            Ok((admin, consumer))
+        }
+        // Another replica got there first: take what it wrote.
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let secret = api.get(&b.auth_secret).await?;
+            match (
+                read(&secret, OPERATOR_PASSWORD_KEY),
+                read(&secret, CONSUMER_PASSWORD_KEY),
+            ) {
+                (Some(a), Some(c)) => Ok((a, c)),
+                _ => Err(format!(
+                    "Secret {}/{} lacks {OPERATOR_PASSWORD_KEY} or {CONSUMER_PASSWORD_KEY}",
+                    b.namespace, b.auth_secret
+                )
+                .into()),
+            }
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

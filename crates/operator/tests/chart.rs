@@ -506,3 +506,113 @@ fn the_webhook_fails_closed_and_only_ready_replicas_serve_it() {
         "{service}"
     );
 }
+
+/// The env of a container, name to value (literal, or `secret/key` for a Secret reference).
+fn env_of(container: &Value) -> std::collections::BTreeMap<String, String> {
+    container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let value = match &e["valueFrom"]["secretKeyRef"] {
+                Value::Null => e["value"].as_str().unwrap_or_default().to_owned(),
+                r => format!(
+                    "{}/{}",
+                    r["name"].as_str().unwrap(),
+                    r["key"].as_str().unwrap()
+                ),
+            };
+            (e["name"].as_str().unwrap().to_owned(), value)
+        })
+        .collect()
+}
+
+#[test]
+fn the_bundled_redis_serves_tls_to_users_only_and_only_injected_pods_reach_it() {
+    let objects = template(&[]);
+    let redis =
+        &object(&objects, "StatefulSet", "vs-virus-scanner-redis")["spec"]["template"]["spec"];
+    let args: Vec<&str> = redis["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let arg = |name: &str| {
+        let i = args
+            .iter()
+            .position(|a| *a == name)
+            .unwrap_or_else(|| panic!("no {name}"));
+        args[i + 1]
+    };
+    // No plain port; TLS with the operator's certificate; users from the operator's ACL file.
+    assert_eq!(arg("--port"), "0");
+    assert_eq!(arg("--tls-port"), "6379");
+    assert_eq!(arg("--aclfile"), "/etc/redis/acl/users.acl");
+    let volumes = redis["volumes"].as_array().unwrap();
+    let secret_of = |name: &str| {
+        volumes
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no volume {name}"))["secret"]["secretName"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(secret_of("tls"), "vs-virus-scanner-redis-tls");
+    assert_eq!(secret_of("acl"), "vs-virus-scanner-redis-auth");
+
+    let consumer = &object(&objects, "Deployment", "vs-virus-scanner-consumer")["spec"]["template"]
+        ["spec"]["containers"][0];
+    let env = env_of(consumer);
+    assert_eq!(env["REDIS_TLS"], "true");
+    assert_eq!(env["REDIS_USERNAME"], "vs-consumer");
+    assert_eq!(
+        env["REDIS_PASSWORD"],
+        "vs-virus-scanner-redis-auth/consumer-password"
+    );
+    assert_eq!(env["REDIS_CA_FILE"], "/etc/virus-scanner/redis-ca/ca.crt");
+
+    let operator = &object(&objects, "Deployment", "vs-virus-scanner-operator")["spec"]["template"]
+        ["spec"]["containers"][0];
+    let env = env_of(operator);
+    assert_eq!(env["TENANT_REDIS_USERS"], "true");
+    assert_eq!(env["DEFAULT_REDIS_TLS"], "true");
+    assert_eq!(env["REDIS_AUTH_SECRET"], "vs-virus-scanner-redis-auth");
+    assert_eq!(env["REDIS_TLS_SECRET"], "vs-virus-scanner-redis-tls");
+    // The operator's settings parse and validate as the chart gives them.
+    let vars: Vec<(String, String)> = env.into_iter().collect();
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let cli =
+        virus_scan_operator::Cli::parse_from(["virus-scan-operator"], vars.as_slice()).unwrap();
+    cli.run.validate().unwrap();
+    assert!(cli.run.tenant_users().unwrap().unwrap().backbone.is_some());
+
+    // Redis: from the consumers, the operator and injected pods of opted-in namespaces only.
+    let policy = &object(&objects, "NetworkPolicy", "vs-virus-scanner-redis")["spec"];
+    let from = policy["ingress"][0]["from"].as_array().unwrap();
+    assert_eq!(from.len(), 3, "{from:?}");
+    let tenants = &from[2];
+    assert_eq!(
+        tenants["namespaceSelector"]["matchLabels"]["virusscan.aether-platform.io/injection"],
+        "enabled"
+    );
+    assert_eq!(
+        tenants["podSelector"]["matchLabels"][virus_scan_operator::inject::LABEL_SIDECAR],
+        "injected"
+    );
+    // The webhook from the API server's range, when given.
+    let objects = template(&["webhook.allowedSourceCIDRs={10.1.0.0/16}"]);
+    let policy = &object(&objects, "NetworkPolicy", "vs-virus-scanner-operator")["spec"];
+    assert_eq!(
+        policy["ingress"][0]["from"][0]["ipBlock"]["cidr"],
+        "10.1.0.0/16"
+    );
+    assert_eq!(policy["ingress"][0]["ports"][0]["port"], 9443);
+
+    // Without tenant users, no TLS and no credentials (one trusted tenant).
+    let objects = template(&["redis.tenantUsers=false"]);
+    let consumer = &object(&objects, "Deployment", "vs-virus-scanner-consumer")["spec"]["template"]
+        ["spec"]["containers"][0];
+    assert!(!env_of(consumer).contains_key("REDIS_USERNAME"));
+}

@@ -37,6 +37,7 @@ fn settings(redis: &Redis) -> TenantUsers {
         legacy_queue: defaults.legacy_queue,
         legacy_result_prefix: defaults.legacy_result_prefix,
         period: Duration::from_secs(1),
+        backbone: None,
     }
 }
 

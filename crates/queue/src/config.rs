@@ -15,6 +15,8 @@ pub struct RedisConfig {
     /// PEM file with the CA that signed the server's certificate (TLS), instead of the
     /// system's trust store.
     pub ca_file: Option<PathBuf>,
+    /// The same CA as PEM bytes, for a caller that holds it in memory; wins over `ca_file`.
+    pub ca_pem: Option<Vec<u8>>,
     pub connect_timeout: Duration,
     /// Longest wait for a reply to a non-blocking command.
     pub response_timeout: Duration,
@@ -33,6 +35,7 @@ impl RedisConfig {
             username: None,
             password: None,
             ca_file: None,
+            ca_pem: None,
             connect_timeout: Duration::from_secs(3),
             response_timeout: Duration::from_secs(5),
         }
@@ -80,20 +83,22 @@ impl RedisConfig {
             let settings = info.redis_settings().clone().set_password(password);
             info = info.set_redis_settings(settings);
         }
-        match &self.ca_file {
+        let root_cert = match (&self.ca_pem, &self.ca_file) {
+            (Some(pem), _) => Some(pem.clone()),
+            (None, Some(path)) => Some(std::fs::read(path).map_err(|e| {
+                QueueError::Config(format!("cannot read Redis CA file {}: {e}", path.display()))
+            })?),
+            (None, None) => None,
+        };
+        match root_cert {
             None => Ok(redis::Client::open(info)?),
-            Some(path) => {
-                let root_cert = std::fs::read(path).map_err(|e| {
-                    QueueError::Config(format!("cannot read Redis CA file {}: {e}", path.display()))
-                })?;
-                Ok(redis::Client::build_with_tls(
-                    info,
-                    redis::TlsCertificates {
-                        client_tls: None,
-                        root_cert: Some(root_cert),
-                    },
-                )?)
-            }
+            Some(root_cert) => Ok(redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            )?),
         }
     }
 }

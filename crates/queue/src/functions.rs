@@ -13,6 +13,8 @@ pub(crate) const SUBMIT: &str = "vs_submit_1";
 
 /// The library's and the functions' names carry their version: a library of another version
 /// under another name can stay loaded beside this one while a rollout runs.
+pub(crate) const LIBRARY: &str = "virus_scanner_1";
+
 const CODE: &str = r"#!lua name=virus_scanner_1
 redis.register_function('vs_submit_1', function(keys, args)
   if args[1] ~= '' then

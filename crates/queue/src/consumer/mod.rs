@@ -135,10 +135,20 @@ impl Consumer {
         {
             return Ok(());
         }
-        let mut registered: Vec<String> = redis::cmd("SMEMBERS")
+        // With the tenants, whether the producers' functions are there: a Redis restarted
+        // without its data forgot them, and a tenant's user cannot load them again.
+        let (mut registered, loaded): (Vec<String>, Vec<redis::Value>) = redis::pipe()
+            .cmd("SMEMBERS")
             .arg(&self.keys.tenants)
+            .cmd("FUNCTION")
+            .arg("LIST")
+            .arg("LIBRARYNAME")
+            .arg(crate::functions::LIBRARY)
             .query_async(&mut self.conn)
             .await?;
+        if loaded.is_empty() {
+            crate::functions::load(&mut self.conn).await?;
+        }
         // A name that could not have been registered by a producer is not polled.
         registered.retain(|t| !t.is_empty() && validate_tenant_key(t).is_ok());
         registered.sort();
