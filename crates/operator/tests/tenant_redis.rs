@@ -129,8 +129,11 @@ fn each_tenant_gets_a_redis_user_that_reaches_only_its_own_scans() {
     for ns in ["team-a", "team-b"] {
         plane.kubectl(&["create", "namespace", ns]);
         let file = policies.path().join(format!("{ns}.yaml"));
-        std::fs::write(&file, example.replace("namespace: tenant-a", &format!("namespace: {ns}")))
-            .unwrap();
+        std::fs::write(
+            &file,
+            example.replace("namespace: tenant-a", &format!("namespace: {ns}")),
+        )
+        .unwrap();
         plane.kubectl(&["apply", "-f", file.to_str().unwrap()]);
     }
     let redis = Redis::start_with(RedisOptions {
@@ -303,4 +306,187 @@ fn each_tenant_gets_a_redis_user_that_reaches_only_its_own_scans() {
     });
     let _ = stop.send(());
     assert!(wait_for(Duration::from_secs(1), || true));
+}
+
+/// The bundled Redis's arguments as the chart renders them, with its mounted paths moved
+/// into `dir` and its port replaced.
+fn chart_redis_args(dir: &std::path::Path, port: u16) -> Vec<String> {
+    let helm = virus_scanner_test_support::kube::k8s_bin_dir().join("helm");
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/../../charts/virus-scanner");
+    let out = virus_scanner_test_support::run_checked(
+        std::process::Command::new(helm).args(["template", "vs", chart, "-n", "virus-scanner"]),
+        "helm template",
+    );
+    let objects: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    let redis = objects
+        .iter()
+        .find(|o| o["kind"] == "StatefulSet")
+        .expect("the chart's Redis");
+    let d = dir.display().to_string();
+    let mut args: Vec<String> = redis["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            a.as_str()
+                .unwrap()
+                .replace("/etc/redis/", &format!("{d}/"))
+                .replace("/data", &format!("{d}/data"))
+        })
+        .collect();
+    let i = args.iter().position(|a| a == "--tls-port").unwrap();
+    args[i + 1] = port.to_string();
+    args.extend([
+        "--bind".into(),
+        "127.0.0.1".into(),
+        "--save".into(),
+        "".into(),
+    ]);
+    args
+}
+
+#[test]
+fn the_bundled_redis_starts_with_the_secrets_the_operator_made_and_serves_tenants() {
+    let plane = plane_with_crd();
+    plane.kubectl(&["create", "namespace", "virus-scanner"]);
+    plane.kubectl(&["create", "namespace", "team-a"]);
+    let example = std::fs::read_to_string(format!("{EXAMPLES}/virusscanpolicy.yaml")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.yaml");
+    std::fs::write(
+        &file,
+        example.replace("namespace: tenant-a", "namespace: team-a"),
+    )
+    .unwrap();
+    plane.kubectl(&["apply", "-f", file.to_str().unwrap()]);
+    let port = virus_scanner_test_support::free_port();
+    let settings = TenantUsers {
+        redis: RedisConfig::from_host_port("127.0.0.1", port, true),
+        prefix: "virus-scanner".into(),
+        ca_file: None,
+        consumer: None,
+        legacy_queue: "scan_queue".into(),
+        legacy_result_prefix: "scan_result:".into(),
+        period: Duration::from_secs(1),
+        backbone: Some(tenants::Backbone {
+            namespace: "virus-scanner".into(),
+            auth_secret: "vs-virus-scanner-redis-auth".into(),
+            admin_user: "vs-operator".into(),
+            consumer_user: "vs-consumer".into(),
+            tls: virus_scan_operator::certs::ManagedCert {
+                namespace: "virus-scanner".into(),
+                secret_name: "vs-virus-scanner-redis-tls".into(),
+                webhook_config_name: String::new(),
+                names: vec!["127.0.0.1".into()],
+                validity: Duration::from_secs(24 * 3600),
+                renew_before: Duration::from_secs(3600),
+            },
+        }),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = rt.block_on(plane.client());
+    // No Redis yet: the pass makes the secrets Redis needs to start, then fails to reach it.
+    assert!(rt.block_on(tenants::reconcile(&client, &settings)).is_err());
+    let secrets = Api::<Secret>::namespaced(client.clone(), "virus-scanner");
+    let get = |name: &str| rt.block_on(secrets.get(name)).unwrap().data.unwrap();
+    let (auth, tls) = (
+        get("vs-virus-scanner-redis-auth"),
+        get("vs-virus-scanner-redis-tls"),
+    );
+    for (sub, data, keys) in [
+        ("tls", &tls, &["tls.crt", "tls.key", "ca.crt"][..]),
+        ("acl", &auth, &["users.acl"][..]),
+    ] {
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        for k in keys {
+            std::fs::write(dir.path().join(sub).join(k), &data[*k].0).unwrap();
+        }
+    }
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    let mut redis = virus_scanner_test_support::clean_command("redis-server")
+        .args(chart_redis_args(dir.path(), port))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let up = wait_for(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        assert!(up, "redis-server did not start with the chart's arguments");
+        rt.block_on(async {
+            tenants::reconcile(&client, &settings).await.unwrap();
+            let ca = dir.path().join("tls/ca.crt");
+            let mut a = tenant_config_with_host(&client, "team-a", dir.path(), port).await;
+            a.redis.ca_file = Some(ca.clone());
+            let producer = Producer::connect(a.clone()).await.unwrap();
+            // The consumers' user, with the password the operator made.
+            let mut c = RedisConfig::from_host_port("127.0.0.1", port, true);
+            c.ca_file = Some(ca.clone());
+            c.username = Some("vs-consumer".into());
+            c.password = Some(String::from_utf8(auth["consumer-password"].0.clone()).unwrap());
+            let mut consumer = virus_scanner_queue::Consumer::connect(QueueConfig::new(c), "c1")
+                .await
+                .unwrap();
+            consumer.ensure_group().await.unwrap();
+            let answer = tokio::spawn(async move {
+                loop {
+                    for d in consumer.claim(Duration::from_millis(200)).await.unwrap() {
+                        let v = virus_scanner_protocol::task::Verdict {
+                            task_id: d.task.as_ref().unwrap().id.clone(),
+                            status: VerdictStatus::Clean as i32,
+                            ..Default::default()
+                        };
+                        consumer.complete(&d, &v, None).await.unwrap();
+                    }
+                }
+            });
+            let v = producer
+                .submit(
+                    &body_task("00d1", b"hello".to_vec()),
+                    Instant::now() + Duration::from_secs(10),
+                )
+                .await
+                .unwrap();
+            assert_eq!(v.status(), VerdictStatus::Clean);
+            answer.abort();
+            // The default user is off.
+            let mut anonymous = a.clone();
+            anonymous.redis.username = None;
+            anonymous.redis.password = None;
+            assert!(Producer::connect(anonymous).await.is_err());
+        });
+    }));
+    let _ = redis.kill();
+    let _ = redis.wait();
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+async fn tenant_config_with_host(
+    client: &kube::Client,
+    ns: &str,
+    dir: &std::path::Path,
+    port: u16,
+) -> QueueConfig {
+    let secret = Api::<Secret>::namespaced(client.clone(), ns)
+        .get(tenants::SECRET_NAME)
+        .await
+        .unwrap();
+    let data = secret.data.unwrap();
+    let field = |k: &str| String::from_utf8(data[k].0.clone()).unwrap();
+    let ca = dir.join(format!("{ns}-ca.crt"));
+    std::fs::write(&ca, &data[tenants::CA_KEY].0).unwrap();
+    let mut r = RedisConfig::from_host_port("127.0.0.1", port, true);
+    r.username = Some(field(tenants::USERNAME_KEY));
+    r.password = Some(field(tenants::PASSWORD_KEY));
+    r.ca_file = Some(ca);
+    let mut q = QueueConfig::new(r);
+    q.tenant = ns.into();
+    q
 }
