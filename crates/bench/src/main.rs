@@ -11,6 +11,7 @@ use virus_scanner_protocol::task::{Content, ScanTask, VerdictStatus};
 use virus_scanner_queue::{Producer, QueueConfig, RedisConfig, now_ns};
 use virus_scanner_test_support::{Clamd, Redis, clean_bytes};
 
+mod chaos;
 mod envoy;
 mod floor;
 mod icap;
@@ -18,7 +19,8 @@ mod icap;
 #[derive(Parser, Debug)]
 pub struct Args {
     /// `queue`: Redis + consumer against raw clamd; `envoy`: wrk through Envoy + ext_proc;
-    /// `icap`: our ICAP service against c-icap's virus_scan on the same clamd.
+    /// `icap`: our ICAP service against c-icap's virus_scan on the same clamd; `chaos`: the
+    /// whole stack under load while faults are injected.
     #[arg(default_value = "queue")]
     what: String,
     /// Body sizes, e.g. 1K,1M,10M.
@@ -38,6 +40,18 @@ pub struct Args {
     /// shared directory, as the sidecar's UnixSocket transport).
     #[arg(long, default_value = "tcp", value_parser = ["tcp", "unix"])]
     processor: String,
+    /// `chaos`: one cycle of the fault schedule, under two minutes (what `make test` runs).
+    #[arg(long)]
+    short: bool,
+    /// `chaos`: minutes of load of the long campaign (whole cycles of 75 s).
+    #[arg(long, default_value_t = 10.0)]
+    minutes: f64,
+    /// `chaos`: seed of the load and of the fault choices (default: the clock).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// `chaos`: also write every request (and, to `<file>.faults`, every fault) as CSV.
+    #[arg(long)]
+    records: Option<std::path::PathBuf>,
     /// `ext-proc-floor` (run by the Envoy benchmark): serve on this Unix socket.
     #[arg(long, hide = true)]
     socket: Option<String>,
@@ -171,6 +185,9 @@ fn main() -> anyhow::Result<()> {
         // The child process of the Envoy benchmark; see floor.rs.
         return floor::serve(args.socket.as_deref());
     }
+    if args.what == "chaos" {
+        return chaos_main(&args);
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
@@ -182,6 +199,43 @@ fn main() -> anyhow::Result<()> {
                 other => anyhow::bail!("unknown benchmark {other:?}: queue, envoy or icap"),
             }
         })
+}
+
+/// The fault campaign, in a mount namespace of its own when it can make one (root), where
+/// the spool is a small tmpfs that it can fill to ENOSPC; exits 1 when an invariant broke.
+fn chaos_main(args: &Args) -> anyhow::Result<()> {
+    if std::env::var_os(chaos::NAMESPACE_ENV).is_none() {
+        let unshare = std::process::Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "--"])
+            .arg(std::env::current_exe()?)
+            .args(std::env::args_os().skip(1))
+            .env(chaos::NAMESPACE_ENV, "1")
+            .status();
+        match unshare {
+            // unshare itself failed (no privilege): run here, without the ENOSPC fault.
+            Ok(status) if status.code() == Some(1) && !namespaces_allowed() => {}
+            Ok(status) => std::process::exit(status.code().unwrap_or(1)),
+            Err(_) => {}
+        }
+    }
+    let held = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(chaos::run(args))?;
+    if !held {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// Whether this process may make a mount namespace (`unshare --mount true` succeeds).
+fn namespaces_allowed() -> bool {
+    std::process::Command::new("unshare")
+        .args(["--mount", "true"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Scans per second through Redis and the consumer against raw clamd INSTREAM.
