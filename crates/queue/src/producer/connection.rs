@@ -32,11 +32,14 @@ impl Health {
 
 /// Learns at once when Redis goes away: a connection parked in a `BLPOP` on a key nobody
 /// writes returns only when the connection breaks. Marks Redis lost then, and up again once
-/// a new connection is made.
+/// a new connection is made. `register` (the tenants set and this tenant) is added again on
+/// every connection: a Redis restarted without its data forgot it, and the consumers would
+/// never read this tenant's stream again.
 pub(super) async fn watch_connection(
     client: redis::Client,
     connect_timeout: Duration,
     canary: String,
+    register: (String, String),
     health: std::sync::Weak<Health>,
 ) {
     let config = redis::AsyncConnectionConfig::new()
@@ -49,6 +52,12 @@ pub(super) async fn watch_connection(
         let Some(h) = health.upgrade() else { return };
         match connection {
             Ok(mut conn) => {
+                // A tenant's own user may not (NOPERM): the operator registers it then.
+                let _: redis::RedisResult<i64> = redis::cmd("SADD")
+                    .arg(&register.0)
+                    .arg(&register.1)
+                    .query_async(&mut conn)
+                    .await;
                 h.up.store(true, Ordering::Relaxed);
                 drop(h);
                 let parked: redis::RedisResult<Option<(String, Vec<u8>)>> = redis::cmd("BLPOP")

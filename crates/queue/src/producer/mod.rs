@@ -66,6 +66,7 @@ impl Producer {
             client.clone(),
             config.redis.connect_timeout,
             keys.canary(&config.tenant),
+            (keys.tenants.clone(), config.tenant.clone()),
             Arc::downgrade(&health),
         ));
         Ok(Producer {
