@@ -26,8 +26,10 @@ use stack::{SCAN_TIMEOUT_SECONDS, Stack, VISIBILITY_TIMEOUT_SECONDS};
 
 use crate::Args;
 
-/// Seconds of one cycle of the fault schedule.
-const CYCLE: f64 = 75.0;
+/// Seconds of one cycle of the fault schedule: each fault once, a few seconds apart. The
+/// short run's cycle ends 60 s after the producer's restart and a little more, when its
+/// janitor has removed what the killed producer left in the spool.
+const CYCLE: f64 = 66.0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Fault {
@@ -218,6 +220,7 @@ pub async fn run(args: &Args) -> anyhow::Result<bool> {
         if short { "short" } else { "long" }
     );
 
+    let began = Instant::now();
     let origin = origin::Origin::start().await?;
     let handle = tokio::runtime::Handle::current();
     let stack = tokio::task::block_in_place(|| {
@@ -238,6 +241,10 @@ pub async fn run(args: &Args) -> anyhow::Result<bool> {
         stop: AtomicBool::new(false),
     };
 
+    eprintln!(
+        "chaos: stack up after {:.1} s",
+        began.elapsed().as_secs_f64()
+    );
     // The consumers are up and the path works before anything is measured.
     let warm_up = new_load(&stack, Vec::new(), 1);
     loop {
@@ -262,6 +269,10 @@ pub async fn run(args: &Args) -> anyhow::Result<bool> {
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_idle_kib = rss_kib(stack.live.producer_pid.load(Ordering::Relaxed));
+    eprintln!(
+        "chaos: load starts after {:.1} s",
+        began.elapsed().as_secs_f64()
+    );
     let load = Arc::new(new_load(
         &stack,
         sizes,
@@ -330,15 +341,15 @@ pub async fn run(args: &Args) -> anyhow::Result<bool> {
                 // cycle of a long one.
                 let wipe_cycle = cycles / 2;
                 let plan = [
-                    (4.0, Fault::ProducerKill),
-                    (14.0, Fault::RedisRestart),
-                    (22.0, Fault::ClamdRestart),
-                    (30.0, Fault::ConsumerStop),
-                    (41.0, Fault::NetStall),
-                    (49.0, Fault::NetReset),
-                    (56.0, Fault::SpoolFull),
+                    (2.0, Fault::ProducerKill),
+                    (10.0, Fault::RedisRestart),
+                    (17.0, Fault::ClamdRestart),
+                    (24.0, Fault::ConsumerStop),
+                    (33.0, Fault::NetStall),
+                    (40.0, Fault::NetReset),
+                    (46.0, Fault::SpoolFull),
                     (
-                        64.0,
+                        53.0,
                         if cycle == wipe_cycle {
                             Fault::RedisWipe
                         } else {
@@ -358,7 +369,8 @@ pub async fn run(args: &Args) -> anyhow::Result<bool> {
         let (stack, load, events, ledger) =
             (stack.clone(), load.clone(), events.clone(), ledger.clone());
         let (wiped, added) = (wiped.clone(), added_before_wipes.clone());
-        let every = if short { 9.0 } else { 10.0 };
+        // At least 50 over a 10-minute run.
+        let every = if short { 7.0 } else { 9.0 };
         tokio::spawn(async move {
             let mut rng = Rng::new(seed ^ 0x0C0F_FEE0);
             let mut at = every;
@@ -390,6 +402,10 @@ pub async fn run(args: &Args) -> anyhow::Result<bool> {
     let _ = probes.await;
     let _ = sampler.await;
     let load_end = load.now();
+    eprintln!(
+        "chaos: load over after {:.1} s",
+        began.elapsed().as_secs_f64()
+    );
 
     // Drain: every entry still in a stream must get its verdict (or its error, once its
     // deadline passed) within a redelivery and a deadline.
@@ -401,6 +417,10 @@ pub async fn run(args: &Args) -> anyhow::Result<bool> {
         tokio::time::sleep(Duration::from_millis(250)).await;
         open = ledger.open_entries().await.unwrap_or(u64::MAX);
     }
+    eprintln!(
+        "chaos: queue drained after {:.1} s",
+        began.elapsed().as_secs_f64()
+    );
     let enqueued =
         added_before_wipes.load(Ordering::Relaxed) + ledger.entries_added().await.unwrap_or(0);
     tokio::time::sleep(Duration::from_secs(2)).await;
