@@ -253,6 +253,11 @@ pub struct ProducerSettings {
     #[serde(default = "default_grpc_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: u16,
+
+    /// Also serve ICAP (port 1344), on the pod's loopback only, for an ICAP client in the
+    /// same pod. Off by default: the gateway speaks ext_proc.
+    #[serde(default)]
+    pub icap: bool,
 }
 
 impl Default for ProducerSettings {
@@ -263,6 +268,7 @@ impl Default for ProducerSettings {
             native_sidecar: true,
             transport: Transport::default(),
             port: default_grpc_port(),
+            icap: false,
         }
     }
 }

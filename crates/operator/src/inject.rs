@@ -359,9 +359,10 @@ fn sidecar(policy: &VirusScanPolicy, defaults: &InjectDefaults) -> Container {
         env(sidecar_env::TENANT, policy.namespace().unwrap_or_default()),
         env(sidecar_env::POLICY, policy.name_any()),
         env(sidecar_env::HTTP_ADDR, format!("0.0.0.0:{OPS_PORT}")),
-        // The gateway speaks ext_proc; ICAP stays on loopback, out of reach of other pods
-        // that could otherwise submit scans as this tenant.
-        env(sidecar_env::ICAP_ADDR, "127.0.0.1:0"),
+        // The gateway speaks ext_proc; ICAP runs only when the policy asks, and on loopback,
+        // out of reach of other pods that could otherwise submit scans as this tenant.
+        env(sidecar_env::ICAP_ENABLED, spec.producer.icap),
+        env(sidecar_env::ICAP_ADDR, "127.0.0.1:1344"),
         // Without a shared volume the spool is this pod's emptyDir, which no scanner can
         // open: a body queued by path there could never be scanned.
         env(sidecar_env::SPOOL_SHARED, spec.shared_volume.is_some()),
@@ -877,7 +878,8 @@ mod tests {
         assert_eq!(config.queue.redis.url, "rediss://redis.example:6380/");
         assert_eq!(config.grpc_addr.to_string(), "127.0.0.1:50099");
         assert_eq!(config.http_addr.port(), OPS_PORT);
-        assert!(config.icap_addr.ip().is_loopback());
+        // ICAP is off unless the policy asks for it.
+        assert_eq!(config.icap_addr, None);
         assert_eq!(config.scan_tmp_dir.to_str(), Some(SPOOL_DIR));
         assert_eq!(
             (config.spill_threshold, config.max_body),
@@ -899,7 +901,10 @@ mod tests {
     #[test]
     fn only_the_probe_and_metrics_port_listens_beyond_loopback() {
         let env = sidecar_env(&policy("p", json!({"selector": {}})));
-        assert_eq!(env["ICAP_ADDR"], "127.0.0.1:0");
+        assert_eq!(env["ICAP_ENABLED"], "false");
+        let with_icap = sidecar_env(&policy("p", json!({"selector": {}, "producer": {"icap": true}})));
+        assert_eq!(with_icap["ICAP_ENABLED"], "true");
+        assert_eq!(with_icap["ICAP_ADDR"], "127.0.0.1:1344");
         assert!(env["GRPC_ADDR"].starts_with("127.0.0.1:"), "{env:?}");
         assert_eq!(env["HTTP_ADDR"], format!("0.0.0.0:{OPS_PORT}"));
     }

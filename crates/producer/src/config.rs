@@ -86,6 +86,9 @@ pub struct ProducerArgs {
     /// ICAP (RFC 3507) address.
     #[arg(long, env = sidecar_env::ICAP_ADDR, default_value = "0.0.0.0:1344")]
     pub icap_addr: SocketAddr,
+    /// Serve ICAP at all (a gateway sidecar speaks ext_proc only, unless its policy asks).
+    #[arg(long, env = sidecar_env::ICAP_ENABLED, default_value_t = true, action = clap::ArgAction::Set)]
+    pub icap_enabled: bool,
     /// The ICAP service path that answers REQMOD and RESPMOD.
     #[arg(long, env = "ICAP_SERVICE", default_value = "/avscan")]
     pub icap_service: String,
@@ -156,7 +159,8 @@ pub struct ProducerConfig {
     /// What the scan core uses.
     pub scan: ScanPolicy,
     pub log_format: LogFormat,
-    pub icap_addr: SocketAddr,
+    /// `None`: no ICAP listener.
+    pub icap_addr: Option<SocketAddr>,
     pub icap: IcapConfig,
     pub verdict_memo_entries: usize,
     pub verdict_memo_ttl: Duration,
@@ -366,7 +370,7 @@ impl ProducerArgs {
                 policy: self.policy,
             },
             log_format: self.log_format,
-            icap_addr: self.icap_addr,
+            icap_addr: self.icap_enabled.then_some(self.icap_addr),
             icap,
             verdict_memo_entries: self.verdict_memo_entries,
             verdict_memo_ttl: Duration::from_secs(self.verdict_memo_seconds),

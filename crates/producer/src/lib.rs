@@ -103,6 +103,14 @@ pub async fn run(
         let _ = std::fs::remove_file(path);
         let unix = tokio::net::UnixListener::bind(path)
             .map_err(StartError::setting("GRPC_SOCKET", path.display()))?;
+        // Whatever the umask: Envoy runs as another uid of the pod (101, Istio's 1337) and
+        // connecting takes write permission on the socket. The directory (the pod's own
+        // emptyDir) is what keeps everyone outside the pod away.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+                .map_err(StartError::setting("GRPC_SOCKET", path.display()))?;
+        }
         listeners.push(GrpcListener::Unix(unix));
     }
     let mut servers = Vec::new();
@@ -114,16 +122,22 @@ pub async fn run(
             stopped(stop_rx.clone()),
         )));
     }
-    let icap_listener = tokio::net::TcpListener::bind(config.icap_addr)
-        .await
-        .map_err(StartError::setting("ICAP_ADDR", config.icap_addr))?;
-    let icap_addr = icap_listener.local_addr()?;
-    let icap = Arc::new(icap::IcapServer::new(service.clone(), config.icap.clone()));
-    let icap_stop = stopped(stop_rx.clone());
-    servers.push(tokio::spawn(async move {
-        icap.serve(icap_listener, icap_stop).await;
-        Ok(())
-    }));
+    let icap_addr = match config.icap_addr {
+        Some(addr) => {
+            let icap_listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(StartError::setting("ICAP_ADDR", addr))?;
+            let bound = icap_listener.local_addr()?;
+            let icap = Arc::new(icap::IcapServer::new(service.clone(), config.icap.clone()));
+            let icap_stop = stopped(stop_rx.clone());
+            servers.push(tokio::spawn(async move {
+                icap.serve(icap_listener, icap_stop).await;
+                Ok(())
+            }));
+            bound.to_string()
+        }
+        None => "off".to_owned(),
+    };
     tokio::spawn(janitor(spill_dir.clone(), leftover_age, stop_rx.clone()));
     tracing::info!(
         grpc = %grpc_addr,

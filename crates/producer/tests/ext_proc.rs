@@ -3,6 +3,8 @@
 
 mod support;
 
+use std::os::unix::process::CommandExt;
+
 use std::io::Write;
 use std::time::{Duration, Instant};
 
@@ -464,6 +466,25 @@ fn unix_socket_processor_blocks_eicar() {
     let mut options = StackOptions::new(BodyMode::Buffered);
     options.unix_socket = true;
     let stack = Stack::start(options);
+    // Envoy runs as another uid of the pod (Istio's proxy as 1337): it can connect whatever
+    // the producer's umask.
+    let socket = stack.scan_dir.path().with_extension("sock");
+    let connect_as_1337 = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])",
+        ])
+        .arg(&socket)
+        .uid(1337)
+        .gid(1337)
+        .output()
+        .expect("python3 as uid 1337 (the tests run as root)");
+    assert!(
+        connect_as_1337.status.success(),
+        "uid 1337 cannot connect to {}: {}",
+        socket.display(),
+        String::from_utf8_lossy(&connect_as_1337.stderr)
+    );
     let files = tempfile::tempdir().unwrap();
     let r = post_file(&stack.url("/upload/x"), &temp_file(&files, "e", EICAR), &[]);
     assert_eq!(r.status, 406);

@@ -23,6 +23,8 @@ pub const GRPC_SOCKET: &str = "GRPC_SOCKET";
 /// /health, /ready and /metrics.
 pub const HTTP_ADDR: &str = "HTTP_ADDR";
 pub const ICAP_ADDR: &str = "ICAP_ADDR";
+/// Whether the ICAP listener runs at all.
+pub const ICAP_ENABLED: &str = "ICAP_ENABLED";
 
 pub const SCAN_TMP_DIR: &str = "SCAN_TMP_DIR";
 pub const SCAN_FILE_THRESHOLD_MB: &str = "SCAN_FILE_THRESHOLD_MB";

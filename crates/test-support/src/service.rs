@@ -208,7 +208,9 @@ impl ProducerProcess {
             &["grpc", "http", "icap"],
             Duration::from_secs(20),
         );
-        let [grpc, http, icap] = [0, 1, 2].map(|i| port_of(&bound[i]));
+        let [grpc, http] = [0, 1].map(|i| port_of(&bound[i]));
+        // 0: the producer serves no ICAP (`ICAP_ENABLED=false`).
+        let icap = if bound[2] == "off" { 0 } else { port_of(&bound[2]) };
         assert!(
             crate::wait_for(Duration::from_secs(20), || {
                 http_get(http, "/ready").is_some_and(|(s, _)| s == 200)
