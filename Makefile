@@ -79,3 +79,10 @@ bench: deps claim-target
 	$(CARGO_TARGET_DIR)/release/virus-scanner-bench queue $(BENCH_ARGS)
 	$(CARGO_TARGET_DIR)/release/virus-scanner-bench envoy --sizes 1K,1M $(BENCH_ARGS)
 	$(CARGO_TARGET_DIR)/release/virus-scanner-bench icap --sizes 1K,1M,10M $(BENCH_ARGS)
+
+## Fault campaign against the whole stack under load (README "Reliability"): 10 minutes;
+## CHAOS_ARGS=--short for one 66-s cycle, as `make test` runs it.
+.PHONY: chaos
+chaos: deps claim-target
+	$(CARGO) build --release --bins
+	$(CARGO_TARGET_DIR)/release/virus-scanner-bench chaos --minutes 10 $(CHAOS_ARGS)
