@@ -902,7 +902,10 @@ mod tests {
     fn only_the_probe_and_metrics_port_listens_beyond_loopback() {
         let env = sidecar_env(&policy("p", json!({"selector": {}})));
         assert_eq!(env["ICAP_ENABLED"], "false");
-        let with_icap = sidecar_env(&policy("p", json!({"selector": {}, "producer": {"icap": true}})));
+        let with_icap = sidecar_env(&policy(
+            "p",
+            json!({"selector": {}, "producer": {"icap": true}}),
+        ));
         assert_eq!(with_icap["ICAP_ENABLED"], "true");
         assert_eq!(with_icap["ICAP_ADDR"], "127.0.0.1:1344");
         assert!(env["GRPC_ADDR"].starts_with("127.0.0.1:"), "{env:?}");
