@@ -131,6 +131,47 @@ async fn a_tenant_submits_and_is_answered_and_can_do_nothing_else() {
     assert_eq!(v.status(), VerdictStatus::Clean);
     assert_eq!(v.detail, "from a");
 
+    // A body sent through Redis in chunks (a producer without a shared spool), and removed
+    // when the producer drops it: all within a's own keys.
+    let path = std::env::temp_dir().join(format!("vs-acl-test-{}", std::process::id()));
+    std::fs::write(&path, vec![7u8; 3 << 20]).unwrap();
+    let stored = a
+        .store_body(
+            "00ab",
+            &path,
+            3 << 20,
+            Instant::now() + Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let key = stored.key().to_owned();
+    assert_eq!(key, "{virus-scanner}:body:a:00ab");
+    let mut admin = connection(&config(&redis, Some(("default", ADMIN_PASSWORD)))).await;
+    let chunks: i64 = redis::cmd("HLEN")
+        .arg(&key)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(chunks, 2);
+    drop(stored);
+    let start = Instant::now();
+    loop {
+        let n: i64 = redis::cmd("EXISTS")
+            .arg(&key)
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the stored body stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = std::fs::remove_file(&path);
+
     let cfg = tenant_config(&redis, "a");
     let mut c = connection(&cfg).await;
     let p = "{virus-scanner}";
