@@ -107,6 +107,20 @@ pub struct EnvoyConfigArgs {
     /// example).
     #[arg(long)]
     pub piece: Option<String>,
+    /// The gateway to render for: plain Envoy (the pieces), Envoy Gateway (its
+    /// EnvoyExtensionPolicy, Backend and ClientTrafficPolicy objects) or Istio (an
+    /// EnvoyFilter). Without it, the policy's `spec.gateway`, else what its selector's
+    /// labels name, else envoy.
+    #[arg(long, value_enum)]
+    pub target: Option<Target>,
+}
+
+/// `envoy-config --target`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Target {
+    Envoy,
+    EnvoyGateway,
+    Istio,
 }
 
 #[derive(Debug, Clone, clap::Args)]

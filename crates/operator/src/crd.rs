@@ -32,6 +32,7 @@ pub const GROUP: &str = "virusscan.aether-platform.io";
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.gateway) || self.gateway != 'EnvoyGateway' || (has(self.producer) && has(self.producer.transport) && self.producer.transport == 'UnixSocket')").message("gateway EnvoyGateway requires producer.transport UnixSocket: Envoy Gateway refuses loopback backends"))]
 pub struct VirusScanPolicySpec {
     /// The tenant gateway pods, in this policy's namespace, that get the producer sidecar
     /// and whose Envoy sends bodies to it.
@@ -68,6 +69,39 @@ pub struct VirusScanPolicySpec {
     /// How the gateway's Envoy reaches the producer, and the optional bootstrap merge.
     #[serde(default)]
     pub envoy: EnvoySettings,
+
+    /// The kind of gateway the selected pods run, which decides what the operator writes:
+    /// Envoy (a ConfigMap, and the bootstrap merge), EnvoyGateway (an EnvoyExtensionPolicy,
+    /// a Backend and a ClientTrafficPolicy) or Istio (an EnvoyFilter). Without it, derived
+    /// from the selector's and the selected pods' labels; the `Gateway` condition says which
+    /// and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayKind>,
+
+    /// Envoy Gateway: the Gateway whose proxies are scanned. Without it, the name the
+    /// selector requires of label `gateway.envoyproxy.io/owning-gateway-name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envoy_gateway: Option<EnvoyGatewaySettings>,
+}
+
+/// What runs the selected pods' Envoy, and so which API carries the scan configuration.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GatewayKind {
+    /// A tenant's own Envoy: generated ConfigMap and optional bootstrap merge.
+    Envoy,
+    /// Envoy Gateway (gateway.envoyproxy.io): EnvoyExtensionPolicy, Backend, ClientTrafficPolicy.
+    EnvoyGateway,
+    /// An Istio gateway: an EnvoyFilter (networking.istio.io/v1alpha3).
+    Istio,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvoyGatewaySettings {
+    /// The Gateway (gateway.networking.k8s.io) in the policy's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub gateway_name: Option<String>,
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -206,15 +240,20 @@ pub enum RangeRequests {
 }
 
 /// A route that is not scanned, matched the way Envoy matches routes: by path prefix, exact
-/// path or RE2 regex (exactly one). In a merged bootstrap, a tenant route is opted out when
-/// its name equals `name` or its match is the same.
+/// path or RE2 regex (at most one). In a merged bootstrap, a tenant route is opted out when
+/// its name equals `name` or its match is the same; on Istio, the Envoy route named `name`
+/// (a VirtualService's `http[].name`); on Envoy Gateway, the HTTPRoute rule `httpRoute`
+/// names. A route names a path match, an `httpRoute` or both.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("(has(self.pathPrefix) ? 1 : 0) + (has(self.path) ? 1 : 0) + (has(self.regex) ? 1 : 0) == 1").message("a route needs exactly one of pathPrefix, path and regex"))]
+#[x_kube(validation = Rule::new("(has(self.pathPrefix) ? 1 : 0) + (has(self.path) ? 1 : 0) + (has(self.regex) ? 1 : 0) == 1 || (!has(self.pathPrefix) && !has(self.path) && !has(self.regex) && has(self.httpRoute))").message("a route needs exactly one of pathPrefix, path and regex, or an httpRoute"))]
 pub struct RouteOptOut {
     /// Unique within the policy; also matched against Envoy route names.
     #[schemars(length(min = 1, max = 128))]
     pub name: String,
+    /// Envoy Gateway: the HTTPRoute rule (in the policy's namespace) that is not scanned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_route: Option<HttpRouteRuleRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 1024))]
     pub path_prefix: Option<String>,
@@ -225,6 +264,18 @@ pub struct RouteOptOut {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 1024))]
     pub regex: Option<String>,
+}
+
+/// An HTTPRoute, or one rule of it: the rule's `name` (Gateway API `HTTPRouteRule.name`)
+/// is the policy attachment's `sectionName`. Without `sectionName`, the whole HTTPRoute.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteRuleRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub section_name: Option<String>,
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -380,6 +431,9 @@ pub struct VirusScanPolicyStatus {
     /// The ConfigMap with the derived bootstrap, when the policy names one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub derived_bootstrap_ref: Option<ConfigMapKeyRef>,
+    /// The gateway kind the configuration was written for (`spec.gateway` or derived).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayKind>,
 }
 
 /// The CRD as YAML, as `virus-scan-operator crd` prints it and `crds/` holds it.
@@ -425,7 +479,7 @@ mod tests {
         let crd = serde_json::to_string(&VirusScanPolicy::crd()).expect("json");
         for needle in [
             "route names must be unique",
-            "exactly one of pathPrefix, path and regex",
+            "exactly one of pathPrefix, path and regex, or an httpRoute",
             "requires failureMode FailClosed",
             "fileThresholdMB must not exceed maxBodyMB",
             "400-599",

@@ -42,6 +42,12 @@ pub const SAFE_ESCAPED_SLASHES_ACTIONS: [&str; 2] = ["UNESCAPE_AND_REDIRECT", "R
 /// `timeoutSeconds`, Envoy's message timeout is only the backstop for a producer that hangs.
 const ENVOY_TIMEOUT_MARGIN_SECONDS: u32 = 5;
 
+/// Envoy's deadline for each answer of the producer, which answers first (at the policy's
+/// timeout).
+pub fn message_timeout_seconds(spec: &VirusScanPolicySpec) -> u32 {
+    spec.scan.timeout_seconds + ENVOY_TIMEOUT_MARGIN_SECONDS
+}
+
 /// The ext_proc http filter, to be placed before the router.
 pub fn ext_proc_filter(spec: &VirusScanPolicySpec) -> Value {
     let scan = &spec.scan;
@@ -63,7 +69,7 @@ pub fn ext_proc_filter(spec: &VirusScanPolicySpec) -> Value {
     };
     let (request_body, request_trailer) = direction(Direction::Request);
     let (response_body, response_trailer) = direction(Direction::Response);
-    let message_timeout = format!("{}s", scan.timeout_seconds + ENVOY_TIMEOUT_MARGIN_SECONDS);
+    let message_timeout = format!("{}s", message_timeout_seconds(spec));
     json!({
         "name": EXT_PROC_FILTER,
         "typed_config": {
@@ -142,26 +148,32 @@ pub fn disabled_override() -> Value {
     })
 }
 
-/// Envoy's route match for an opted-out route.
-pub fn route_match(route: &RouteOptOut) -> Value {
+/// Envoy's route match for an opted-out route; none for a route named only as an HTTPRoute
+/// rule (Envoy Gateway), which plain Envoy cannot match.
+pub fn route_match(route: &RouteOptOut) -> Option<Value> {
     if let Some(prefix) = &route.path_prefix {
-        json!({ "prefix": prefix })
+        Some(json!({ "prefix": prefix }))
     } else if let Some(path) = &route.path {
-        json!({ "path": path })
+        Some(json!({ "path": path }))
     } else {
-        json!({ "safe_regex": { "regex": route.regex.clone().unwrap_or_default() } })
+        route
+            .regex
+            .as_ref()
+            .map(|regex| json!({ "safe_regex": { "regex": regex } }))
     }
 }
 
-/// Per opted-out route: its match and the override to merge into the tenant's route.
+/// Per opted-out route with a path match: its match and the override to merge into the
+/// tenant's route.
 pub fn route_overrides(spec: &VirusScanPolicySpec) -> BTreeMap<String, Value> {
     spec.routes
         .iter()
-        .map(|r| {
-            (
+        .filter_map(|r| {
+            let m = route_match(r)?;
+            Some((
                 r.name.clone(),
-                json!({ "match": route_match(r), "typed_per_filter_config": disabled_override() }),
-            )
+                json!({ "match": m, "typed_per_filter_config": disabled_override() }),
+            ))
         })
         .collect()
 }
@@ -179,13 +191,13 @@ pub fn example_bootstrap(spec: &VirusScanPolicySpec) -> Value {
     let mut routes: Vec<Value> = spec
         .routes
         .iter()
-        .map(|r| {
-            json!({
+        .filter_map(|r| {
+            Some(json!({
                 "name": r.name,
-                "match": route_match(r),
+                "match": route_match(r)?,
                 "route": { "cluster": "upstream", "timeout": "0s" },
                 "typed_per_filter_config": disabled_override()
-            })
+            }))
         })
         .collect();
     routes.push(json!({

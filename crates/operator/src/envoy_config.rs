@@ -5,11 +5,13 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
+use kube::ResourceExt;
+
 use crate::bootstrap;
-use crate::cli::EnvoyConfigArgs;
-use crate::crd::{VirusScanPolicy, VirusScanPolicySpec};
-use crate::envoy;
+use crate::cli::{EnvoyConfigArgs, Target};
+use crate::crd::{GatewayKind, VirusScanPolicy, VirusScanPolicySpec};
 use crate::error::Error;
+use crate::{envoy, gateways};
 
 /// The pieces `--piece` names, each with the title it has in the full output.
 const PIECES: [(&str, &str); 5] = [
@@ -50,6 +52,25 @@ pub fn envoy_config(args: &EnvoyConfigArgs) -> Result<String, Error> {
         reason: e.to_string(),
     })?;
     let spec = &policy.spec;
+    let kind = match args.target {
+        Some(Target::Envoy) => GatewayKind::Envoy,
+        Some(Target::EnvoyGateway) => GatewayKind::EnvoyGateway,
+        Some(Target::Istio) => GatewayKind::Istio,
+        None => gateways::detect(spec, []).kind,
+    };
+    if kind != GatewayKind::Envoy {
+        if args.piece.is_some() || args.bootstrap.is_some() {
+            return Err(Error::NotForTarget);
+        }
+        let namespace = policy.namespace().unwrap_or_else(|| "default".to_owned());
+        let objects = gateways::render(kind, &policy.name_any(), &namespace, spec)?;
+        let mut out = String::new();
+        for object in &objects {
+            out.push_str("---\n");
+            out.push_str(&envoy::to_yaml(object)?);
+        }
+        return Ok(out);
+    }
     if let Some(path) = &args.bootstrap {
         let tenant = read(path)?;
         let (merged, report) = bootstrap::merge(&tenant, spec).map_err(|error| Error::Merge {
@@ -108,6 +129,7 @@ mod tests {
             file,
             bootstrap,
             piece: piece.map(str::to_owned),
+            target: None,
         }
     }
 
@@ -117,6 +139,31 @@ mod tests {
         let out = envoy_config(&args(dir.path(), None, None)).expect("render");
         assert_eq!(out.matches("---\n# ").count(), PIECES.len());
         assert!(out.contains(envoy::EXT_PROC_FILTER));
+    }
+
+    #[test]
+    fn gateway_targets_print_their_objects() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut a = args(dir.path(), None, None);
+        std::fs::write(
+            &a.file,
+            "apiVersion: virusscan.aether-platform.io/v1alpha1\nkind: VirusScanPolicy\n\
+             metadata: {name: gw, namespace: t}\nspec:\n  selector: {matchLabels: {app: gw}}\n\
+             \x20 producer: {transport: UnixSocket}\n  envoyGateway: {gatewayName: web}\n",
+        )
+        .expect("write");
+        a.target = Some(Target::EnvoyGateway);
+        let out = envoy_config(&a).expect("render");
+        assert_eq!(out.matches("---\n").count(), 3, "{out}");
+        assert!(out.contains("kind: EnvoyExtensionPolicy"), "{out}");
+        assert!(out.contains("failOpen: false"), "{out}");
+        a.target = Some(Target::Istio);
+        let out = envoy_config(&a).expect("render");
+        assert!(out.contains("kind: EnvoyFilter"), "{out}");
+        assert!(out.contains("namespace: t"), "{out}");
+        a.piece = Some("filter".to_owned());
+        let err = envoy_config(&a).expect_err("piece");
+        assert_eq!(err.metric_label(), "invalid_argument");
     }
 
     #[test]

@@ -41,6 +41,11 @@ pub enum Error {
     Merge { path: String, error: MergeError },
     #[error("--piece must be filter, cluster, connection-manager, routes or bootstrap, got {0:?}")]
     UnknownPiece(String),
+    #[error("--piece and --bootstrap are for --target envoy only")]
+    NotForTarget,
+    /// The policy cannot take the form its gateway's API needs.
+    #[error(transparent)]
+    Gateway(#[from] crate::gateways::RenderError),
 }
 
 impl Error {
@@ -59,7 +64,8 @@ impl Error {
             Error::Read { .. } => "read_failed",
             Error::NotAPolicy { .. } => "invalid_policy",
             Error::Merge { .. } => "invalid_bootstrap",
-            Error::UnknownPiece(_) => "invalid_argument",
+            Error::UnknownPiece(_) | Error::NotForTarget => "invalid_argument",
+            Error::Gateway(_) => "invalid_policy",
         }
     }
 
@@ -79,7 +85,9 @@ impl Error {
             | Error::Read { .. }
             | Error::NotAPolicy { .. }
             | Error::Merge { .. }
-            | Error::UnknownPiece(_) => false,
+            | Error::UnknownPiece(_)
+            | Error::NotForTarget
+            | Error::Gateway(_) => false,
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod crd;
 pub mod envoy;
 pub mod envoy_config;
 pub mod error;
+pub mod gateways;
 pub mod inject;
 pub mod lease;
 pub mod metrics;

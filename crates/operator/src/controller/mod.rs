@@ -4,6 +4,7 @@
 //! server-side apply and Events on changes and errors. The status itself is computed in
 //! [`status`], without the API; the writes are in `writes`.
 
+mod gateway_objects;
 #[cfg(test)]
 mod scenarios;
 pub mod status;
@@ -26,11 +27,11 @@ use serde_json::json;
 use self::status::{Generated, PodCounts};
 use self::writes::{apply_config_map, derive_bootstrap, publish, restart_outdated};
 use crate::crd::VirusScanPolicy;
-use crate::envoy;
 use crate::error::Error;
 use crate::inject::InjectDefaults;
 use crate::metrics::Metrics;
 use crate::selector;
+use crate::{envoy, gateways};
 
 /// Field manager of every server-side apply.
 pub const MANAGER: &str = "virus-scan-operator";
@@ -208,7 +209,7 @@ async fn reconcile_policy(policy: &VirusScanPolicy, ctx: &Context) -> Result<Act
         .await;
     }
 
-    let generated = match &policy.spec.envoy.bootstrap {
+    let mut generated = match &policy.spec.envoy.bootstrap {
         None => Generated::config_map(&cm_name),
         Some(source) => derive_bootstrap(ctx, policy, &config_maps, source, &owner).await?,
     };
@@ -223,7 +224,25 @@ async fn reconcile_policy(policy: &VirusScanPolicy, ctx: &Context) -> Result<Act
         .await;
     }
 
-    let pods = count_pods(ctx, &namespace, policy).await?;
+    let pods = list_pods(ctx, &namespace, policy).await?;
+    let detected = gateways::detect(&policy.spec, pods.iter().map(|p| p.labels()));
+    if generated.status
+        && let Some(outcome) =
+            gateway_objects::reconcile(ctx, policy, &namespace, &owner, &detected).await?
+    {
+        if !outcome.status {
+            publish(
+                ctx,
+                policy,
+                EventType::Warning,
+                outcome.reason,
+                outcome.message.clone(),
+            )
+            .await;
+        }
+        generated = outcome;
+    }
+    let pods = PodCounts::of(policy, &ctx.defaults, pods);
     if !pods.outdated.is_empty()
         && policy
             .annotations()
@@ -233,7 +252,14 @@ async fn reconcile_policy(policy: &VirusScanPolicy, ctx: &Context) -> Result<Act
         restart_outdated(ctx, policy, &namespace, &pods.outdated).await?;
     }
 
-    let status = status::status(policy, &generated, &pods, &cm_name, Timestamp::now());
+    let status = status::status(
+        policy,
+        &generated,
+        &pods,
+        &cm_name,
+        &detected,
+        Timestamp::now(),
+    );
     if policy.status.as_ref() != Some(&status) {
         let policies: Api<VirusScanPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
         let patch = json!({
@@ -253,18 +279,18 @@ async fn reconcile_policy(policy: &VirusScanPolicy, ctx: &Context) -> Result<Act
     Ok(Action::requeue(generated.requeue))
 }
 
-/// The policy's pods, counted; the API server filters them by its selector.
-async fn count_pods(
+/// The policy's pods; the API server filters them by its selector.
+async fn list_pods(
     ctx: &Context,
     namespace: &str,
     policy: &VirusScanPolicy,
-) -> Result<PodCounts, Error> {
+) -> Result<Vec<Pod>, Error> {
     let Some(selector) = selector::parse(&policy.spec.selector) else {
-        return Ok(PodCounts::default());
+        return Ok(Vec::new());
     };
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
     let list = pods
         .list(&ListParams::default().labels_from(&selector))
         .await?;
-    Ok(PodCounts::of(policy, &ctx.defaults, list))
+    Ok(list.items)
 }

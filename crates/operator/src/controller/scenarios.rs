@@ -380,6 +380,7 @@ async fn policy_already_in_step_is_only_read() {
         &super::status::Generated::config_map("vsp-gw-envoy"),
         &super::status::PodCounts::default(),
         "vsp-gw-envoy",
+        &crate::gateways::detect(&policy.spec, []),
         k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
     ));
     let generated = current_config_map(&policy);

@@ -11,7 +11,8 @@ use kube::ResourceExt;
 
 use super::{ANNOTATION_GENERATION, ANNOTATION_POLICY, RESYNC, RETRY_MISSING_BOOTSTRAP};
 use crate::bootstrap::MergeReport;
-use crate::crd::{ConfigMapKeyRef, VirusScanPolicy, VirusScanPolicyStatus};
+use crate::crd::{ConfigMapKeyRef, GatewayKind, VirusScanPolicy, VirusScanPolicyStatus};
+use crate::gateways::Detected;
 use crate::inject::{self, InjectDefaults, Injection};
 
 /// The outcome of writing the configuration, for the ConfigGenerated condition.
@@ -31,6 +32,17 @@ impl Generated {
             status: true,
             reason: "Generated",
             message: format!("Envoy configuration in ConfigMap {cm_name}"),
+            derived: None,
+            requeue: RESYNC,
+        }
+    }
+
+    /// The objects of an Envoy Gateway or Istio policy are written (`objects` as "Kind name").
+    pub fn gateway(kind: GatewayKind, objects: &[String]) -> Generated {
+        Generated {
+            status: true,
+            reason: "GatewayConfigApplied",
+            message: format!("{kind:?}: {}", objects.join(", ")),
             derived: None,
             requeue: RESYNC,
         }
@@ -120,12 +132,14 @@ impl PodCounts {
     }
 }
 
-/// The status to apply: ConfigGenerated and Ready conditions, pod counts, references.
+/// The status to apply: Gateway, ConfigGenerated and Ready conditions, pod counts,
+/// references.
 pub fn status(
     policy: &VirusScanPolicy,
     generated: &Generated,
     pods: &PodCounts,
     cm_name: &str,
+    gateway: &Detected,
     now: Timestamp,
 ) -> VirusScanPolicyStatus {
     let generation = policy.metadata.generation;
@@ -140,6 +154,15 @@ pub fn status(
         (generated.reason, generated.message.clone())
     };
     let conditions = vec![
+        condition(
+            &previous,
+            "Gateway",
+            true,
+            gateway.reason,
+            &gateway.message,
+            generation,
+            now,
+        ),
         condition(
             &previous,
             "ConfigGenerated",
@@ -167,6 +190,7 @@ pub fn status(
         outdated_pods: outdated,
         config_map_ref: Some(cm_name.to_owned()),
         derived_bootstrap_ref: generated.derived.clone(),
+        gateway: Some(gateway.kind),
     }
 }
 
@@ -233,6 +257,10 @@ mod tests {
     /// A pod as the injector leaves it when `policy` selects it.
     fn injected(name: &str, policy: &VirusScanPolicy) -> Pod {
         inject::inject(&pod(name, json!({})), policy, &defaults())
+    }
+
+    fn envoy() -> Detected {
+        crate::gateways::detect(&policy(1).spec, [])
     }
 
     fn at(seconds: i64) -> Timestamp {
@@ -307,6 +335,7 @@ mod tests {
             &Generated::config_map("vsp-gw-envoy"),
             &pods,
             "vsp-gw-envoy",
+            &envoy(),
             at(10),
         );
         assert_eq!(s.observed_generation, Some(2));
@@ -330,7 +359,14 @@ mod tests {
         let p = policy(1);
         let failed =
             Generated::failed("BootstrapInvalid", "ConfigMap envoy key e.yaml: bad".into());
-        let s = status(&p, &failed, &PodCounts::default(), "vsp-gw-envoy", at(10));
+        let s = status(
+            &p,
+            &failed,
+            &PodCounts::default(),
+            "vsp-gw-envoy",
+            &envoy(),
+            at(10),
+        );
         for type_ in ["ConfigGenerated", "Ready"] {
             let c = find(&s, type_);
             assert_eq!(
@@ -349,12 +385,19 @@ mod tests {
     fn transition_time_moves_only_when_the_status_changes() {
         let mut p = policy(1);
         let ok = Generated::config_map("cm");
-        p.status = Some(status(&p, &ok, &PodCounts::default(), "cm", at(10)));
-        let again = status(&p, &ok, &PodCounts::default(), "cm", at(20));
+        p.status = Some(status(
+            &p,
+            &ok,
+            &PodCounts::default(),
+            "cm",
+            &envoy(),
+            at(10),
+        ));
+        let again = status(&p, &ok, &PodCounts::default(), "cm", &envoy(), at(20));
         assert_eq!(find(&again, "Ready").last_transition_time, Time(at(10)));
         p.status = Some(again);
         let failed = Generated::failed("BootstrapNotFound", "gone".into());
-        let changed = status(&p, &failed, &PodCounts::default(), "cm", at(30));
+        let changed = status(&p, &failed, &PodCounts::default(), "cm", &envoy(), at(30));
         assert_eq!(find(&changed, "Ready").last_transition_time, Time(at(30)));
     }
 
