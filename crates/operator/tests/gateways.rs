@@ -1,0 +1,394 @@
+//! Envoy Gateway and Istio: the objects the controller writes for a policy, against the
+//! gateways' own CRDs at pinned versions (`hack/gateway-crds.sh`, from their Go modules), so
+//! the API server checks them with the gateways' schemas and CEL rules; a policy edit
+//! updates them, and with the garbage collector running, deleting the policy removes them.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::{Value, json};
+use support::{Operator, eventually, plane_with_crd};
+use virus_scan_operator::crd::VirusScanPolicy;
+use virus_scanner_test_support::kube::ControlPlane;
+
+const NS: &str = "tenant-gw";
+
+/// The directory with `envoy-gateway.yaml` and `istio.yaml`: `$GATEWAY_CRDS_DIR`, or what
+/// `hack/gateway-crds.sh` prints (built once, then cached).
+fn gateway_crds() -> PathBuf {
+    if let Some(dir) = std::env::var_os("GATEWAY_CRDS_DIR") {
+        return PathBuf::from(dir);
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../hack/gateway-crds.sh");
+    let out = Command::new(script)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "hack/gateway-crds.sh failed");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// kube-controller-manager running only the garbage collector, so that owner references
+/// take effect as in a cluster.
+struct GarbageCollector(Child);
+
+impl GarbageCollector {
+    fn start(plane: &ControlPlane) -> GarbageCollector {
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = Command::new(plane.bin_dir().join("kube-controller-manager"))
+            .arg(format!("--kubeconfig={}", plane.kubeconfig().display()))
+            .args([
+                "--controllers=garbagecollector",
+                "--leader-elect=false",
+                "--secure-port=0",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .unwrap();
+        GarbageCollector(child)
+    }
+}
+
+impl Drop for GarbageCollector {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn api(
+    client: &Client,
+    group: &str,
+    version: &str,
+    kind: &str,
+    plural: &str,
+) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk(group, version, kind);
+    Api::namespaced_with(
+        client.clone(),
+        NS,
+        &ApiResource::from_gvk_with_plural(&gvk, plural),
+    )
+}
+
+struct Apis {
+    extension_policies: Api<DynamicObject>,
+    backends: Api<DynamicObject>,
+    client_traffic: Api<DynamicObject>,
+    envoy_filters: Api<DynamicObject>,
+}
+
+impl Apis {
+    fn new(client: &Client) -> Apis {
+        let eg = "gateway.envoyproxy.io";
+        Apis {
+            extension_policies: api(
+                client,
+                eg,
+                "v1alpha1",
+                "EnvoyExtensionPolicy",
+                "envoyextensionpolicies",
+            ),
+            backends: api(client, eg, "v1alpha1", "Backend", "backends"),
+            client_traffic: api(
+                client,
+                eg,
+                "v1alpha1",
+                "ClientTrafficPolicy",
+                "clienttrafficpolicies",
+            ),
+            envoy_filters: api(
+                client,
+                "networking.istio.io",
+                "v1alpha3",
+                "EnvoyFilter",
+                "envoyfilters",
+            ),
+        }
+    }
+}
+
+async fn names(api: &Api<DynamicObject>, policy: &str) -> Vec<String> {
+    let list = api
+        .list(
+            &ListParams::default().labels(&format!("virusscan.aether-platform.io/policy={policy}")),
+        )
+        .await
+        .unwrap();
+    let mut names: Vec<String> = list.items.iter().map(|o| o.name_any()).collect();
+    names.sort();
+    names
+}
+
+fn condition(policy: &VirusScanPolicy, type_: &str) -> Option<(String, String, String)> {
+    let c = policy
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// The policy once its status describes its current generation.
+async fn reconciled(policies: &Api<VirusScanPolicy>, name: &str) -> VirusScanPolicy {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let p = policies.get(name).await.unwrap();
+        let current = p
+            .status
+            .as_ref()
+            .is_some_and(|s| s.observed_generation == p.metadata.generation);
+        if current {
+            return p;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "policy {name} not reconciled: {:?}",
+            p.status
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn spec_of(object: &DynamicObject) -> &Value {
+    &object.data["spec"]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_objects_pass_the_gateways_schemas_follow_edits_and_go_with_the_policy() {
+    let crds = gateway_crds();
+    let plane = tokio::task::spawn_blocking(plane_with_crd).await.unwrap();
+    for file in ["envoy-gateway.yaml", "istio.yaml"] {
+        let path = crds.join(file).display().to_string();
+        plane.kubectl(&["apply", "--server-side", "-f", &path]);
+    }
+    for crd in [
+        "envoyextensionpolicies.gateway.envoyproxy.io",
+        "backends.gateway.envoyproxy.io",
+        "clienttrafficpolicies.gateway.envoyproxy.io",
+        "envoyfilters.networking.istio.io",
+    ] {
+        plane.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            &format!("crd/{crd}"),
+        ]);
+    }
+    plane.kubectl(&["create", "namespace", NS]);
+    let _gc = GarbageCollector::start(&plane);
+    let client = plane.client().await;
+    let apis = Apis::new(&client);
+    let policies: Api<VirusScanPolicy> = Api::namespaced(client.clone(), NS);
+    let operator = Operator::start(&plane, "op-0");
+
+    // Envoy Gateway, derived from the selector's label: Buffered, two opted-out rules.
+    let web: VirusScanPolicy = serde_json::from_value(json!({
+        "apiVersion": "virusscan.aether-platform.io/v1alpha1",
+        "kind": "VirusScanPolicy",
+        "metadata": {"name": "web", "namespace": NS},
+        "spec": {
+            "selector": {"matchLabels": {"gateway.envoyproxy.io/owning-gateway-name": "web"}},
+            "scan": {"maxBodyMB": 20},
+            "producer": {"transport": "UnixSocket"},
+            "routes": [
+                {"name": "health", "path": "/healthz", "httpRoute": {"name": "site", "sectionName": "health"}},
+                {"name": "legacy", "httpRoute": {"name": "legacy"}}
+            ]
+        }
+    }))
+    .unwrap();
+    let web = policies.create(&PostParams::default(), &web).await.unwrap();
+    let uid = web.metadata.uid.clone().unwrap();
+    let p = reconciled(&policies, "web").await;
+    let generated = condition(&p, "ConfigGenerated").unwrap();
+    assert_eq!(
+        (generated.0.as_str(), generated.1.as_str()),
+        ("True", "GatewayConfigApplied"),
+        "the gateway's API server refused an object: {generated:?}\n{}",
+        operator.process.log_tail()
+    );
+    let gateway = condition(&p, "Gateway").unwrap();
+    assert_eq!(gateway.1, "EnvoyGatewayLabels", "{gateway:?}");
+
+    let skip_health = virus_scan_operator::gateways::envoy_gateway::opt_out_name("web", "health");
+    let skip_legacy = virus_scan_operator::gateways::envoy_gateway::opt_out_name("web", "legacy");
+    let mut expected = vec![
+        "vsp-web".to_owned(),
+        skip_health.clone(),
+        skip_legacy.clone(),
+    ];
+    expected.sort();
+    assert_eq!(names(&apis.extension_policies, "web").await, expected);
+    let eep = apis.extension_policies.get("vsp-web").await.unwrap();
+    let owner = &eep.owner_references()[0];
+    assert_eq!(
+        (owner.uid.as_str(), owner.controller),
+        (uid.as_str(), Some(true))
+    );
+    let ext = &spec_of(&eep)["extProc"][0];
+    assert_eq!(ext["failOpen"], false);
+    assert_eq!(ext["messageTimeout"], "35s");
+    assert_eq!(ext["processingMode"]["request"]["body"], "Buffered");
+    assert_eq!(spec_of(&eep)["targetRefs"][0]["name"], "web");
+    let skip = apis.extension_policies.get(&skip_health).await.unwrap();
+    assert_eq!(spec_of(&skip)["targetRefs"][0]["sectionName"], "health");
+    assert!(spec_of(&skip).get("extProc").is_none());
+    let backend = apis.backends.get("vsp-web-producer").await.unwrap();
+    assert_eq!(
+        spec_of(&backend)["endpoints"][0]["unix"]["path"],
+        "/var/run/virus-scanner/producer.sock"
+    );
+    let ctp = apis.client_traffic.get("vsp-web").await.unwrap();
+    assert_eq!(spec_of(&ctp)["connection"]["bufferLimit"], "20544Ki");
+
+    // The server enforces Envoy Gateway's CEL rules: the same extension failing open in
+    // FullDuplexStreamed mode is refused, so the objects above passed them.
+    let mut open = eep.clone();
+    open.metadata = kube::api::ObjectMeta {
+        name: Some("fail-open".to_owned()),
+        namespace: Some(NS.to_owned()),
+        ..Default::default()
+    };
+    open.data["spec"]["extProc"][0]["failOpen"] = json!(true);
+    open.data["spec"]["extProc"][0]["processingMode"]["request"]["body"] =
+        json!("FullDuplexStreamed");
+    let refused = apis
+        .extension_policies
+        .create(&PostParams::default(), &open)
+        .await
+        .expect_err("CEL rule");
+    assert!(
+        refused.to_string().contains("FailOpen must be false"),
+        "{refused}"
+    );
+
+    // An edit: streamed, a shorter timeout, one opt-out fewer.
+    policies
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {
+                "scan": {"mode": "FullDuplexStreamed", "timeoutSeconds": 10},
+                "routes": [{"name": "health", "path": "/healthz", "httpRoute": {"name": "site", "sectionName": "health"}}]
+            }})),
+        )
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the edit reaches the EnvoyExtensionPolicy",
+        || async {
+            let eep = apis.extension_policies.get("vsp-web").await.unwrap();
+            let ext = &spec_of(&eep)["extProc"][0];
+            ext["messageTimeout"] == "15s"
+                && ext["processingMode"]["response"]["body"] == "FullDuplexStreamed"
+        },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "what the edit dropped is removed",
+        || async {
+            names(&apis.client_traffic, "web").await.is_empty()
+                && names(&apis.extension_policies, "web").await
+                    == ["vsp-web".to_owned(), skip_health.clone()]
+        },
+    )
+    .await;
+    let p = reconciled(&policies, "web").await;
+    assert_eq!(
+        condition(&p, "ConfigGenerated").unwrap().1,
+        "GatewayConfigApplied"
+    );
+
+    // Istio, derived from the selector's label.
+    let mesh: VirusScanPolicy = serde_json::from_value(json!({
+        "apiVersion": "virusscan.aether-platform.io/v1alpha1",
+        "kind": "VirusScanPolicy",
+        "metadata": {"name": "mesh", "namespace": NS},
+        "spec": {
+            "selector": {"matchLabels": {"istio": "ingressgateway"}},
+            "routes": [{"name": "health", "path": "/healthz"}]
+        }
+    }))
+    .unwrap();
+    policies
+        .create(&PostParams::default(), &mesh)
+        .await
+        .unwrap();
+    let p = reconciled(&policies, "mesh").await;
+    let generated = condition(&p, "ConfigGenerated").unwrap();
+    assert_eq!(
+        (generated.0.as_str(), generated.1.as_str()),
+        ("True", "GatewayConfigApplied"),
+        "{generated:?}"
+    );
+    assert_eq!(condition(&p, "Gateway").unwrap().1, "IstioLabels");
+    let filter = apis.envoy_filters.get("vsp-mesh").await.unwrap();
+    assert_eq!(
+        spec_of(&filter)["workloadSelector"]["labels"]["istio"],
+        "ingressgateway"
+    );
+    let patches = spec_of(&filter)["configPatches"].as_array().unwrap();
+    assert!(patches.iter().any(|p| p["applyTo"] == "HTTP_ROUTE"));
+    assert!(
+        patches
+            .iter()
+            .filter(|p| p["applyTo"] == "HTTP_FILTER")
+            .all(|p| p["patch"]["value"]["typed_config"]["failure_mode_allow"] == false)
+    );
+    assert!(names(&apis.extension_policies, "mesh").await.is_empty());
+
+    // Pinned to another gateway kind, the policy's objects of the old kind go.
+    policies
+        .patch(
+            "mesh",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {
+                "gateway": "EnvoyGateway",
+                "envoyGateway": {"gatewayName": "mesh"},
+                "producer": {"transport": "UnixSocket"}
+            }})),
+        )
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the EnvoyFilter gives way to Envoy Gateway's objects",
+        || async {
+            names(&apis.envoy_filters, "mesh").await.is_empty()
+                && names(&apis.extension_policies, "mesh").await == ["vsp-mesh".to_owned()]
+        },
+    )
+    .await;
+
+    // Deleting a policy removes its objects (owner references, garbage collector).
+    policies
+        .delete("web", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "the deleted policy's objects are collected",
+        || async {
+            names(&apis.extension_policies, "web").await.is_empty()
+                && names(&apis.backends, "web").await.is_empty()
+        },
+    )
+    .await;
+    assert_eq!(
+        names(&apis.extension_policies, "mesh").await,
+        ["vsp-mesh".to_owned()]
+    );
+    drop(operator);
+}
