@@ -17,9 +17,11 @@ use virus_scanner_test_support::{Clamd, Redis, clean_bytes, free_port, wait_for}
 
 use crate::{Args, measure, median, parse_size, start_consumer};
 
-struct Result {
-    rps: f64,
-    p99_ms: f64,
+pub(crate) struct Result {
+    pub(crate) rps: f64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    pub(crate) requests: usize,
 }
 
 /// c-icap with virus_scan over clamd_mod, configured to hold every body until the verdict
@@ -163,7 +165,7 @@ impl Client {
 
 /// RESPMOD loops for `args.seconds`; `unique` makes every body distinct (no cache can help),
 /// otherwise the same bytes are sent every time (a popular download).
-async fn drive(
+pub(crate) async fn drive(
     port: u16,
     service: &str,
     body: &[u8],
@@ -202,10 +204,12 @@ async fn drive(
     let mut all = latencies.lock().await.clone();
     all.sort();
     anyhow::ensure!(!all.is_empty(), "no request finished");
-    let p99 = all[((all.len() - 1) as f64 * 0.99).round() as usize];
+    let at = |q: f64| all[((all.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1000.0;
     Ok(Result {
         rps: all.len() as f64 / elapsed.as_secs_f64(),
-        p99_ms: p99.as_secs_f64() * 1000.0,
+        p50_ms: at(0.5),
+        p99_ms: at(0.99),
+        requests: all.len(),
     })
 }
 

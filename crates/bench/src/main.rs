@@ -14,13 +14,15 @@ use virus_scanner_test_support::{Clamd, Redis, clean_bytes};
 mod chaos;
 mod envoy;
 mod floor;
+mod hops;
 mod icap;
 
 #[derive(Parser, Debug)]
 pub struct Args {
     /// `queue`: Redis + consumer against raw clamd; `envoy`: wrk through Envoy + ext_proc;
     /// `icap`: our ICAP service against c-icap's virus_scan on the same clamd; `chaos`: the
-    /// whole stack under load while faults are injected.
+    /// whole stack under load while faults are injected; `hops`: where a cache miss spends
+    /// its time, hop by hop, and the CPU per scan of each process.
     #[arg(default_value = "queue")]
     what: String,
     /// Body sizes, e.g. 1K,1M,10M.
@@ -196,7 +198,8 @@ fn main() -> anyhow::Result<()> {
                 "queue" => queue(&args).await,
                 "envoy" => envoy::run(&args).await,
                 "icap" => icap::run(&args).await,
-                other => anyhow::bail!("unknown benchmark {other:?}: queue, envoy or icap"),
+                "hops" => hops::run(&args).await,
+                other => anyhow::bail!("unknown benchmark {other:?}: queue, envoy, icap or hops"),
             }
         })
 }

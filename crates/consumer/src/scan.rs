@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, ReadBuf};
 use virus_scanner_clamd::{ClamdError, ScanInput, ScanReply};
-use virus_scanner_protocol::task::{Content, ReplyFormat, ScanTask, Verdict, VerdictStatus};
-use virus_scanner_queue::{Consumer, Delivery};
+use virus_scanner_protocol::task::{Content, Hops, ReplyFormat, ScanTask, Verdict, VerdictStatus};
+use virus_scanner_queue::{Consumer, Delivery, now_ns};
 
 use crate::error::{ConsumerError, InputKind};
 use crate::scan_dir::PathRejected;
@@ -124,8 +124,10 @@ pub(crate) async fn scan(
 
     let pre_scan_sha = sha.clone();
     let started = Instant::now();
+    let scan_started_ns = now_ns();
     let reply = scan_with_heartbeat(state, consumer, d, task, &mut input).await;
     let elapsed = started.elapsed();
+    let scan_ended_ns = now_ns();
     let input_kind = input.kind();
     let sha = match input {
         Input::Stored { sha256 } | Input::File { sha256, .. } => sha256,
@@ -138,6 +140,11 @@ pub(crate) async fn scan(
             .unwrap_or_default(),
         db_version: db_version.clone().unwrap_or_default(),
         scan_time_us: elapsed.as_micros() as u64,
+        hops: Some(Hops {
+            scan_started_ns,
+            scan_ended_ns,
+            ..Hops::default()
+        }),
         ..Verdict::default()
     };
     let failed = match reply {

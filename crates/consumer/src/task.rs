@@ -53,6 +53,7 @@ pub(crate) async fn claim_loop(
 }
 
 async fn process(state: &ConsumerState, consumer: &Consumer, d: Delivery) {
+    let claimed_ns = now_ns();
     let metrics = state.metrics();
     let _in_flight = virus_scanner_runtime::InProgress::enter(&metrics.in_flight);
     if d.deliveries > 1 {
@@ -90,6 +91,8 @@ async fn process(state: &ConsumerState, consumer: &Consumer, d: Delivery) {
     };
     verdict.task_id = task.id.clone();
     verdict.deliveries = d.deliveries;
+    let hops = verdict.hops.get_or_insert_default();
+    hops.claimed_ns = claimed_ns;
     metrics
         .scans
         .get_or_create(&VerdictLabels {
@@ -111,6 +114,9 @@ async fn process(state: &ConsumerState, consumer: &Consumer, d: Delivery) {
         .as_ref()
         .filter(|_| state.config().cache_enabled && !verdict.cached)
         .map(|(db, sha)| (db.as_str(), sha.as_slice()));
+    if let Some(hops) = &mut verdict.hops {
+        hops.written_ns = now_ns();
+    }
     complete(state, consumer, &d, &verdict, cache).await;
 }
 

@@ -4,7 +4,7 @@ use prost::Message;
 pub use prost::bytes::Bytes;
 
 pub use crate::v1::{
-    Direction, Labels, Priority, RedisChunks, ReplyFormat, ScanTask, Verdict, VerdictStatus,
+    Direction, Hops, Labels, Priority, RedisChunks, ReplyFormat, ScanTask, Verdict, VerdictStatus,
     scan_task::Content,
 };
 

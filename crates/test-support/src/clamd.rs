@@ -115,6 +115,11 @@ impl Clamd {
         true
     }
 
+    /// The daemon's process id (0 when stopped), for CPU accounting.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }

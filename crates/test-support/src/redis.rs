@@ -99,6 +99,11 @@ impl Redis {
         true
     }
 
+    /// The server's process id (0 when stopped), for CPU accounting.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }

@@ -56,6 +56,7 @@ impl Consumer {
         };
         let mut cached_form = verdict.clone();
         cached_form.task_id.clear();
+        cached_form.hops = None;
         let body_key = task.and_then(|t| self.stored_body_key(&d.tenant, t));
         let owned: i64 = self
             .complete_script

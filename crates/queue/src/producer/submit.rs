@@ -7,7 +7,7 @@ use virus_scanner_protocol::task::{
 };
 
 use super::Producer;
-use crate::{QueueError, functions};
+use crate::{QueueError, functions, now_ns};
 
 impl Producer {
     pub(super) async fn submit_and_wait(
@@ -96,9 +96,13 @@ impl Producer {
             return match tokio::time::timeout(remaining + Duration::from_secs(1), &mut popped).await
             {
                 Ok(Ok(Some((_, bytes)))) => {
+                    let woke_ns = now_ns();
                     self.put_waiter(conn);
                     let mut v = decode_verdict(&bytes)
                         .map_err(|e| QueueError::BadVerdict(e.to_string()))?;
+                    if let Some(hops) = &mut v.hops {
+                        hops.woke_ns = woke_ns;
+                    }
                     if cached == 1 {
                         v.cached = true;
                         v.task_id = task.id.clone();
@@ -145,9 +149,14 @@ impl Producer {
             // The server-side timeout ends the wait; the local one guards a hung connection.
             match tokio::time::timeout(remaining + Duration::from_secs(1), blpop).await {
                 Ok(Ok(Some((_, bytes)))) => {
+                    let woke_ns = now_ns();
                     self.put_waiter(conn);
-                    return decode_verdict(&bytes)
-                        .map_err(|e| QueueError::BadVerdict(e.to_string()));
+                    let mut v = decode_verdict(&bytes)
+                        .map_err(|e| QueueError::BadVerdict(e.to_string()))?;
+                    if let Some(hops) = &mut v.hops {
+                        hops.woke_ns = woke_ns;
+                    }
+                    return Ok(v);
                 }
                 Ok(Ok(None)) => {
                     self.put_waiter(conn);
