@@ -83,6 +83,10 @@ pub struct FaultEvent {
     /// Not injected (why), e.g. no mount namespace for the spool.
     pub skipped: Option<String>,
     pub note: String,
+    /// Spilled bodies in the spool when the producer was killed.
+    pub orphans: u64,
+    /// Queued tasks lost with Redis's data.
+    pub wiped: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -713,6 +717,8 @@ async fn inject(
         end: load.now(),
         skipped: None,
         note: String::new(),
+        orphans: 0,
+        wiped: 0,
     };
     let blocking = |f: Box<dyn FnOnce(&mut Stack) -> String + Send>| {
         let stack = stack.clone();
@@ -772,7 +778,7 @@ async fn inject(
                     .fetch_add(ledger.entries_added().await.unwrap_or(0), Ordering::Relaxed);
                 let open = ledger.open_entries().await.unwrap_or(0);
                 wiped.fetch_add(open, Ordering::Relaxed);
-                event.note = format!("{open} queued entries lost with the data");
+                event.wiped = open;
             }
             event.start = load.now();
             let note = blocking(Box::new(move |s: &mut Stack| {
@@ -805,9 +811,11 @@ async fn inject(
                 let orphans = s.spool_files().len();
                 std::thread::sleep(Duration::from_millis(300));
                 s.start_producer();
-                format!("{orphans} spilled bodies orphaned")
+                orphans.to_string()
             }))
             .await;
+            event.orphans = event.note.parse().unwrap_or(0);
+            event.note.clear();
         }
         Fault::NetStall | Fault::NetReset => {
             let (link, hold) = if fault == Fault::NetStall {
@@ -830,15 +838,18 @@ async fn inject(
         }
         Fault::SpoolFull => {
             let filled = blocking(Box::new(|s: &mut Stack| {
-                if s.fill_spool() {
-                    "full".into()
-                } else {
+                if s.tmpfs_mib.is_none() {
+                    "no tmpfs spool (needs root and a mount namespace)".into()
+                } else if s.fill_spool() {
                     String::new()
+                } else {
+                    s.empty_spool_filler();
+                    "the spool could not be filled".into()
                 }
             }))
             .await;
-            if filled.is_empty() {
-                event.skipped = Some("no tmpfs spool (needs root and a mount namespace)".into());
+            if !filled.is_empty() {
+                event.skipped = Some(filled);
                 return event;
             }
             event.start = load.now();

@@ -140,6 +140,8 @@ struct FaultRow {
     recoveries: Vec<f64>,
     /// Injections after which no true verdict came.
     never_recovered: u64,
+    orphans: u64,
+    wiped: u64,
     notes: Vec<String>,
 }
 
@@ -243,8 +245,20 @@ pub fn print(s: &Summary) -> bool {
             Some(t) => row.recoveries.push(t),
             None => row.never_recovered += 1,
         }
-        if !e.note.is_empty() && !matches!(e.fault, Fault::ConsumerKill) {
-            row.notes.push(e.note.clone());
+        row.orphans += e.orphans;
+        row.wiped += e.wiped;
+    }
+    for row in by_fault.values_mut() {
+        if row.orphans > 0 {
+            row.notes.push(format!(
+                "{} spilled bodies orphaned by the kills, all removed by the restarted \
+                 producer's janitor",
+                row.orphans
+            ));
+        }
+        if row.wiped > 0 {
+            row.notes
+                .push(format!("{} queued tasks lost with the data", row.wiped));
         }
     }
     println!(
@@ -257,6 +271,7 @@ pub fn print(s: &Summary) -> bool {
             recoveries,
             never_recovered: never,
             notes,
+            ..
         } = row;
         let mut statuses: BTreeMap<String, u64> = BTreeMap::new();
         for o in outcomes {

@@ -24,7 +24,7 @@ pub const SCAN_TIMEOUT_SECONDS: u64 = 12;
 /// Consumers' `--visibility-timeout-seconds` in the campaign.
 pub const VISIBILITY_TIMEOUT_SECONDS: u64 = 4;
 pub const CONSUMERS: usize = 3;
-/// The name of the file that fills the spool.
+/// The names of the files that fill the spool start with this.
 pub const FILLER: &str = ".chaos-filler";
 
 /// What the load and the samplers read without taking the stack's lock.
@@ -208,32 +208,47 @@ impl Stack {
         found
     }
 
-    /// Fills the spool's tmpfs to the last byte; false when it cannot.
+    /// Fills the spool's tmpfs until less than 64 KiB are free (spilled bodies are larger
+    /// than 1 MiB); false without a tmpfs of our own or when spills keep taking the room.
     pub fn fill_spool(&self) -> bool {
         if self.tmpfs_mib.is_none() {
             return false;
         }
-        let filler = self.spool.join(FILLER);
-        let Some(free) = free_bytes(&self.spool) else {
-            return false;
-        };
-        // Blocks are allocated in pages; whatever fallocate leaves is less than one.
-        for slack in [0u64, 4096, 65536] {
+        // Bodies spilled meanwhile take room between measuring and allocating: a size that
+        // does not fit is halved, and what is left is filled by the next file.
+        let mut size = u64::MAX;
+        for n in 0..24 {
+            let Some(free) = free_bytes(&self.spool) else {
+                return false;
+            };
+            if free < 64 << 10 {
+                return true;
+            }
+            size = size.min(free);
             let ok = Command::new("fallocate")
                 .arg("-l")
-                .arg(free.saturating_sub(slack).to_string())
-                .arg(&filler)
+                .arg(size.to_string())
+                .arg(self.spool.join(format!("{FILLER}-{n}")))
+                .stderr(std::process::Stdio::null())
                 .status()
                 .is_ok_and(|s| s.success());
-            if ok {
-                return true;
+            if !ok {
+                size /= 2;
             }
         }
         false
     }
 
     pub fn empty_spool_filler(&self) {
-        let _ = std::fs::remove_file(self.spool.join(FILLER));
+        for entry in std::fs::read_dir(&self.spool)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if entry.file_name().to_string_lossy().starts_with(FILLER) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     /// Stops everything that holds the spool, then unmounts and removes the directories.
