@@ -156,6 +156,15 @@ pub struct RunArgs {
     /// More subject alternative names (comma-separated DNS names or IPs).
     #[arg(long, env = "WEBHOOK_EXTRA_SANS", value_delimiter = ',')]
     pub webhook_extra_sans: Vec<String>,
+    /// The namespace where Envoy Gateway runs the proxies of Gateways in other namespaces
+    /// (its default deploy mode): a pod there labelled with its Gateway's namespace is
+    /// injected by that namespace's Envoy Gateway policy. Empty turns this off.
+    #[arg(
+        long,
+        env = "ENVOY_GATEWAY_NAMESPACE",
+        default_value = "envoy-gateway-system"
+    )]
+    pub envoy_gateway_namespace: String,
     /// The MutatingWebhookConfiguration whose caBundle the operator keeps current.
     #[arg(
         long,

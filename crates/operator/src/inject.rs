@@ -107,6 +107,32 @@ pub fn decide<'a>(
     }
 }
 
+/// The namespace whose policies decide on a pod, and whether only Envoy Gateway policies
+/// may. Envoy Gateway runs a Gateway's proxies in its own namespace (`envoy_gateway`, the
+/// operator's `ENVOY_GATEWAY_NAMESPACE`) unless its deploy mode is `GatewayNamespace`, and
+/// labels them with the Gateway's namespace: such a pod is decided by the policies of that
+/// namespace whose gateway is Envoy Gateway. Only pods in that namespace are read so, as only
+/// Envoy Gateway and the administrators make pods there; any other pod is decided by its own
+/// namespace's policies.
+pub fn deciding_namespace<'a>(
+    pod: &'a Pod,
+    namespace: &'a str,
+    envoy_gateway: Option<&str>,
+) -> (&'a str, bool) {
+    if envoy_gateway == Some(namespace)
+        && let Some(owner) = pod
+            .labels()
+            .get(crate::gateways::EG_OWNING_GATEWAY_NAMESPACE)
+            .filter(|_| {
+                pod.labels()
+                    .contains_key(crate::gateways::EG_OWNING_GATEWAY_NAME)
+            })
+    {
+        return (owner.as_str(), true);
+    }
+    (namespace, false)
+}
+
 /// On a pod, annotation or label [`INJECT`] `"false"`: never inject.
 pub fn opted_out(pod: &Pod) -> bool {
     let off = |m: &BTreeMap<String, String>| m.get(INJECT).is_some_and(|v| v == "false");
@@ -771,6 +797,34 @@ mod tests {
             decide(&q, "t", &policies, &defaults()),
             Decision::Skip(_)
         ));
+    }
+
+    #[test]
+    fn envoy_gateway_proxies_in_its_namespace_are_decided_by_their_gateways_namespace() {
+        let labels = json!({
+            "gateway.envoyproxy.io/owning-gateway-name": "web",
+            "gateway.envoyproxy.io/owning-gateway-namespace": "tenant-a"
+        });
+        let proxy = pod(labels.clone(), json!({}));
+        let eg = Some("envoy-gateway-system");
+        assert_eq!(
+            deciding_namespace(&proxy, "envoy-gateway-system", eg),
+            ("tenant-a", true)
+        );
+        // The same labels anywhere else claim nothing.
+        assert_eq!(
+            deciding_namespace(&proxy, "tenant-b", eg),
+            ("tenant-b", false)
+        );
+        assert_eq!(
+            deciding_namespace(&proxy, "envoy-gateway-system", None),
+            ("envoy-gateway-system", false)
+        );
+        let unlabelled = pod(json!({"app": "x"}), json!({}));
+        assert_eq!(
+            deciding_namespace(&unlabelled, "envoy-gateway-system", eg),
+            ("envoy-gateway-system", false)
+        );
     }
 
     #[test]

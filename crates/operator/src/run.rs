@@ -61,6 +61,8 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         policies,
         defaults: defaults.clone(),
         metrics: webhook_metrics,
+        envoy_gateway_namespace: Some(args.envoy_gateway_namespace.clone())
+            .filter(|n| !n.is_empty()),
     };
     let webhook_listener = tokio::net::TcpListener::bind(args.webhook_addr)
         .await

@@ -75,6 +75,9 @@ pub struct Injector {
     pub policies: Store<VirusScanPolicy>,
     pub defaults: Arc<InjectDefaults>,
     pub metrics: WebhookMetrics,
+    /// Where Envoy Gateway runs the proxies of Gateways in other namespaces (see
+    /// [`inject::deciding_namespace`]); `None` turns that off.
+    pub envoy_gateway_namespace: Option<String>,
 }
 
 /// What a pod is told while the policy cache is still loading.
@@ -181,10 +184,18 @@ fn review_pod(
         return (allow.deny(NOT_SYNCED), "not_synced");
     }
     let policies = injector.policies.state();
-    let decision = inject::decide(
+    let (deciding, envoy_gateway_only) = inject::deciding_namespace(
         &pod,
         &namespace,
-        policies.iter().map(|p| p.as_ref()),
+        injector.envoy_gateway_namespace.as_deref(),
+    );
+    let decision = inject::decide(
+        &pod,
+        deciding,
+        policies
+            .iter()
+            .map(|p| p.as_ref())
+            .filter(|p| !envoy_gateway_only || is_envoy_gateway(p)),
         &injector.defaults,
     );
     match decision {
@@ -230,6 +241,11 @@ fn review_pod(
             }
         }
     }
+}
+
+/// A policy for Envoy Gateway, by `spec.gateway` or its selector's labels.
+fn is_envoy_gateway(policy: &VirusScanPolicy) -> bool {
+    crate::gateways::detect(&policy.spec, []).kind == crate::crd::GatewayKind::EnvoyGateway
 }
 
 /// Serves the router over TLS with the resolver's current certificate until `shutdown`.

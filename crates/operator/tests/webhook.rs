@@ -640,6 +640,7 @@ async fn webhook_with_held_cache(
             },
         }),
         metrics: webhook::WebhookMetrics::register(&mut Default::default()),
+        envoy_gateway_namespace: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
