@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use virus_scanner_protocol::task::{ReplyFormat, ScanTask, Verdict, VerdictStatus};
+use virus_scanner_protocol::task::{ScanTask, Verdict, VerdictStatus};
 use virus_scanner_queue::{Consumer, Delivery, now_ns};
 
 use crate::error::ConsumerError;
@@ -102,8 +102,7 @@ async fn process(state: &ConsumerState, consumer: &Consumer, d: Delivery) {
     // One line per detection: a producer logs the detections it blocks, with what only it
     // knows (request id, whether the policy blocked it); the consumer logs only those of
     // the seed's producers, which log nothing.
-    if verdict.status() == VerdictStatus::Infected && task.reply_format() == ReplyFormat::LegacyText
-    {
+    if verdict.status() == VerdictStatus::Infected && d.is_legacy() {
         log_detection(
             task,
             &verdict,

@@ -129,9 +129,10 @@ pub struct ScanSettings {
 
     /// Bodies above this many MiB are held on the spool volume instead of in memory. With
     /// `sharedVolume` the scanners read them from there (queued by path); without it they
-    /// are sent to the scanners through Redis.
+    /// are sent to the scanners through Redis. At most 64: smaller bodies travel inside the
+    /// task, and the queue takes no task larger than that.
     #[serde(default = "default_file_threshold_mb", rename = "fileThresholdMB")]
-    #[schemars(range(min = 1, max = 16384))]
+    #[schemars(range(min = 1, max = 64))]
     pub file_threshold_mb: u32,
 
     /// How long a request may wait for its verdict.

@@ -255,6 +255,10 @@ impl ProducerArgs {
         if self.max_body_mb == 0 || self.max_body_mb > 64 * 1024 {
             errors.push("MAX_BODY_MB must be between 1 and 65536");
         }
+        if self.scan_file_threshold_mb > 64 {
+            // Smaller bodies travel inside the task, and the queue takes none larger.
+            errors.push("SCAN_FILE_THRESHOLD_MB must be at most 64");
+        }
         if self.scan_file_threshold_mb > self.max_body_mb {
             errors.push("SCAN_FILE_THRESHOLD_MB must not exceed MAX_BODY_MB");
         }

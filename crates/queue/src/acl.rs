@@ -2,7 +2,7 @@
 //! the consumers. The operator applies them to the bundled Redis; for an external Redis they
 //! are the lines to apply by hand (`virus-scan-operator redis-acl`).
 //!
-//! A tenant's user may submit tasks to its own streams (only through the `vs_submit` function
+//! A tenant's user may submit tasks to its own streams (through the `vs_submit` function,
 //! or `XADD`), read cache entries and the database version, wait for and write its own verdict
 //! lists and store its own bodies. It may not write the cache or the database version, read
 //! any stream (no `XRANGE`, `XREAD`, `XREADGROUP`, `XGROUP`), touch another tenant's keys,
@@ -23,16 +23,9 @@ pub fn tenant_user(tenant: &str) -> String {
 }
 
 /// Commands every client needs to connect and stay connected.
-const CONNECTION: &[&str] = &[
-    "+ping",
-    "+hello",
-    "+auth",
-    "+select",
-    "+client|setname",
-    "+multi",
-    "+exec",
-    "+discard",
-];
+/// No `MULTI`/`EXEC` (a transaction of millions of queued commands stalls Redis for every
+/// tenant) and no `SELECT` (other databases are memory no consumer ever frees).
+const CONNECTION: &[&str] = &["+ping", "+hello", "+auth", "+client|setname"];
 
 /// The rules of a tenant's user, after `reset` (no password, no keys, no commands). The
 /// password is added by the caller (`>password` or `#sha256`).
@@ -41,16 +34,19 @@ pub fn tenant_rules(prefix: &str, tenant: &str) -> Vec<String> {
     let p = keys.prefix();
     let mut rules: Vec<String> = vec!["on".into(), "resetchannels".into(), "-@all".into()];
     rules.extend(CONNECTION.iter().map(|c| (*c).to_owned()));
-    // The submit function declares the verdict list and the stream; Redis wants full access
-    // to the keys a function declares.
+    // The functions declare the verdict list and the stream, or the body's hash; Redis wants
+    // full access to the keys a function declares, and checks the commands a function runs
+    // against the caller's rules, so the `XADD` and `HSET` the functions run are the
+    // tenant's to run directly too. What bounds an entry a tenant writes either way is
+    // Redis's own limits (the chart's `proto-max-bulk-len`, `client-query-buffer-limit`) and
+    // the consumers' claim script, which drops an entry over `MAX_TASK_BYTES` unread.
     rules.push("+fcall".into());
     rules.push(format!("~{p}:verdict:{tenant}:*"));
     rules.push(format!("~{p}:tasks:{tenant}:*"));
-    rules.push(format!("(+xadd ~{p}:tasks:{tenant}:*)"));
+    rules.push(format!("~{p}:body:{tenant}:*"));
     rules.push(format!("(+blpop +rpush +expire ~{p}:verdict:{tenant}:*)"));
-    rules.push(format!(
-        "(+hset +expire +pexpire +unlink +del ~{p}:body:{tenant}:*)"
-    ));
+    rules.push(format!("(+xadd ~{p}:tasks:{tenant}:*)"));
+    rules.push(format!("(+hset +pexpire +unlink ~{p}:body:{tenant}:*)"));
     rules.push(format!("(+get %R~{p}:cache:* %R~{})", keys.db_version));
     rules
 }
@@ -114,9 +110,10 @@ pub async fn provision_tenant<C: redis::aio::ConnectionLike>(
     tenant: &str,
     password: &str,
 ) -> Result<(), QueueError> {
+    // `_` starts the tenants of the platform's own (the seed's bridge): never a tenant's user.
     virus_scanner_protocol::task::validate_tenant_key(tenant)
         .ok()
-        .filter(|_| !tenant.is_empty())
+        .filter(|_| !tenant.is_empty() && !tenant.starts_with('_'))
         .ok_or_else(|| QueueError::Config(format!("{tenant:?} cannot name a tenant's keys")))?;
     set_user(
         conn,

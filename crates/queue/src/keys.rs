@@ -1,7 +1,12 @@
 use virus_scanner_protocol::task::Priority;
 
-/// The tenant of producers that name none, and of tasks from the legacy list.
+/// The tenant of producers that name none.
 pub const DEFAULT_TENANT: &str = "default";
+
+/// The tenant the consumers' bridge queues the seed's legacy tasks as. No namespace and no
+/// tenant's Redis user can have this name (namespaces have no `_`, and the operator refuses
+/// it), and only tasks from its streams are answered in the seed's format.
+pub const LEGACY_TENANT: &str = "_seed";
 
 /// Redis key names. All carry the hash tag `{prefix}` so that they live in one cluster slot.
 ///

@@ -11,7 +11,7 @@ use virus_scanner_protocol::task::{
     Content, Priority, ReplyFormat, ScanTask, TASK_FIELD, encode_task,
 };
 
-use crate::{DEFAULT_TENANT, Keys, QueueConfig, QueueError};
+use crate::{Keys, LEGACY_TENANT, QueueConfig, QueueError};
 
 pub struct LegacyBridge {
     conn: ConnectionManager,
@@ -24,10 +24,10 @@ impl LegacyBridge {
     pub async fn connect(config: QueueConfig) -> Result<LegacyBridge, QueueError> {
         let mut conn = config.redis.connection_manager(true).await?;
         let keys = Keys::new(&config.prefix);
-        // Legacy tasks are queued as the default tenant's.
+        // Legacy tasks are queued as a tenant of their own.
         let _: i64 = redis::cmd("SADD")
             .arg(&keys.tenants)
-            .arg(DEFAULT_TENANT)
+            .arg(LEGACY_TENANT)
             .query_async(&mut conn)
             .await?;
         // Same hash slot as the legacy list itself, so LMOVE works on Redis Cluster.
@@ -92,7 +92,7 @@ impl LegacyBridge {
                     ..ScanTask::default()
                 };
                 let _: String = redis::cmd("XADD")
-                    .arg(self.keys.stream(DEFAULT_TENANT, Priority::Normal))
+                    .arg(self.keys.stream(LEGACY_TENANT, Priority::Normal))
                     .arg("*")
                     .arg(TASK_FIELD)
                     .arg(encode_task(&scan_task))

@@ -127,17 +127,21 @@ pub(crate) async fn store(
             }
             // The TTL comes with every chunk, in one transaction: no chunk is ever left
             // without one, whatever happens to this connection.
-            let _: () = redis::pipe()
-                .atomic()
-                .cmd("HSET")
+            if count >= crate::functions::MAX_CHUNKS {
+                return Err(QueueError::Config(format!(
+                    "a body of more than {} chunks cannot be sent through Redis",
+                    crate::functions::MAX_CHUNKS
+                )));
+            }
+            // The TTL comes with every chunk, in one function call: no chunk is ever left
+            // without one, whatever happens to this connection.
+            let _: i64 = redis::cmd("FCALL")
+                .arg(crate::functions::STORE_CHUNK)
+                .arg(1)
                 .arg(&key)
                 .arg(count)
                 .arg(&chunk[..n])
-                .ignore()
-                .cmd("PEXPIRE")
-                .arg(&key)
                 .arg(ttl.as_millis().max(1) as u64)
-                .ignore()
                 .query_async(&mut conn)
                 .await?;
             count = count.checked_add(1).ok_or_else(|| {
@@ -248,6 +252,17 @@ impl AsyncRead for StoredBodyReader {
                 this.pos += n;
                 return Poll::Ready(Ok(()));
             }
+            // Every chunk but the last is full: a body cut into many small chunks (slow to
+            // read, holding a scan slot) is refused before any is read.
+            if this.next == 0 && u64::from(this.count) != this.size.div_ceil(CHUNK_BYTES as u64) {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{} claims {} chunks for {} bytes; bodies are sent in chunks of {CHUNK_BYTES}",
+                        this.key, this.count, this.size
+                    ),
+                )));
+            }
             if this.next == this.count {
                 if this.received != this.size {
                     return Poll::Ready(Err(io::Error::new(
@@ -278,6 +293,17 @@ impl AsyncRead for StoredBodyReader {
                 }
                 Err(e) => return Poll::Ready(Err(io::Error::other(e))),
             };
+            if this.next + 1 < this.count && chunk.len() != CHUNK_BYTES {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "chunk {} of {} has {} bytes, not {CHUNK_BYTES}",
+                        this.next,
+                        this.key,
+                        chunk.len()
+                    ),
+                )));
+            }
             this.received += chunk.len() as u64;
             if this.received > this.size {
                 return Poll::Ready(Err(io::Error::new(

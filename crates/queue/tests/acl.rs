@@ -30,7 +30,11 @@ async fn connection(config: &QueueConfig) -> redis::aio::MultiplexedConnection {
         .redis
         .client()
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(
+            // Room for writing a huge entry over TLS from a debug build.
+            &redis::AsyncConnectionConfig::new()
+                .set_response_timeout(Some(Duration::from_secs(60))),
+        )
         .await
         .unwrap()
 }
@@ -84,7 +88,11 @@ async fn clean_consumer(redis: &Redis) -> tokio::task::JoinHandle<()> {
                 }
             };
             for d in claimed {
-                let task = d.task.as_ref().unwrap();
+                // As the consumer does: what does not decode is dropped.
+                let Ok(task) = d.task.as_ref() else {
+                    let _ = consumer.discard(&d).await;
+                    continue;
+                };
                 let verdict = Verdict {
                     task_id: task.id.clone(),
                     status: VerdictStatus::Clean as i32,
@@ -293,6 +301,14 @@ async fn a_tenant_submits_and_is_answered_and_can_do_nothing_else() {
             .arg("LOAD")
             .arg("#!lua name=x\nredis.register_function('x', function() return 1 end)")
     );
+    // Transactions (millions of queued commands stall Redis for everyone), other databases,
+    // synchronous deletes of a huge key.
+    refused!("MULTI", redis::cmd("MULTI"));
+    refused!("SELECT", redis::cmd("SELECT").arg(1));
+    refused!(
+        "DEL own body",
+        redis::cmd("DEL").arg(format!("{p}:body:a:00ab"))
+    );
     refused!("CONFIG", redis::cmd("CONFIG").arg("GET").arg("*"));
     refused!("MONITOR", redis::cmd("MONITOR"));
     refused!("KEYS", redis::cmd("KEYS").arg("*"));
@@ -393,5 +409,63 @@ async fn after_redis_lost_its_data_a_tenant_is_served_once_its_user_is_back() {
             }
         }
     }
+    consumer.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_cannot_answer_in_the_seed_s_format_nor_jam_the_consumers_with_a_huge_entry() {
+    let redis = shared_redis().await;
+    let consumer = clean_consumer(&redis).await;
+    let a = Producer::connect(tenant_config(&redis, "a")).await.unwrap();
+    let b = Producer::connect(tenant_config(&redis, "b")).await.unwrap();
+    let mut admin = connection(&config(&redis, Some(("default", ADMIN_PASSWORD)))).await;
+    let deadline = || Instant::now() + Duration::from_secs(10);
+
+    // A task in the seed's reply format from a tenant's stream is answered as a tenant's:
+    // on its verdict list, never on the seed's result key that its producers wait on.
+    let mut seed_like = body_task("victim-42", "a");
+    seed_like.reply_format = virus_scanner_protocol::task::ReplyFormat::LegacyText as i32;
+    let v = a.scan(&seed_like, deadline()).await.unwrap();
+    assert_eq!(v.status(), VerdictStatus::Clean);
+    let planted: i64 = redis::cmd("EXISTS")
+        .arg("scan_result:victim-42")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(planted, 0, "a tenant wrote a result in the seed's format");
+
+    // An entry larger than any task, written straight to its own stream: dropped unread,
+    // and the consumers go on serving everyone.
+    let mut c = connection(&tenant_config(&redis, "a")).await;
+    let huge = vec![b'x'; virus_scanner_queue::MAX_TASK_BYTES + 1];
+    let _: String = redis::cmd("XADD")
+        .arg("{virus-scanner}:tasks:a:normal")
+        .arg("*")
+        .arg("v1")
+        .arg(huge)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let v = b.scan(&body_task("00b7", "b"), deadline()).await.unwrap();
+    assert_eq!(v.status(), VerdictStatus::Clean);
+    let start = Instant::now();
+    loop {
+        let left: i64 = redis::cmd("XLEN")
+            .arg("{virus-scanner}:tasks:a:normal")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the huge entry stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let v = a.scan(&body_task("00a8", "a"), deadline()).await.unwrap();
+    assert_eq!(v.status(), VerdictStatus::Clean);
+    assert!(!consumer.is_finished(), "the consumer stopped");
     consumer.abort();
 }

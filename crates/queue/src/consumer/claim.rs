@@ -10,11 +10,22 @@ use super::{Consumer, Delivery};
 use crate::QueueError;
 
 /// Claims one new entry from the first of the streams that has one, in one round trip.
-/// KEYS: the streams in the order to try them. ARGV: group, consumer.
+/// KEYS: the streams in the order to try them. ARGV: group, consumer, the largest entry
+/// (bytes of its fields and values) to hand out. A larger entry cannot be a task a producer
+/// queued through the submit function: it is acknowledged and deleted here, never sent to a
+/// consumer that would have to hold it.
 const CLAIM_NEW_SCRIPT: &str = r"
 for _, stream in ipairs(KEYS) do
-  local found = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', stream, '>')
-  if found then return found end
+  while true do
+    local found = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', stream, '>')
+    if not found then break end
+    local entry = found[1][2][1]
+    local size = 0
+    for _, part in ipairs(entry[2]) do size = size + #part end
+    if size <= tonumber(ARGV[3]) then return found end
+    redis.call('XACK', stream, ARGV[1], entry[1])
+    redis.call('XDEL', stream, entry[1])
+  end
 end
 return false
 ";
@@ -75,6 +86,7 @@ impl Consumer {
         let found: Option<StreamReadReply> = invocation
             .arg(&self.config.group)
             .arg(&self.name)
+            .arg(crate::functions::MAX_TASK_BYTES + 64)
             .invoke_async(&mut self.conn)
             .await?;
         let found = self.deliveries(found);
@@ -152,6 +164,13 @@ pub(super) fn delivery(
     deliveries: u32,
 ) -> Delivery {
     let task = match entry.map.get(TASK_FIELD) {
+        // Only a blocking read can hand one out (the claim script drops them): dropped too.
+        Some(redis::Value::BulkString(bytes)) if bytes.len() > crate::functions::MAX_TASK_BYTES => {
+            Err(format!(
+                "entry of {} bytes, more than any task",
+                bytes.len()
+            ))
+        }
         Some(redis::Value::BulkString(bytes)) => decode_task(bytes).map_err(|e| e.to_string()),
         Some(_) => Err(format!("field {TASK_FIELD} is not a byte string")),
         None => Err(format!(

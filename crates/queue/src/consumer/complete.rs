@@ -2,7 +2,7 @@
 //! one script that first checks the entry is still this member's.
 
 use virus_scanner_protocol::legacy;
-use virus_scanner_protocol::task::{Content, ReplyFormat, ScanTask, Verdict, encode_verdict};
+use virus_scanner_protocol::task::{Content, ScanTask, Verdict, encode_verdict};
 
 use super::{Consumer, Delivery};
 use crate::{QueueError, StoredBodyReader};
@@ -45,7 +45,7 @@ impl Consumer {
         cache: Option<(&str, &[u8])>,
     ) -> Result<bool, QueueError> {
         let task = d.task.as_ref().ok();
-        let legacy = task.is_some_and(|t| t.reply_format() == ReplyFormat::LegacyText);
+        let legacy = d.is_legacy();
         let verdict_key = self
             .keys
             .verdict(&d.tenant, task.map(|t| t.id.as_str()).unwrap_or("-"));

@@ -40,6 +40,17 @@ end
 return forgotten
 ";
 
+impl Delivery {
+    /// A task of the seed's bridge, answered in the seed's format: only from the bridge's own
+    /// streams, whatever format another tenant's task asks for.
+    pub fn is_legacy(&self) -> bool {
+        self.tenant == crate::LEGACY_TENANT
+            && self.task.as_ref().is_ok_and(|t| {
+                t.reply_format() == virus_scanner_protocol::task::ReplyFormat::LegacyText
+            })
+    }
+}
+
 /// How often a consumer reads the set of tenants again, to serve a new tenant's streams.
 const TENANTS_REFRESH: Duration = Duration::from_secs(1);
 
