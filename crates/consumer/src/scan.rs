@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, ReadBuf};
 use virus_scanner_clamd::{ClamdError, ScanInput, ScanReply};
-use virus_scanner_protocol::task::{Content, Hops, ReplyFormat, ScanTask, Verdict, VerdictStatus};
+use virus_scanner_protocol::task::{Content, Hops, ScanTask, Verdict, VerdictStatus};
 use virus_scanner_queue::{Consumer, Delivery, now_ns};
 
 use crate::error::{ConsumerError, InputKind};
@@ -62,7 +62,7 @@ pub(crate) async fn scan(
     let (mut input, size) = match &task.content {
         Some(Content::Body(body)) => (Input::Bytes(body), body.len() as u64),
         Some(Content::Path(path)) => {
-            let seed = task.reply_format() == ReplyFormat::LegacyText;
+            let seed = d.is_legacy();
             let file = match state.open_path(trusted_tenant(d), seed, path) {
                 Ok(f) => f,
                 Err(e) => {

@@ -50,17 +50,15 @@ impl ConsumerState {
     }
 
     /// Opens a PATH task's file, if it is one the consumer may read for `tenant` (trusted):
-    /// in that tenant's directory, or for a task of the seed's format, which only the default
-    /// tenant's are, at the top of the scan directory.
+    /// in that tenant's directory, or for a task of the seed's bridge (`seed`, which only
+    /// tasks from the bridge's own streams are), at the top of the scan directory.
     pub(crate) fn open_path(
         &self,
         tenant: &str,
         seed: bool,
         path: &str,
     ) -> Result<std::fs::File, PathRejected> {
-        let default = crate::scan_dir::tenant_dir_name(tenant)
-            .is_ok_and(|d| d == crate::scan_dir::DEFAULT_TENANT_DIR);
-        if seed && default {
+        if seed {
             self.scan_dir.open_seed(path)
         } else {
             self.scan_dir.open(tenant, path)
