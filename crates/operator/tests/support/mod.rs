@@ -1,6 +1,8 @@
 //! The operator binary against a real kube-apiserver.
 #![allow(dead_code)]
 
+pub mod stack;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
