@@ -6,15 +6,55 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
+use std::time::SystemTime;
 
-/// The campaign starts the producer and consumer binaries found next to its own; a test of
-/// this package alone does not build them.
+/// The crates the producer and consumer binaries are built from.
+const SERVICE_CRATES: [&str; 6] = [
+    "producer", "consumer", "queue", "protocol", "clamd", "runtime",
+];
+
+/// The newest modification time under `path`.
+fn newest(path: &Path) -> Option<SystemTime> {
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_dir() {
+        return meta.modified().ok();
+    }
+    std::fs::read_dir(path)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name() != "target" && e.file_name() != "fuzz")
+        .filter_map(|e| newest(&e.path()))
+        .max()
+}
+
+/// The campaign starts the producer and consumer binaries found next to its own. `cargo test
+/// --workspace` has just built them; a test of this package alone has not, so they are built
+/// when a source is newer than they are (a second cargo with other features would rebuild
+/// them for nothing under the workspace run).
 fn build_services() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_virus-scanner-bench"))
+        .parent()
+        .expect("the binary's directory")
+        .to_path_buf();
+    let built = ["virus-scanner-producer", "virus-scanner-handler"]
+        .iter()
+        .map(|b| newest(&bin_dir.join(b)))
+        .min()
+        .flatten();
+    let sources = SERVICE_CRATES
+        .iter()
+        .map(|c| root.join("crates").join(c))
+        .chain([root.join("Cargo.toml"), root.join("Cargo.lock")])
+        .filter_map(|p| newest(&p))
+        .max();
+    if built.is_some() && built >= sources {
+        return;
+    }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Cargo.toml");
     let status = Command::new(cargo)
         .args(["build", "--quiet", "--manifest-path"])
-        .arg(manifest)
+        .arg(root.join("Cargo.toml"))
         .args([
             "-p",
             "virus-scanner-producer",

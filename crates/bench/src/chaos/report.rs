@@ -102,12 +102,19 @@ fn blame(r: &Record, events: &[FaultEvent]) -> Option<usize> {
     latest(false).or_else(|| latest(true))
 }
 
-/// Seconds from the end of a fault to the first true verdict of a request sent after it.
-fn recovery(e: &FaultEvent, records: &[Record]) -> Option<f64> {
+/// Seconds from the end of a fault to the first true verdict of a request sent after it, or
+/// after the end of another fault still under way when it ended (a consumer kill during a
+/// stalled link waits for the link).
+fn recovery(e: &FaultEvent, events: &[FaultEvent], records: &[Record]) -> Option<f64> {
+    let end = events
+        .iter()
+        .filter(|f| f.skipped.is_none() && f.start <= e.end && f.end >= e.end)
+        .map(|f| f.end)
+        .fold(e.end, f64::max);
     records
         .iter()
-        .filter(|r| r.unique && r.start >= e.end && r.correct())
-        .map(|r| r.end - e.end)
+        .filter(|r| r.unique && r.start >= end && r.correct())
+        .map(|r| r.end - end)
         .min_by(f64::total_cmp)
 }
 
@@ -241,7 +248,7 @@ pub fn print(s: &Summary) -> bool {
         }
         row.injected += 1;
         row.refused.extend(blamed[i].iter().copied());
-        match recovery(e, &s.records) {
+        match recovery(e, &s.events, &s.records) {
             Some(t) => row.recoveries.push(t),
             None => row.never_recovered += 1,
         }
