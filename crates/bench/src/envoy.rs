@@ -153,8 +153,14 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let scan_dir = dir.join("scan");
     std::fs::create_dir_all(&scan_dir)?;
     let socket = dir.join("ext_proc.sock");
-    let (stop_tx, consumer) =
-        crate::start_consumer(&redis, &clamd, &scan_dir, args.concurrency, true)?;
+    let (stop_tx, consumer) = crate::start_consumer(
+        &redis,
+        &clamd,
+        &scan_dir,
+        args.concurrency,
+        true,
+        !args.stream_to_clamd,
+    )?;
 
     let virus_scanner_test_support::ProducerProcess {
         process: producer,

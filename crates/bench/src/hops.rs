@@ -36,8 +36,10 @@ pub(crate) fn start_consumer_process(
     clamd: &Clamd,
     scan_dir: &std::path::Path,
     concurrency: usize,
+    by_descriptor: bool,
 ) -> anyhow::Result<ServiceProcess> {
-    let args: Vec<String> = [
+    let socket = clamd.socket_path().display().to_string();
+    let mut args: Vec<String> = [
         "--redis-host",
         "127.0.0.1",
         "--redis-port",
@@ -56,6 +58,9 @@ pub(crate) fn start_consumer_process(
     .iter()
     .map(|s| s.to_string())
     .collect();
+    if by_descriptor {
+        args.extend(["--clamd-socket".to_owned(), socket]);
+    }
     let mut consumer = ServiceProcess::spawn(
         &release_binary("virus-scanner-handler")?,
         &args,
@@ -78,7 +83,13 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let dir = tempfile_dir("vs-bench-hops")?;
     let scan_dir = dir.join("scan");
     std::fs::create_dir_all(&scan_dir)?;
-    let consumer = start_consumer_process(&redis, &clamd, &scan_dir, args.concurrency)?;
+    let consumer = start_consumer_process(
+        &redis,
+        &clamd,
+        &scan_dir,
+        args.concurrency,
+        !args.stream_to_clamd,
+    )?;
     let virus_scanner_test_support::ProducerProcess {
         process: producer_process,
         icap: icap_port,
@@ -109,8 +120,15 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     }
 
     println!(
-        "Hops of a cache miss: {} scans in flight, {} s per size; ms, p50 / p99.\n",
-        args.concurrency, args.seconds
+        "Hops of a cache miss: {} scans in flight, {} s per size, clamd fed by {}; ms, p50 / \
+         p99.\n",
+        args.concurrency,
+        args.seconds,
+        if args.stream_to_clamd {
+            "INSTREAM over TCP"
+        } else {
+            "FILDES on its Unix socket"
+        }
     );
     let mut head = String::from("| body | scans/s |");
     let mut rule = String::from("|---|---|");

@@ -219,7 +219,14 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let dir = crate::envoy::tempfile_dir("vs-bench-icap")?;
     let scan_dir = dir.join("scan");
     std::fs::create_dir_all(&scan_dir)?;
-    let (stop_tx, consumer) = start_consumer(&redis, &clamd, &scan_dir, args.concurrency, true)?;
+    let (stop_tx, consumer) = start_consumer(
+        &redis,
+        &clamd,
+        &scan_dir,
+        args.concurrency,
+        true,
+        !args.stream_to_clamd,
+    )?;
     let virus_scanner_test_support::ProducerProcess {
         process: producer,
         icap: icap_port,

@@ -54,6 +54,10 @@ pub struct Args {
     /// `chaos`: also write every request (and, to `<file>.faults`, every fault) as CSV.
     #[arg(long)]
     records: Option<std::path::PathBuf>,
+    /// The consumer streams every body to clamd over TCP (INSTREAM) instead of passing its
+    /// file descriptor on clamd's Unix socket (FILDES), as with a clamd on another host.
+    #[arg(long)]
+    stream_to_clamd: bool,
     /// `ext-proc-floor` (run by the Envoy benchmark): serve on this Unix socket.
     #[arg(long, hide = true)]
     socket: Option<String>,
@@ -150,8 +154,9 @@ pub fn start_consumer(
     scan_dir: &std::path::Path,
     concurrency: usize,
     cache: bool,
+    by_descriptor: bool,
 ) -> anyhow::Result<(tokio::sync::oneshot::Sender<()>, ConsumerTask)> {
-    let mut config = virus_scanner_consumer::ConsumerArgs::parse_from([
+    let mut argv: Vec<String> = [
         "virus-scanner-handler",
         "--redis-host",
         "127.0.0.1",
@@ -169,9 +174,19 @@ pub fn start_consumer(
         if cache { "3600" } else { "0" },
         "--log-format",
         "text",
-    ])
-    .validate()
-    .map_err(|e| anyhow::anyhow!(e))?;
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if by_descriptor {
+        argv.extend([
+            "--clamd-socket".to_owned(),
+            clamd.socket_path().display().to_string(),
+        ]);
+    }
+    let mut config = virus_scanner_consumer::ConsumerArgs::parse_from(argv)
+        .validate()
+        .map_err(|e| anyhow::anyhow!(e))?;
     config.legacy_enabled = false;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(virus_scanner_consumer::run(config, async move {
@@ -246,7 +261,14 @@ async fn queue(args: &Args) -> anyhow::Result<()> {
     let redis = Redis::start();
     let clamd = Clamd::start();
     let scan_dir = envoy::tempfile_dir("vs-bench")?;
-    let (stop_tx, consumer) = start_consumer(&redis, &clamd, &scan_dir, args.concurrency, false)?;
+    let (stop_tx, consumer) = start_consumer(
+        &redis,
+        &clamd,
+        &scan_dir,
+        args.concurrency,
+        false,
+        !args.stream_to_clamd,
+    )?;
 
     let producer = Arc::new(
         Producer::connect(QueueConfig::new(RedisConfig::from_host_port(
@@ -258,7 +280,10 @@ async fn queue(args: &Args) -> anyhow::Result<()> {
     );
     let mut raw_config = ClamdConfig::new(clamd.address().parse().map_err(anyhow::Error::msg)?);
     raw_config.max_idle_sessions = args.concurrency;
+    let mut fd_config = raw_config.clone();
+    fd_config.local_socket = Some(clamd.socket_path());
     let raw = Arc::new(ClamdClient::new(raw_config));
+    let raw_fd = Arc::new(ClamdClient::new(fd_config));
 
     // Warm up both paths (and wait for the consumer to see clamd).
     let warm = ScanTask {
@@ -271,13 +296,14 @@ async fn queue(args: &Args) -> anyhow::Result<()> {
         .await?;
 
     println!(
-        "| body | raw clamd scans/s | raw MB/s | queue+consumer scans/s | MB/s | ratio |\n\
-         |---|---|---|---|---|---|"
+        "| body | raw clamd INSTREAM scans/s | raw MB/s | raw clamd FILDES (memfd) scans/s | \
+         queue+consumer scans/s | MB/s | ratio to INSTREAM |\n\
+         |---|---|---|---|---|---|---|"
     );
     for size_text in &args.sizes {
         let size = parse_size(size_text)?;
         let body = Arc::new(clean_bytes(size, 1));
-        let raw_round = || {
+        let raw_round = |raw: &Arc<ClamdClient>| {
             let raw = raw.clone();
             let body = body.clone();
             measure(args.concurrency, args.seconds, move |_| {
@@ -312,21 +338,26 @@ async fn queue(args: &Args) -> anyhow::Result<()> {
                 }
             })
         };
-        raw_round().await?;
+        raw_round(&raw).await?;
+        raw_round(&raw_fd).await?;
         queue_round().await?;
         let mut raws = Vec::new();
+        let mut fds = Vec::new();
         let mut queues = Vec::new();
         for _ in 0..args.rounds.max(1) {
-            raws.push(raw_round().await?);
+            raws.push(raw_round(&raw).await?);
+            fds.push(raw_round(&raw_fd).await?);
             queues.push(queue_round().await?);
         }
         let raw_cell = median(raws);
+        let fd_cell = median(fds);
         let queue_cell = median(queues);
         let mb = |c: &Cell| c.per_second() * size as f64 / 1e6;
         println!(
-            "| {size_text} | {:.0} | {:.1} | {:.0} | {:.1} | {:.2} |",
+            "| {size_text} | {:.0} | {:.1} | {:.0} | {:.0} | {:.1} | {:.2} |",
             raw_cell.per_second(),
             mb(&raw_cell),
+            fd_cell.per_second(),
             queue_cell.per_second(),
             mb(&queue_cell),
             queue_cell.per_second() / raw_cell.per_second()

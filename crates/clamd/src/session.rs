@@ -1,20 +1,26 @@
 //! One clamd connection inside an `IDSESSION`.
 
+use std::io::IoSlice;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Duration;
 
+use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use virus_scanner_protocol::clamd as proto;
 
 use crate::{ClamdAddress, ClamdConfig, ClamdError, EngineVersion, ScanInput, ScanReply};
 
-trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+trait Io: AsyncRead + AsyncWrite + AsFd + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + AsFd + Send + Unpin> Io for T {}
 
 pub(crate) enum Command<'a, 'b> {
     Ping,
     Version,
     Stats,
     Scan(&'a mut ScanInput<'b>),
+    /// FILDES: clamd reads the file behind the descriptor itself (Unix socket only).
+    ScanFd(BorrowedFd<'b>),
 }
 
 pub(crate) enum Output {
@@ -37,10 +43,13 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    pub(crate) async fn open(config: &ClamdConfig) -> Result<Session, ClamdError> {
-        let address = config.address.to_string();
+    pub(crate) async fn open(
+        target: &ClamdAddress,
+        config: &ClamdConfig,
+    ) -> Result<Session, ClamdError> {
+        let address = target.to_string();
         let connect = async {
-            let stream: Box<dyn Io> = match &config.address {
+            let stream: Box<dyn Io> = match target {
                 ClamdAddress::Tcp(hostport) => {
                     let s = tokio::net::TcpStream::connect(hostport.as_str()).await?;
                     // Chunk headers are 4-byte writes: Nagle would hold them back.
@@ -84,7 +93,49 @@ impl Session {
                 Ok(Output::Stats(proto::parse_stats_threads(&reply)?))
             }
             Command::Scan(input) => self.instream(input, chunk_size).await.map(Output::Scan),
+            Command::ScanFd(fd) => self.fildes(*fd).await.map(Output::Scan),
         }
+    }
+
+    /// Sends `zFILDES`, then one NUL byte carrying the descriptor as `SCM_RIGHTS` (as
+    /// clamdscan does: clamd refuses ancillary data that arrives with the command itself),
+    /// and reads the verdict.
+    async fn fildes(&mut self, fd: BorrowedFd<'_>) -> Result<ScanReply, ClamdError> {
+        self.broken = true;
+        self.last_id += 1;
+        if let Err(e) = timed(self.io_timeout, self.stream.write_all(proto::FILDES)).await {
+            return Err(self.mark_stale(e));
+        }
+        let deadline = tokio::time::Instant::now() + self.io_timeout;
+        // One byte on a connection idle but for the command: the socket buffer has room, so
+        // the non-blocking send returns at once; the loop only covers a full buffer.
+        loop {
+            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            let fds = [fd];
+            control.push(SendAncillaryMessage::ScmRights(&fds));
+            match rustix::net::sendmsg(
+                self.stream.as_fd(),
+                &[IoSlice::new(&[0])],
+                &mut control,
+                SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
+            ) {
+                Ok(1) => break,
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::AGAIN) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err(e) => return Err(self.mark_stale(ClamdError::Io(e.into()))),
+            }
+        }
+        let reply = match self.read_reply().await {
+            Ok(reply) => reply,
+            Err(e) => return Err(self.mark_stale(e)),
+        };
+        let reply = proto::parse_scan_reply(proto::strip_session_id(&reply, self.last_id)?)?;
+        self.broken = matches!(reply, ScanReply::Error(_));
+        self.used = true;
+        Ok(reply)
     }
 
     async fn ping(&mut self) -> Result<(), ClamdError> {

@@ -151,3 +151,94 @@ async fn unreachable_clamd_is_a_connect_error() {
     assert_eq!(err.metric_label(), "connect");
     assert!(err.is_unreachable() && err.is_retryable());
 }
+
+/// A client that can only scan by descriptor: its main address has nothing listening, so
+/// every verdict below came over FILDES on the local socket.
+fn descriptor_only_client(clamd: &Clamd) -> ClamdClient {
+    let port = virus_scanner_test_support::free_port();
+    let mut config = ClamdConfig::new(format!("127.0.0.1:{port}").parse().unwrap());
+    config.local_socket = Some(clamd.socket_path());
+    ClamdClient::new(config)
+}
+
+/// The test corpus, scanned with whatever the client chooses; the same verdicts either way.
+async fn corpus_verdicts(client: &ClamdClient) {
+    let mut body = clean_bytes(300_000, 1);
+    body.extend_from_slice(EICAR);
+    assert_eq!(
+        client.scan(ScanInput::Bytes(&body)).await.unwrap(),
+        ScanReply::Infected(EICAR_BODY_SIGNATURE.into())
+    );
+    let clean = clean_bytes(1 << 20, 2);
+    assert_eq!(
+        client.scan(ScanInput::Bytes(&clean)).await.unwrap(),
+        ScanReply::Clean
+    );
+    assert_eq!(
+        client.scan(ScanInput::Bytes(b"")).await.unwrap(),
+        ScanReply::Clean
+    );
+    assert_eq!(
+        client
+            .scan(ScanInput::Bytes(&hash_signature_sample()))
+            .await
+            .unwrap(),
+        ScanReply::Infected(HASH_SAMPLE_SIGNATURE.into())
+    );
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(&hash_signature_sample()).unwrap();
+    let mut f = tokio::fs::File::open(file.path()).await.unwrap();
+    // Twice: the second scan starts from the file's start again.
+    for _ in 0..2 {
+        assert_eq!(
+            client.scan(ScanInput::File(&mut f)).await.unwrap(),
+            ScanReply::Infected(HASH_SAMPLE_SIGNATURE.into())
+        );
+    }
+    let mut longer = hash_signature_sample();
+    longer.push(0);
+    assert_eq!(
+        client.scan(ScanInput::Bytes(&longer)).await.unwrap(),
+        ScanReply::Clean
+    );
+}
+
+#[tokio::test]
+async fn scans_by_descriptor_give_the_verdicts_of_instream() {
+    let clamd = Clamd::start();
+    corpus_verdicts(&client(&clamd)).await;
+    let local = descriptor_only_client(&clamd);
+    assert!(local.passes_descriptors());
+    corpus_verdicts(&local).await;
+    assert!(local.passes_descriptors());
+}
+
+#[tokio::test]
+async fn over_limit_by_descriptor_is_unscannable_not_clean() {
+    let clamd = Clamd::start_with(ClamdOptions {
+        max_file_size: "1M".into(),
+        ..ClamdOptions::default()
+    });
+    let body = clean_bytes(3 << 20, 3);
+    for client in [client(&clamd), descriptor_only_client(&clamd)] {
+        assert!(matches!(
+            client.scan(ScanInput::Bytes(&body)).await.unwrap(),
+            ScanReply::Unscannable(_)
+        ));
+        assert_eq!(
+            client.scan(ScanInput::Bytes(b"x")).await.unwrap(),
+            ScanReply::Clean
+        );
+    }
+}
+
+#[tokio::test]
+async fn without_the_local_socket_scans_stream_over_the_main_address() {
+    let clamd = Clamd::start();
+    let mut config = ClamdConfig::new(clamd.address().parse().unwrap());
+    config.local_socket = Some(clamd.socket_path().with_file_name("absent.sock"));
+    let client = ClamdClient::new(config);
+    assert!(client.passes_descriptors());
+    corpus_verdicts(&client).await;
+    assert!(!client.passes_descriptors());
+}

@@ -20,6 +20,11 @@ pub struct ConsumerArgs {
     /// clamd address: host:port, tcp://host:port or unix:///path.
     #[arg(long, env = "CLAMD_ADDRESS", default_value = "127.0.0.1:3310")]
     pub clamd_address: String,
+    /// clamd's Unix socket when it runs beside the consumer (same pod or host): scans pass
+    /// the body's file descriptor (FILDES) instead of streaming it; while the socket is
+    /// absent they stream to CLAMD_ADDRESS. A unix:// CLAMD_ADDRESS is used this way too.
+    #[arg(long, env = "CLAMD_SOCKET")]
+    pub clamd_socket: Option<PathBuf>,
     /// Scans run at the same time (each holds one task and one clamd session).
     #[arg(long, env = "SCAN_CONCURRENCY", default_value_t = 4)]
     pub concurrency: usize,
@@ -69,6 +74,7 @@ pub struct ConsumerArgs {
 pub struct ConsumerConfig {
     pub queue: QueueConfig,
     pub clamd: ClamdAddress,
+    pub clamd_socket: Option<PathBuf>,
     pub concurrency: usize,
     pub scan_tmp_dir: PathBuf,
     pub max_scan_bytes: u64,
@@ -89,6 +95,9 @@ impl ConsumerArgs {
                 .parse::<ClamdAddress>()
                 .map_err(|e| format!("CLAMD_ADDRESS: {e}")),
         );
+        if self.clamd_socket.as_ref().is_some_and(|p| !p.is_absolute()) {
+            errors.push("CLAMD_SOCKET must be an absolute path");
+        }
         if self.concurrency == 0 || self.concurrency > 256 {
             errors.push("SCAN_CONCURRENCY must be between 1 and 256");
         }
@@ -127,6 +136,7 @@ impl ConsumerArgs {
         Ok(ConsumerConfig {
             queue,
             clamd,
+            clamd_socket: self.clamd_socket,
             concurrency: self.concurrency,
             scan_tmp_dir: self.scan_tmp_dir,
             max_scan_bytes: self.max_scan_size_mb * 1024 * 1024,

@@ -21,11 +21,14 @@ const CLAMD_ATTEMPTS: u32 = 3;
 /// The content to scan, opened and measured.
 enum Input<'a> {
     Bytes(&'a [u8]),
-    /// A spilled file, read anew by each attempt and hashed on its way to clamd; the SHA-256
-    /// of the last attempt that read it to the end.
+    /// A spilled file, read anew by each attempt and hashed on its way to clamd (or, passed
+    /// to clamd by descriptor, hashed again after the scan); the SHA-256 of the last attempt
+    /// that read it to the end unchanged.
     File {
         file: tokio::fs::File,
         sha256: Option<Vec<u8>>,
+        /// The file's identity and change times when it was opened.
+        opened: Option<FileStamp>,
     },
     /// Chunks in Redis, read anew by each attempt and hashed on their way to clamd; the
     /// SHA-256 of the last attempt that read them to the end.
@@ -71,8 +74,18 @@ pub(crate) async fn scan(
                 }
             };
             let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+            // Only a file clamd will read by descriptor needs the stamp (and its wait).
+            let opened = match state.clamd().passes_descriptors() {
+                true => settled_stamp(&file).await,
+                false => None,
+            };
             let file = tokio::fs::File::from_std(file);
-            (Input::File { file, sha256: None }, size)
+            let input = Input::File {
+                file,
+                sha256: None,
+                opened,
+            };
+            (input, size)
         }
         // The size the chunks must add up to; the reader refuses any other.
         Some(Content::RedisChunks(_)) => (Input::Stored { sha256: None }, task.size),
@@ -220,6 +233,49 @@ fn trusted_tenant(d: &Delivery) -> &str {
     &d.tenant
 }
 
+/// What changes whenever a file's content does: its identity, size and change times.
+#[derive(Debug, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+/// How old a file's last change must be before it is stamped. File systems set change times
+/// from a coarse clock (a jiffy, up to 10 ms): a write in the same tick as the stamp could
+/// leave the change time as it was.
+const STAMP_SETTLED: Duration = Duration::from_millis(20);
+
+async fn file_stamp(file: &tokio::fs::File) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata().await.ok()?;
+    Some(FileStamp {
+        dev: m.dev(),
+        ino: m.ino(),
+        size: m.size(),
+        mtime: (m.mtime(), m.mtime_nsec()),
+        ctime: (m.ctime(), m.ctime_nsec()),
+    })
+}
+
+/// The stamp of a file whose last change is at least [`STAMP_SETTLED`] old, waiting for that
+/// when it was changed just now (a producer spilled it and queued it a moment ago).
+async fn settled_stamp(file: &std::fs::File) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let changed = file.metadata().ok().map(|m| {
+        std::time::UNIX_EPOCH + Duration::new(m.ctime().max(0) as u64, m.ctime_nsec() as u32)
+    })?;
+    let age = std::time::SystemTime::now()
+        .duration_since(changed)
+        .unwrap_or_default();
+    if age < STAMP_SETTLED {
+        tokio::time::sleep(STAMP_SETTLED - age).await;
+    }
+    file_stamp(&tokio::fs::File::from_std(file.try_clone().ok()?)).await
+}
+
 async fn hash_file(file: &mut tokio::fs::File) -> std::io::Result<Vec<u8>> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];
@@ -256,7 +312,30 @@ async fn scan_with_heartbeat(
         loop {
             let result = match input {
                 Input::Bytes(b) => scan_once(state, ScanInput::Bytes(b)).await,
-                Input::File { file, sha256 } => match file.rewind().await {
+                // clamd reads the file itself: what it read is known to be what was hashed
+                // before only if the file is unchanged after the scan, bytes and change time
+                // (a write between the two readings and undone before the second changes the
+                // change time, which no writer can set back).
+                Input::File {
+                    file,
+                    sha256,
+                    opened: opened @ Some(_),
+                } if state.clamd().passes_descriptors() => {
+                    let result = scan_once(state, ScanInput::File(file)).await;
+                    *sha256 = None;
+                    if let (Ok(_), Ok(_)) = (&result, file.rewind().await)
+                        && let Ok(sha) = hash_file(file).await
+                    {
+                        let file = &*file;
+                        let unchanged = match (opened.as_ref(), file_stamp(file).await) {
+                            (Some(before), Some(after)) => *before == after,
+                            _ => false,
+                        };
+                        *sha256 = unchanged.then_some(sha);
+                    }
+                    result
+                }
+                Input::File { file, sha256, .. } => match file.rewind().await {
                     Ok(_) => {
                         let mut body = Hashing::new(&mut *file);
                         let result = scan_once(state, ScanInput::Reader(&mut body)).await;

@@ -27,6 +27,7 @@ impl ConsumerState {
         let mut clamd_config = ClamdConfig::new(config.clamd.clone());
         clamd_config.io_timeout = config.scan_timeout;
         clamd_config.max_idle_sessions = config.concurrency + 1;
+        clamd_config.local_socket = config.clamd_socket.clone();
         ConsumerState {
             clamd: ClamdClient::new(clamd_config),
             metrics,

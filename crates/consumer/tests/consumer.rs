@@ -750,3 +750,74 @@ fn invalid_configuration_names_every_setting_and_exits_2() {
     assert!(stderr.contains("CLAMD_ADDRESS"), "{stderr}");
     assert!(stderr.contains("SCAN_CONCURRENCY"), "{stderr}");
 }
+
+/// The corpus through a consumer: EICAR and clean bytes inline, the hash-only sample and an
+/// infected file as spilled files, a file that is not the body its producer hashed, and a
+/// body over the consumer's limit.
+async fn corpus_verdicts(stack: &Stack, p: &Producer, tag: &str) {
+    let mut body = b"--boundary\r\n".to_vec();
+    body.extend_from_slice(EICAR);
+    let v = scan(p, body_task(&format!("{tag}-eicar"), body)).await;
+    assert_eq!(
+        (v.status(), v.signature.as_str()),
+        (VerdictStatus::Infected, EICAR_BODY_SIGNATURE)
+    );
+    let v = scan(
+        p,
+        body_task(&format!("{tag}-clean"), clean_bytes(100_000, 1)),
+    )
+    .await;
+    assert_eq!(v.status(), VerdictStatus::Clean, "{}", v.detail);
+
+    let path = stack.spill(&format!("{tag}-sample.bin"), &hash_signature_sample());
+    let v = scan(p, path_task(&format!("{tag}-hash"), &path)).await;
+    assert_eq!(
+        (v.status(), v.signature.as_str()),
+        (VerdictStatus::Infected, HASH_SAMPLE_SIGNATURE)
+    );
+    let mut big = clean_bytes(3 << 20, 9);
+    let clean = stack.spill(&format!("{tag}-clean-3m"), &big);
+    let v = scan(p, path_task(&format!("{tag}-big-clean"), &clean)).await;
+    assert_eq!(v.status(), VerdictStatus::Clean, "{}", v.detail);
+    let mut lying = path_task(&format!("{tag}-lying"), &clean);
+    lying.sha256 = vec![7; 32];
+    let v = scan(p, lying).await;
+    assert_eq!(v.status(), VerdictStatus::Error, "{}", v.detail);
+    big[1000..1000 + EICAR.len()].copy_from_slice(EICAR);
+    let infected = stack.spill(&format!("{tag}-infected-3m"), &big);
+    let v = scan(p, path_task(&format!("{tag}-big-infected"), &infected)).await;
+    assert_eq!(v.status(), VerdictStatus::Infected, "{}", v.detail);
+
+    let v = scan(
+        p,
+        body_task(&format!("{tag}-large"), clean_bytes(9 << 20, 4)),
+    )
+    .await;
+    assert_eq!(v.status(), VerdictStatus::Unscannable, "{}", v.detail);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scans_by_descriptor_and_by_stream_give_the_same_verdicts() {
+    // clamd's own limit below the consumer's: its answer for the large body decides.
+    let stack = Stack::start_with(
+        RedisOptions::default(),
+        ClamdOptions {
+            max_file_size: "8M".into(),
+            stream_max_length: "8M".into(),
+            ..ClamdOptions::default()
+        },
+    );
+    let p = stack.producer().await;
+    let socket = stack.clamd.socket_path().display().to_string();
+    let absent = stack.scan_dir.path().join("no-clamd.sock");
+    let absent = absent.display().to_string();
+    for (tag, extra) in [
+        ("stream", vec![]),
+        ("fildes", vec!["--clamd-socket", socket.as_str()]),
+        ("fallback", vec!["--clamd-socket", absent.as_str()]),
+    ] {
+        let (mut handler, _) = stack.start_consumer(&extra);
+        corpus_verdicts(&stack, &p, tag).await;
+        handler.kill9();
+    }
+}

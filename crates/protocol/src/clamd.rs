@@ -11,6 +11,8 @@ pub const VERSION: &[u8] = b"zVERSION\0";
 pub const STATS: &[u8] = b"zSTATS\0";
 /// Followed by chunks (`u32` big-endian length + bytes) and a zero-length chunk.
 pub const INSTREAM: &[u8] = b"zINSTREAM\0";
+/// Scans the file behind a descriptor passed with it as `SCM_RIGHTS` (Unix socket only).
+pub const FILDES: &[u8] = b"zFILDES\0";
 /// Terminates an INSTREAM body.
 pub const INSTREAM_END: [u8; 4] = [0; 4];
 
@@ -67,8 +69,8 @@ pub fn strip_session_id(bytes: &[u8], expected: u32) -> Result<&[u8], ReplyError
     Ok(rest.strip_prefix(b" ").unwrap_or(rest))
 }
 
-/// Parses the reply to INSTREAM, e.g. `stream: OK`, `stream: Eicar-Signature FOUND`,
-/// `INSTREAM size limit exceeded. ERROR`.
+/// Parses the reply to INSTREAM or FILDES, e.g. `stream: OK`, `fd[12]: OK`,
+/// `stream: Eicar-Signature FOUND`, `INSTREAM size limit exceeded. ERROR`.
 pub fn parse_scan_reply(bytes: &[u8]) -> Result<ScanReply, ReplyError> {
     let text = reply_text(bytes)?;
     if text.starts_with("INSTREAM size limit exceeded") {
@@ -76,7 +78,10 @@ pub fn parse_scan_reply(bytes: &[u8]) -> Result<ScanReply, ReplyError> {
             "clamd StreamMaxLength exceeded".into(),
         ));
     }
-    let Some(rest) = text.strip_prefix("stream: ") else {
+    let Some(rest) = text
+        .strip_prefix("stream: ")
+        .or_else(|| descriptor_reply(text))
+    else {
         if let Some(msg) = text.strip_suffix(" ERROR") {
             return Ok(ScanReply::Error(msg.to_owned()));
         }
@@ -100,6 +105,12 @@ pub fn parse_scan_reply(bytes: &[u8]) -> Result<ScanReply, ReplyError> {
         return Ok(ScanReply::Error(msg.to_owned()));
     }
     Err(ReplyError::Unexpected(text.to_owned()))
+}
+
+/// What follows `fd[<n>]: `, the name clamd gives a file passed by descriptor.
+fn descriptor_reply(text: &str) -> Option<&str> {
+    let (name, rest) = text.strip_prefix("fd[")?.split_once("]: ")?;
+    (!name.is_empty() && name.bytes().all(|b| b.is_ascii_digit())).then_some(rest)
 }
 
 pub fn parse_ping_reply(bytes: &[u8]) -> Result<(), ReplyError> {
@@ -204,6 +215,18 @@ mod tests {
     #[test]
     fn ok_is_clean() {
         assert_eq!(parse_scan_reply(b"stream: OK\0"), Ok(ScanReply::Clean));
+        assert_eq!(parse_scan_reply(b"fd[12]: OK\0"), Ok(ScanReply::Clean));
+        assert_eq!(
+            parse_scan_reply(b"fd[7]: Eicar-Test-Signature FOUND\0"),
+            Ok(ScanReply::Infected("Eicar-Test-Signature".into()))
+        );
+        assert_eq!(
+            parse_scan_reply(b"fd[7]: Heuristics.Limits.Exceeded.MaxFileSize FOUND\0"),
+            Ok(ScanReply::Unscannable(
+                "Heuristics.Limits.Exceeded.MaxFileSize".into()
+            ))
+        );
+        assert!(parse_scan_reply(b"fd[x]: OK\0").is_err());
     }
 
     #[test]

@@ -77,6 +77,7 @@ impl Clamd {
             format!(
                 "Foreground yes\n\
                  TCPSocket {port}\n\
+                 LocalSocket {d}/clamd.sock\n\
                  TCPAddr 127.0.0.1\n\
                  DatabaseDirectory {d}/db\n\
                  TemporaryDirectory {d}/tmp\n\
@@ -122,6 +123,11 @@ impl Clamd {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Its Unix socket (`LocalSocket`), where scans may pass a file descriptor.
+    pub fn socket_path(&self) -> PathBuf {
+        self.dir.path().join("clamd.sock")
     }
 
     /// `127.0.0.1:<port>`
