@@ -13,7 +13,7 @@ use kube::{Api, ResourceExt};
 
 use super::status::Generated;
 use super::writes::publish;
-use super::{Context, MANAGER, POLICY_LABEL};
+use super::{Context, MANAGED_BY, MANAGER, POLICY_LABEL};
 use crate::crd::{GatewayKind, VirusScanPolicy};
 use crate::error::Error;
 use crate::gateways::{self, Detected, KINDS};
@@ -63,6 +63,8 @@ pub(super) async fn reconcile(
         };
         keep.insert((kind.clone(), object_name.clone()));
         object["metadata"]["ownerReferences"] = serde_json::json!([owner]);
+        object["metadata"]["labels"] =
+            serde_json::json!({ MANAGED_BY.0: MANAGED_BY.1, POLICY_LABEL: name });
         let api: Api<DynamicObject> = Api::namespaced_with(
             ctx.client.clone(),
             namespace,

@@ -95,7 +95,6 @@ pub fn render(
             "Backend",
             &backend_name(policy),
             namespace,
-            policy,
             json!({
                 "endpoints": [{ "unix": { "path": SOCKET_PATH } }],
                 "appProtocols": ["gateway.envoyproxy.io/h2c"]
@@ -106,7 +105,6 @@ pub fn render(
             "EnvoyExtensionPolicy",
             &extension_policy_name(policy),
             namespace,
-            policy,
             json!({
                 "targetRefs": [gateway_ref(&gateway)],
                 "extProc": [ext_proc(policy, spec)]
@@ -121,7 +119,6 @@ pub fn render(
             "ClientTrafficPolicy",
             &client_traffic_policy_name(policy),
             namespace,
-            policy,
             json!({
                 "targetRefs": [gateway_ref(&gateway)],
                 "connection": { "bufferLimit": format!("{}Ki", limit / 1024) }
@@ -142,7 +139,6 @@ pub fn render(
             "EnvoyExtensionPolicy",
             &opt_out_name(policy, &route.name),
             namespace,
-            policy,
             json!({ "targetRefs": [target] }),
         ));
     }

@@ -106,7 +106,6 @@ pub fn render(
         "EnvoyFilter",
         &envoy_filter_name(policy),
         namespace,
-        policy,
         filter_spec,
     )])
 }

@@ -12,7 +12,6 @@ use std::collections::BTreeMap;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::controller::{MANAGED_BY, POLICY_LABEL};
 use crate::crd::{GatewayKind, VirusScanPolicySpec};
 
 /// Label Envoy Gateway puts on the proxies of a Gateway: the Gateway's name.
@@ -119,23 +118,18 @@ pub fn detect<'a>(
     }
 }
 
-/// A namespaced object of the policy's, labelled as the operator's.
+/// A namespaced object of the policy's (the controller adds its labels and owner).
 pub(crate) fn object(
     api_version: &str,
     kind: &str,
     name: &str,
     namespace: &str,
-    policy: &str,
     spec: Value,
 ) -> Value {
     json!({
         "apiVersion": api_version,
         "kind": kind,
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": { MANAGED_BY.0: MANAGED_BY.1, POLICY_LABEL: policy }
-        },
+        "metadata": { "name": name, "namespace": namespace },
         "spec": spec
     })
 }
