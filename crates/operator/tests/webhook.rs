@@ -15,6 +15,7 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use support::{EXAMPLES, Operator, eventually, plane_with_crd};
+use virus_scan_operator::controller::ANNOTATION_POLICY;
 use virus_scan_operator::crd::{RedisSettings, VirusScanPolicy};
 use virus_scan_operator::inject::{ANNOTATION_HASH, InjectDefaults, SIDECAR, injection_hash};
 use virus_scan_operator::{certs, inject, webhook};
@@ -149,6 +150,75 @@ async fn create_injected(api: &Api<Pod>, pod: &Pod) -> Pod {
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[index]
+}
+
+/// Envoy Gateway's default deploy mode: the proxies of tenant-a's Gateway run in
+/// envoy-gateway-system, labelled with the Gateway's name and namespace, and get tenant-a's
+/// sidecar from its Envoy Gateway policy; the same labels on a pod of any other namespace
+/// claim nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_gateway_proxies_get_the_sidecar_of_their_gateways_namespace() {
+    let (plane, client, _operator) = setup(&[]).await;
+    for ns in ["envoy-gateway-system", "tenant-b"] {
+        plane.kubectl(&["create", "namespace", ns]);
+        plane.kubectl(&[
+            "label",
+            "namespace",
+            ns,
+            "virusscan.aether-platform.io/injection=enabled",
+        ]);
+    }
+    plane.kubectl(&[
+        "apply",
+        "-f",
+        &format!("{EXAMPLES}/virusscanpolicy-envoy-gateway.yaml"),
+    ]);
+    let labels = json!({
+        "gateway.envoyproxy.io/owning-gateway-name": "web",
+        "gateway.envoyproxy.io/owning-gateway-namespace": NS
+    });
+    let proxies: Api<Pod> = Api::namespaced(client.clone(), "envoy-gateway-system");
+    let mut created = None;
+    for attempt in 0..50 {
+        let name = format!("envoy-web-{attempt}");
+        match proxies
+            .create(
+                &PostParams::default(),
+                &pod(&name, labels.clone(), json!({})),
+            )
+            .await
+        {
+            Ok(p) if !sidecars(&p).is_empty() => {
+                created = Some(p);
+                break;
+            }
+            // The webhook (fail closed) or its policy cache is not there yet.
+            _ => tokio::time::sleep(Duration::from_millis(300)).await,
+        }
+    }
+    let proxy = created.expect("an Envoy Gateway proxy with the sidecar");
+    let annotations = proxy.metadata.annotations.clone().unwrap_or_default();
+    assert_eq!(annotations[ANNOTATION_POLICY], "web");
+    let env: Vec<(String, String)> = sidecars(&proxy)[0]
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+        .collect();
+    assert!(
+        env.contains(&("TENANT".to_owned(), NS.to_owned())),
+        "{env:?}"
+    );
+
+    let elsewhere: Api<Pod> = Api::namespaced(client.clone(), "tenant-b");
+    let claimed = elsewhere
+        .create(
+            &PostParams::default(),
+            &pod("claims-tenant-a", labels, json!({})),
+        )
+        .await
+        .unwrap();
+    assert!(sidecars(&claimed).is_empty(), "{claimed:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
