@@ -372,6 +372,28 @@ async fn gateway_objects_pass_the_gateways_schemas_follow_edits_and_go_with_the_
     )
     .await;
 
+    // Back to plain Envoy: every gateway object of the policy goes, the ConfigMap stays.
+    policies
+        .patch(
+            "mesh",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"gateway": "Envoy"}})),
+        )
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "plain Envoy keeps no gateway objects",
+        || async {
+            names(&apis.extension_policies, "mesh").await.is_empty()
+                && names(&apis.backends, "mesh").await.is_empty()
+        },
+    )
+    .await;
+    let p = reconciled(&policies, "mesh").await;
+    assert_eq!(condition(&p, "ConfigGenerated").unwrap().1, "Generated");
+    assert_eq!(condition(&p, "Gateway").unwrap().1, "Specified");
+
     // Deleting a policy removes its objects (owner references, garbage collector).
     policies
         .delete("web", &DeleteParams::default())
@@ -386,9 +408,5 @@ async fn gateway_objects_pass_the_gateways_schemas_follow_edits_and_go_with_the_
         },
     )
     .await;
-    assert_eq!(
-        names(&apis.extension_policies, "mesh").await,
-        ["vsp-mesh".to_owned()]
-    );
     drop(operator);
 }

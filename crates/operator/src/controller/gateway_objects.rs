@@ -108,6 +108,10 @@ pub(super) async fn reconcile(
         written.push(format!("{kind} {object_name}"));
     }
     prune(ctx, policy, namespace, owner, &keep).await?;
+    if detected.kind == GatewayKind::Envoy {
+        // Back to plain Envoy: the earlier kind's objects are gone, the ConfigMap is all.
+        return Ok(None);
+    }
     if !written.is_empty() {
         publish(
             ctx,
