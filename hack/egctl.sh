@@ -18,6 +18,10 @@ export PATH=$PATH:/usr/local/go/bin
 export GOFLAGS=-mod=mod
 export GOPATH=${GOPATH:-$HOME/go}
 echo "building egctl $ENVOY_GATEWAY_VERSION (into $bin)" >&2
+# Its build cache runs to gigabytes and serves nothing else: kept apart and removed after.
+GOCACHE=$(mktemp -d)
+export GOCACHE
+trap 'rm -rf "$GOCACHE"' EXIT
 GOBIN=$bin go install -trimpath -ldflags="-s -w" \
   "github.com/envoyproxy/gateway/cmd/egctl@$ENVOY_GATEWAY_VERSION" >&2
 echo "$bin/egctl"
