@@ -222,18 +222,33 @@ fn main() -> anyhow::Result<()> {
 /// The fault campaign, in a mount namespace of its own when it can make one (root), where
 /// the spool is a small tmpfs that it can fill to ENOSPC; exits 1 when an invariant broke.
 fn chaos_main(args: &Args) -> anyhow::Result<()> {
-    if std::env::var_os(chaos::NAMESPACE_ENV).is_none() {
-        let unshare = std::process::Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "--"])
-            .arg(std::env::current_exe()?)
-            .args(std::env::args_os().skip(1))
-            .env(chaos::NAMESPACE_ENV, "1")
-            .status();
-        match unshare {
-            // unshare itself failed (no privilege): run here, without the ENOSPC fault.
-            Ok(status) if status.code() == Some(1) && !namespaces_allowed() => {}
-            Ok(status) => std::process::exit(status.code().unwrap_or(1)),
-            Err(_) => {}
+    match std::env::var_os(chaos::NAMESPACE_ENV) {
+        None => {
+            // Inside, the campaign's temporary files (Redis's AOF among them, rewritten and
+            // killed mid-rewrite many times over) live in a tmpfs of their own, never on
+            // the machine's disk.
+            let scratch = std::env::temp_dir().join(format!("vs-chaos-tmp-{}", std::process::id()));
+            std::fs::create_dir_all(&scratch)?;
+            let unshare = std::process::Command::new("unshare")
+                .args(["--mount", "--propagation", "private", "--"])
+                .arg(std::env::current_exe()?)
+                .args(std::env::args_os().skip(1))
+                .env(chaos::NAMESPACE_ENV, &scratch)
+                .env("TMPDIR", &scratch)
+                .status();
+            let _ = std::fs::remove_dir(&scratch);
+            match unshare {
+                // unshare itself failed (no privilege): run here, without the ENOSPC fault.
+                Ok(status) if status.code() == Some(1) && !namespaces_allowed() => {}
+                Ok(status) => std::process::exit(status.code().unwrap_or(1)),
+                Err(_) => {}
+            }
+        }
+        Some(scratch) => {
+            let _ = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=4g,mode=0700", "tmpfs"])
+                .arg(scratch)
+                .status();
         }
     }
     let held = tokio::runtime::Builder::new_multi_thread()

@@ -171,10 +171,16 @@ pub fn print(s: &Summary) -> bool {
         inv.wrong_verdicts,
     );
     row("requests without an answer by their deadline", inv.hung);
-    row(
-        "tasks lost (enqueued, never answered: stream entries after the drain)",
-        inv.lost,
-    );
+    if inv.lost == u64::MAX {
+        println!(
+            "| tasks lost (enqueued, never answered: stream entries after the drain) | unknown: Redis did not answer | 0 |"
+        );
+    } else {
+        row(
+            "tasks lost (enqueued, never answered: stream entries after the drain)",
+            inv.lost,
+        );
+    }
     row("tasks answered twice", inv.duplicates);
     row("files left in the spool", inv.spool_left);
     println!(
