@@ -15,7 +15,6 @@ use kube::ResourceExt;
 use sha2::{Digest, Sha256};
 use virus_scanner_runtime::sidecar_env;
 
-use crate::controller::{ANNOTATION_GENERATION, ANNOTATION_POLICY, derived_bootstrap_name};
 use crate::crd::{FailureMode, Priority, RangeRequests, RedisSettings, Transport, VirusScanPolicy};
 use crate::envoy::SOCKET_DIR;
 use crate::selector;
@@ -24,6 +23,14 @@ pub const SIDECAR: &str = "virus-scanner-producer";
 /// Opt-out: on a pod (annotation or label) `"false"` means never inject.
 pub const INJECT: &str = "virusscan.aether-platform.io/inject";
 pub const ANNOTATION_HASH: &str = "virusscan.aether-platform.io/injected-hash";
+/// Pod annotations the injector writes: the policy and its generation.
+pub const ANNOTATION_POLICY: &str = "virusscan.aether-platform.io/policy";
+pub const ANNOTATION_GENERATION: &str = "virusscan.aether-platform.io/policy-generation";
+
+/// The ConfigMap the operator derives from a tenant's bootstrap, mounted in its place.
+pub fn derived_bootstrap_name(policy: &str) -> String {
+    format!("vsp-{policy}-bootstrap")
+}
 /// The label of every pod the injector gave the sidecar.
 pub const LABEL_SIDECAR: &str = "virusscan.aether-platform.io/sidecar";
 pub const SPOOL_VOLUME: &str = "virus-scanner-spool";

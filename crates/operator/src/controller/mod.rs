@@ -37,10 +37,9 @@ use crate::{envoy, gateways};
 pub const MANAGER: &str = "virus-scan-operator";
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "virus-scan-operator");
 pub const POLICY_LABEL: &str = "virusscan.aether-platform.io/policy";
-/// Pod annotations the injector writes: the policy, its generation, and (in
-/// [`crate::inject::ANNOTATION_HASH`]) a hash of what was injected.
-pub const ANNOTATION_POLICY: &str = "virusscan.aether-platform.io/policy";
-pub const ANNOTATION_GENERATION: &str = "virusscan.aether-platform.io/policy-generation";
+/// Pod annotations the injector writes (the policy, its generation and a hash of what was
+/// injected), and the ConfigMap a bootstrap merge derives: the injector's names.
+pub use crate::inject::{ANNOTATION_GENERATION, ANNOTATION_POLICY, derived_bootstrap_name};
 /// On a policy, `"true"` lets the operator restart the Deployments of outdated pods.
 pub const ANNOTATION_RESTART_OUTDATED: &str = "virusscan.aether-platform.io/restart-outdated";
 /// On a Deployment's pod template: the policy generation it was restarted for.
@@ -81,10 +80,6 @@ impl Context {
 
 pub fn config_map_name(policy: &str) -> String {
     format!("vsp-{policy}-envoy")
-}
-
-pub fn derived_bootstrap_name(policy: &str) -> String {
-    format!("vsp-{policy}-bootstrap")
 }
 
 /// Runs until `shutdown` resolves.
