@@ -1,8 +1,8 @@
 //! The consumer (binary `virus-scanner-handler`): claims tasks from the queue, scans them with
 //! clamd and writes verdicts.
 //!
-//! [`run`] starts `SCAN_CONCURRENCY` scan loops ([`task`]), each a member of the queue's
-//! consumer group with a connection of its own, and beside them the clamd watch
+//! [`run`] starts the claim loop ([`task`]), a member of the queue's consumer group that runs
+//! up to `SCAN_CONCURRENCY` scans at once, and beside it the clamd watch
 //! ([`engine`]), the queue-depth gauge and the bridge from the seed's task list
 //! ([`legacy`]). Failures are classified in [`error`].
 #![forbid(unsafe_code)]
@@ -102,14 +102,10 @@ pub async fn run(
     if config.legacy_enabled {
         tokio::spawn(legacy::bridge_legacy(state.clone(), stop_rx.clone()));
     }
-    let mut loops = Vec::new();
-    for index in 0..config.concurrency {
-        loops.push(tokio::spawn(task::claim_loop(
-            state.clone(),
-            index,
-            stop_rx.clone(),
-        )));
-    }
+    let loops = vec![tokio::spawn(task::claim_loop(
+        state.clone(),
+        stop_rx.clone(),
+    ))];
 
     shutdown.await;
     tracing::info!("shutting down: no new claims, finishing scans in flight");

@@ -1,9 +1,10 @@
-//! One scan loop: claim, scan, answer, repeat. Each loop is a member of the consumer group
-//! with a connection of its own.
+//! The claim loop: claims as many tasks as there are free scan slots, in one round trip when
+//! that many are waiting, and runs each in a slot of its own: scan, answer.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::Semaphore;
 use virus_scanner_protocol::task::{ScanTask, Verdict, VerdictStatus};
 use virus_scanner_queue::{Consumer, Delivery, now_ns};
 
@@ -13,15 +14,19 @@ use crate::state::ConsumerState;
 
 pub(crate) async fn claim_loop(
     state: Arc<ConsumerState>,
-    index: usize,
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let Some(mut consumer) = state
-        .connect_queue(&format!("w{index}"), stop.clone())
-        .await
-    else {
+    // One member of the group on two connections: claims block on the first, while the
+    // verdicts, heartbeats and body reads of the scans share the second.
+    let Some(mut claimer) = state.connect_queue("w0", stop.clone()).await else {
         return;
     };
+    let Some(answerer) = state.connect_queue("w0", stop.clone()).await else {
+        return;
+    };
+    let answerer = Arc::new(answerer);
+    let concurrency = state.config().concurrency;
+    let slots = Arc::new(Semaphore::new(concurrency));
     let mut backoff = Duration::from_millis(100);
     while !*stop.borrow() {
         // A consumer whose clamd is down leaves tasks to consumers that can scan them.
@@ -29,12 +34,30 @@ pub(crate) async fn claim_loop(
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         }
+        // A slot is free before anything is claimed, so a claimed task waits for no scan.
+        let Ok(first) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let free = 1 + slots.available_permits();
         // Not cancelled on shutdown: an entry read but dropped would wait for redelivery.
-        match consumer.claim(Duration::from_secs(1)).await {
+        match claimer.claim_up_to(Duration::from_secs(1), free).await {
             Ok(deliveries) => {
                 backoff = Duration::from_millis(100);
+                let mut first = Some(first);
                 for d in deliveries {
-                    process(&state, &consumer, d).await;
+                    // More than the free slots only from a read that waited or a reclaim.
+                    let slot = match first.take() {
+                        Some(slot) => slot,
+                        None => match slots.clone().acquire_owned().await {
+                            Ok(slot) => slot,
+                            Err(_) => return,
+                        },
+                    };
+                    let (state, answerer) = (state.clone(), answerer.clone());
+                    tokio::spawn(async move {
+                        process(&state, &answerer, d).await;
+                        drop(slot);
+                    });
                 }
             }
             Err(e) => {
@@ -45,10 +68,11 @@ pub(crate) async fn claim_loop(
             }
         }
     }
-    // Every task this loop claimed is answered: leave the group, so that it does not list
-    // one more departed consumer after every restart.
-    if let Err(e) = consumer.leave().await {
-        tracing::warn!(error = %e, consumer = consumer.name(), "cannot leave the consumer group");
+    // Every task claimed is answered once all slots are back: then leave the group, so that
+    // it does not list one more departed consumer after every restart.
+    let _ = slots.acquire_many(concurrency as u32).await;
+    if let Err(e) = claimer.leave().await {
+        tracing::warn!(error = %e, consumer = claimer.name(), "cannot leave the consumer group");
     }
 }
 

@@ -683,3 +683,40 @@ async fn a_stored_body_that_is_short_long_or_has_a_huge_chunk_never_reads_as_com
         .unwrap_err();
     assert!(huge.to_string().contains("more than"), "{huge}");
 }
+
+#[tokio::test]
+async fn a_batch_takes_one_task_per_tenant_per_turn_and_a_lone_task_at_once() {
+    let redis = Redis::start();
+    let a = Producer::connect(tenant_config(&redis, "a")).await.unwrap();
+    let b = Producer::connect(tenant_config(&redis, "b")).await.unwrap();
+    let mut c = Consumer::connect(config(&redis), "c1").await.unwrap();
+    c.ensure_group().await.unwrap();
+    for i in 0..6 {
+        a.enqueue(&task(&format!("a{i}"), Priority::Normal))
+            .await
+            .unwrap();
+    }
+    b.enqueue(&task("b0", Priority::Normal)).await.unwrap();
+    b.enqueue(&task("b1", Priority::High)).await.unwrap();
+    let tenants = |got: &[virus_scanner_queue::Delivery]| -> Vec<String> {
+        got.iter()
+            .map(|d| d.task.as_ref().unwrap().id.clone())
+            .collect()
+    };
+    // Two turns of both tenants (b's high task first), then a alone.
+    let got = c.claim_up_to(Duration::from_millis(100), 5).await.unwrap();
+    assert_eq!(tenants(&got), ["a0", "b1", "a1", "b0", "a2"]);
+    let got = c.claim_up_to(Duration::from_millis(100), 8).await.unwrap();
+    assert_eq!(tenants(&got), ["a3", "a4", "a5"]);
+    // Nothing waiting: a task that comes in is handed out at once, not held for a batch.
+    let claim = tokio::spawn(async move {
+        let started = Instant::now();
+        let got = c.claim_up_to(Duration::from_secs(5), 8).await.unwrap();
+        (got.len(), started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    b.enqueue(&task("b2", Priority::Normal)).await.unwrap();
+    let (n, waited) = claim.await.unwrap();
+    assert_eq!(n, 1);
+    assert!(waited < Duration::from_secs(2), "{waited:?}");
+}

@@ -9,25 +9,46 @@ use virus_scanner_protocol::task::{Priority, TASK_FIELD, decode_task};
 use super::{Consumer, Delivery};
 use crate::QueueError;
 
-/// Claims one new entry from the first of the streams that has one, in one round trip.
-/// KEYS: the streams in the order to try them. ARGV: group, consumer, the largest entry
-/// (bytes of its fields and values) to hand out. A larger entry cannot be a task a producer
+/// Claims up to ARGV[4] new entries in one round trip, in turns: each turn takes at most one
+/// entry per tenant, its high stream before its normal one, tenants in the order of KEYS, and
+/// the next turn serves only the tenants the last one found something for. So a batch never
+/// takes a second task of a tenant while another tenant has one waiting. KEYS: each tenant's
+/// high and normal stream, in pairs. ARGV: group, consumer, the largest entry (bytes of its
+/// fields and values) to hand out, most entries. A larger entry cannot be a task a producer
 /// queued through the submit function: it is acknowledged and deleted here, never sent to a
-/// consumer that would have to hold it.
+/// consumer that would have to hold it. Returns the entries as `XREADGROUP` does, one stream
+/// per entry, or false.
 const CLAIM_NEW_SCRIPT: &str = r"
-for _, stream in ipairs(KEYS) do
+local function next_entry(stream)
   while true do
     local found = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', stream, '>')
-    if not found then break end
+    if not found then return nil end
     local entry = found[1][2][1]
     local size = 0
     for _, part in ipairs(entry[2]) do size = size + #part end
-    if size <= tonumber(ARGV[3]) then return found end
+    if size <= tonumber(ARGV[3]) then return found[1] end
     redis.call('XACK', stream, ARGV[1], entry[1])
     redis.call('XDEL', stream, entry[1])
   end
 end
-return false
+local found = {}
+local most = tonumber(ARGV[4])
+local waiting = {}
+for t = 1, #KEYS, 2 do waiting[#waiting + 1] = t end
+while #found < most and #waiting > 0 do
+  local again = {}
+  for _, t in ipairs(waiting) do
+    if #found >= most then break end
+    local entry = next_entry(KEYS[t]) or next_entry(KEYS[t + 1])
+    if entry then
+      found[#found + 1] = entry
+      again[#again + 1] = t
+    end
+  end
+  waiting = again
+end
+if #found == 0 then return false end
+return found
 ";
 
 pub(super) fn claim_new_script() -> redis::Script {
@@ -39,16 +60,31 @@ impl Consumer {
     /// then the normal one; waits up to `block` when both are empty. Poison entries are
     /// answered here and not returned.
     pub async fn claim(&mut self, block: Duration) -> Result<Vec<Delivery>, QueueError> {
-        match self.claim_once(block).await {
+        self.claim_up_to(block, 1).await
+    }
+
+    /// [`Consumer::claim`] of up to `most` new entries in one round trip when that many are
+    /// waiting, tenants taking turns within the batch; the first one as soon as it is there
+    /// when none was (a read that had to wait, and a reclaim, may return more than `most`).
+    pub async fn claim_up_to(
+        &mut self,
+        block: Duration,
+        most: usize,
+    ) -> Result<Vec<Delivery>, QueueError> {
+        match self.claim_once(block, most).await {
             Err(e) if e.is_missing_group() => {
                 self.group_ready = false;
-                self.claim_once(block).await
+                self.claim_once(block, most).await
             }
             other => other,
         }
     }
 
-    async fn claim_once(&mut self, block: Duration) -> Result<Vec<Delivery>, QueueError> {
+    async fn claim_once(
+        &mut self,
+        block: Duration,
+        most: usize,
+    ) -> Result<Vec<Delivery>, QueueError> {
         if !self.group_ready {
             self.ensure_group().await?;
         }
@@ -87,11 +123,13 @@ impl Consumer {
             .arg(&self.config.group)
             .arg(&self.name)
             .arg(crate::functions::MAX_TASK_BYTES + 64)
+            .arg(most.max(1))
             .invoke_async(&mut self.conn)
             .await?;
         let found = self.deliveries(found);
-        if let Some(d) = found.first() {
-            self.served(&d.tenant);
+        if let Some(d) = found.last() {
+            let tenant = d.tenant.clone();
+            self.served(&tenant);
             return Ok(found);
         }
         let mut found = self.read_new(&streams, block).await?;
