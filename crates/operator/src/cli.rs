@@ -210,7 +210,8 @@ pub struct RunArgs {
     #[arg(long, env = "DEFAULT_REDIS_CA_FILE")]
     pub default_redis_ca_file: Option<PathBuf>,
     /// Keep a Redis ACL user per namespace with policies on the default Redis, with its
-    /// credentials in the Secret `virus-scanner-redis` there, which the sidecar is given.
+    /// credentials in the Secret `virus-scanner-redis-<namespace>` there, which the sidecar is
+    /// given.
     #[arg(long, env = "TENANT_REDIS_USERS", default_value_t = false)]
     pub tenant_redis_users: bool,
     /// The operator's Redis user, which may administer ACL users.
@@ -345,6 +346,7 @@ impl RunArgs {
             legacy_result_prefix: defaults.legacy_result_prefix,
             period: Duration::from_secs(self.tenant_redis_users_period_seconds),
             backbone: self.backbone(),
+            envoy_gateway_namespace: Some(self.envoy_gateway_namespace.clone()),
         }))
     }
 

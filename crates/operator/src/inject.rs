@@ -339,11 +339,28 @@ pub fn inject(pod: &Pod, policy: &VirusScanPolicy, defaults: &InjectDefaults) ->
     pod
 }
 
-fn redis_settings<'a>(
-    policy: &'a VirusScanPolicy,
-    defaults: &'a InjectDefaults,
-) -> &'a RedisSettings {
-    policy.spec.redis.as_ref().unwrap_or(&defaults.redis)
+/// The policy's Redis, or the operator's with the policy's namespace's own credentials:
+/// the Secret `virus-scanner-redis-<policy namespace>` (a copy of which the operator keeps
+/// where Envoy Gateway runs that namespace's proxies).
+fn redis_settings(policy: &VirusScanPolicy, defaults: &InjectDefaults) -> RedisSettings {
+    if let Some(own) = &policy.spec.redis {
+        return own.clone();
+    }
+    let mut redis = defaults.redis.clone();
+    let name = crate::tenants::secret_name(&policy.namespace().unwrap_or_default());
+    for secret in [
+        &mut redis.username_secret_ref,
+        &mut redis.password_secret_ref,
+        &mut redis.ca_secret_ref,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if secret.name == crate::tenants::SECRET_NAME {
+            secret.name = name.clone();
+        }
+    }
+    redis
 }
 
 fn env(name: &str, value: impl ToString) -> EnvVar {

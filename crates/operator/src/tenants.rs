@@ -1,5 +1,5 @@
 //! A Redis user per tenant. For every namespace with a VirusScanPolicy on the shared Redis,
-//! the operator keeps a Secret `virus-scanner-redis` (username, a generated password, the CA
+//! the operator keeps a Secret `virus-scanner-redis-<namespace>` (username, a generated password, the CA
 //! of Redis's TLS certificate) and the ACL user it names, with the rules of
 //! [`virus_scanner_queue::acl::tenant_rules`]; the injector points the sidecar at that Secret.
 //! It also keeps the consumers' user. Users are re-applied on every pass, so a Redis that
@@ -21,8 +21,19 @@ use virus_scanner_queue::{RedisConfig, acl};
 
 use crate::crd::VirusScanPolicy;
 
-/// The Secret in each tenant namespace that holds its Redis credentials.
+/// The prefix of the Secret that holds a tenant's Redis credentials: `virus-scanner-redis-<ns>`
+/// ([`secret_name`]), in the tenant's namespace and, for its Envoy Gateway proxies that run
+/// in Envoy Gateway's own namespace, a copy there. The injector names it for the policy's
+/// namespace wherever the pod runs.
 pub const SECRET_NAME: &str = "virus-scanner-redis";
+
+/// The Secret of `namespace`'s Redis credentials.
+pub fn secret_name(namespace: &str) -> String {
+    format!("{SECRET_NAME}-{namespace}")
+}
+
+/// The label on a copy of a tenant's Secret in Envoy Gateway's namespace: the tenant.
+pub const TENANT_LABEL: &str = "virusscan.aether-platform.io/tenant";
 pub const USERNAME_KEY: &str = "username";
 pub const PASSWORD_KEY: &str = "password";
 pub const CA_KEY: &str = "ca.crt";
@@ -42,6 +53,11 @@ pub struct TenantUsers {
     pub period: Duration,
     /// The bundled Redis's own credentials and certificate, kept by the operator.
     pub backbone: Option<Backbone>,
+    /// Where Envoy Gateway runs the proxies of Gateways in its default deploy mode: tenants
+    /// with Envoy Gateway policies get a copy of their Secret there, for the sidecars of their
+    /// proxies (no owner references across namespaces: a copy outlives its tenant's user,
+    /// which the operator removes, so it opens nothing).
+    pub envoy_gateway_namespace: Option<String>,
 }
 
 /// The bundled Redis's secrets, in the operator's namespace: one with the operator's and the
@@ -129,7 +145,18 @@ pub async fn reconcile(
         acl::set_user(&mut conn, user, password, &rules).await?;
     }
     for (namespace, owners) in &tenants {
-        let password = ensure_secret(client, namespace, owners, ca.as_deref()).await?;
+        let password =
+            ensure_secret(client, namespace, namespace, owners, ca.as_deref(), None).await?;
+        let envoy_gateway = owners.iter().any(|p| {
+            crate::gateways::detect(&p.spec, []).kind == crate::crd::GatewayKind::EnvoyGateway
+                || p.status.as_ref().and_then(|s| s.gateway)
+                    == Some(crate::crd::GatewayKind::EnvoyGateway)
+        });
+        if let (true, Some(eg)) = (envoy_gateway, &settings.envoy_gateway_namespace)
+            && eg != namespace
+        {
+            ensure_secret(client, eg, namespace, &[], ca.as_deref(), Some(&password)).await?;
+        }
         acl::provision_tenant(&mut conn, &settings.prefix, namespace, &password).await?;
     }
     let wanted: BTreeSet<&String> = tenants.keys().collect();
@@ -149,11 +176,14 @@ pub async fn reconcile(
 /// namespace's policies. The CA and the owners are brought up to date.
 async fn ensure_secret(
     client: &kube::Client,
+    in_namespace: &str,
     namespace: &str,
     owners: &[&VirusScanPolicy],
     ca: Option<&[u8]>,
+    copy_of: Option<&str>,
 ) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
-    let api = Api::<Secret>::namespaced(client.clone(), namespace);
+    let name = secret_name(namespace);
+    let api = Api::<Secret>::namespaced(client.clone(), in_namespace);
     let owner_refs: Vec<OwnerReference> = owners
         .iter()
         .filter_map(|p| p.controller_owner_ref(&()))
@@ -170,12 +200,13 @@ async fn ensure_secret(
     if let Some(ca) = ca {
         data.insert(CA_KEY.to_owned(), ByteString(ca.to_vec()));
     }
-    match api.get_opt(SECRET_NAME).await? {
+    match api.get_opt(&name).await? {
         Some(mut secret) => {
             let current = secret.data.get_or_insert_with(BTreeMap::new);
-            let password = match current.get(PASSWORD_KEY) {
-                Some(p) if !p.0.is_empty() => String::from_utf8(p.0.clone())
-                    .map_err(|_| format!("{namespace}/{SECRET_NAME}: the password is not UTF-8"))?,
+            let password = match (copy_of, current.get(PASSWORD_KEY)) {
+                (Some(p), _) => p.to_owned(),
+                (None, Some(p)) if !p.0.is_empty() => String::from_utf8(p.0.clone())
+                    .map_err(|_| format!("{in_namespace}/{name}: the password is not UTF-8"))?,
                 // Emptied by hand: a new password, as if the Secret had been deleted.
                 _ => new_password()?,
             };
@@ -183,38 +214,48 @@ async fn ensure_secret(
                 PASSWORD_KEY.to_owned(),
                 ByteString(password.clone().into_bytes()),
             );
-            let owners_differ = secret.metadata.owner_references.as_ref() != Some(&owner_refs);
+            let owner_refs = (!owner_refs.is_empty()).then_some(owner_refs);
+            let owners_differ = secret.metadata.owner_references != owner_refs;
             if *current != data || owners_differ {
                 *current = data;
-                secret.metadata.owner_references = Some(owner_refs);
+                secret.metadata.owner_references = owner_refs;
                 secret.metadata.managed_fields = None;
-                api.replace(SECRET_NAME, &PostParams::default(), &secret)
-                    .await?;
+                api.replace(&name, &PostParams::default(), &secret).await?;
             }
             Ok(password)
         }
         None => {
-            let password = new_password()?;
+            let password = match copy_of {
+                Some(p) => p.to_owned(),
+                None => new_password()?,
+            };
             data.insert(
                 PASSWORD_KEY.to_owned(),
                 ByteString(password.clone().into_bytes()),
             );
             let secret = Secret {
                 metadata: ObjectMeta {
-                    name: Some(SECRET_NAME.to_owned()),
-                    namespace: Some(namespace.to_owned()),
-                    owner_references: Some(owner_refs),
-                    labels: Some(BTreeMap::from([(
-                        "app.kubernetes.io/managed-by".to_owned(),
-                        "virus-scan-operator".to_owned(),
-                    )])),
+                    name: Some(name.clone()),
+                    namespace: Some(in_namespace.to_owned()),
+                    owner_references: (!owner_refs.is_empty()).then_some(owner_refs),
+                    labels: Some(BTreeMap::from([
+                        (
+                            "app.kubernetes.io/managed-by".to_owned(),
+                            "virus-scan-operator".to_owned(),
+                        ),
+                        (TENANT_LABEL.to_owned(), namespace.to_owned()),
+                    ])),
                     ..ObjectMeta::default()
                 },
                 data: Some(data),
                 ..Secret::default()
             };
             api.create(&PostParams::default(), &secret).await?;
-            tracing::info!(namespace, "created the tenant's Redis credentials");
+            tracing::info!(
+                namespace,
+                in_namespace,
+                "wrote the tenant's Redis credentials"
+            );
             Ok(password)
         }
     }

@@ -38,6 +38,7 @@ fn settings(redis: &Redis) -> TenantUsers {
         legacy_result_prefix: defaults.legacy_result_prefix,
         period: Duration::from_secs(1),
         backbone: None,
+        envoy_gateway_namespace: None,
     }
 }
 
@@ -50,7 +51,7 @@ async fn tenant_config(
     dir: &std::path::Path,
 ) -> QueueConfig {
     let secret = Api::<Secret>::namespaced(client.clone(), ns)
-        .get(tenants::SECRET_NAME)
+        .get(&tenants::secret_name(ns))
         .await
         .unwrap();
     let data = secret.data.unwrap();
@@ -136,6 +137,15 @@ fn each_tenant_gets_a_redis_user_that_reaches_only_its_own_scans() {
         .unwrap();
         plane.kubectl(&["apply", "-f", file.to_str().unwrap()]);
     }
+    // A tenant whose Gateway's proxies Envoy Gateway runs in its own namespace.
+    plane.kubectl(&["create", "namespace", "team-c"]);
+    plane.kubectl(&["create", "namespace", "envoy-gateway-system"]);
+    let eg = std::fs::read_to_string(format!("{EXAMPLES}/virusscanpolicy-envoy-gateway.yaml"))
+        .unwrap()
+        .replace("namespace: tenant-a", "namespace: team-c");
+    let file = policies.path().join("team-c.yaml");
+    std::fs::write(&file, eg).unwrap();
+    plane.kubectl(&["apply", "-f", file.to_str().unwrap()]);
     let redis = Redis::start_with(RedisOptions {
         tls: true,
         password: Some(ADMIN_PASSWORD.into()),
@@ -155,7 +165,7 @@ fn each_tenant_gets_a_redis_user_that_reaches_only_its_own_scans() {
 
         // The Secret: the tenant's username, a generated password, the CA; owned by the policy.
         let secret = Api::<Secret>::namespaced(client.clone(), "team-a")
-            .get(tenants::SECRET_NAME)
+            .get(&tenants::secret_name("team-a"))
             .await
             .unwrap();
         let owners = secret.metadata.owner_references.clone().unwrap();
@@ -171,10 +181,30 @@ fn each_tenant_gets_a_redis_user_that_reaches_only_its_own_scans() {
             data[tenants::CA_KEY].0,
             std::fs::read(redis.ca_file()).unwrap()
         );
+        // Envoy Gateway runs team-c's proxies in its namespace: a copy of team-c's Secret is
+        // there (none of team-a's, whose gateway is its own Envoy).
+        let mut copy_settings = settings.clone();
+        copy_settings.envoy_gateway_namespace = Some("envoy-gateway-system".into());
+        tenants::reconcile(&client, &copy_settings).await.unwrap();
+        let in_eg = Api::<Secret>::namespaced(client.clone(), "envoy-gateway-system");
+        let copy = in_eg.get(&tenants::secret_name("team-c")).await.unwrap();
+        let own = Api::<Secret>::namespaced(client.clone(), "team-c")
+            .get(&tenants::secret_name("team-c"))
+            .await
+            .unwrap();
+        assert_eq!(copy.data, own.data);
+        assert!(copy.metadata.owner_references.is_none());
+        assert!(
+            in_eg
+                .get_opt(&tenants::secret_name("team-a"))
+                .await
+                .unwrap()
+                .is_none()
+        );
         // A second pass changes nothing.
         tenants::reconcile(&client, &settings).await.unwrap();
         let again = Api::<Secret>::namespaced(client.clone(), "team-a")
-            .get(tenants::SECRET_NAME)
+            .get(&tenants::secret_name("team-a"))
             .await
             .unwrap();
         assert_eq!(again.data, secret.data);
@@ -279,7 +309,7 @@ fn each_tenant_gets_a_redis_user_that_reaches_only_its_own_scans() {
         // Rotation: the Secret deleted, a new password; the old one opens nothing new.
         let secrets = Api::<Secret>::namespaced(client.clone(), "team-a");
         secrets
-            .delete(tenants::SECRET_NAME, &DeleteParams::default())
+            .delete(&tenants::secret_name("team-a"), &DeleteParams::default())
             .await
             .unwrap();
         tenants::reconcile(&client, &settings(&redis))
@@ -369,6 +399,7 @@ fn the_bundled_redis_starts_with_the_secrets_the_operator_made_and_serves_tenant
         legacy_queue: "scan_queue".into(),
         legacy_result_prefix: "scan_result:".into(),
         period: Duration::from_secs(1),
+        envoy_gateway_namespace: None,
         backbone: Some(tenants::Backbone {
             namespace: "virus-scanner".into(),
             auth_secret: "vs-virus-scanner-redis-auth".into(),
@@ -475,7 +506,7 @@ async fn tenant_config_with_host(
     port: u16,
 ) -> QueueConfig {
     let secret = Api::<Secret>::namespaced(client.clone(), ns)
-        .get(tenants::SECRET_NAME)
+        .get(&tenants::secret_name(ns))
         .await
         .unwrap();
     let data = secret.data.unwrap();
