@@ -23,6 +23,17 @@ pub const SIDECAR: &str = "virus-scanner-producer";
 /// Opt-out: on a pod (annotation or label) `"false"` means never inject.
 pub const INJECT: &str = "virusscan.aether-platform.io/inject";
 pub const ANNOTATION_HASH: &str = "virusscan.aether-platform.io/injected-hash";
+/// The prefix of the Secret that holds a tenant's Redis credentials: `virus-scanner-redis-<ns>`
+/// ([`secret_name`]), in the tenant's namespace and, for its Envoy Gateway proxies that run
+/// in Envoy Gateway's own namespace, a copy there. The injector names it for the policy's
+/// namespace wherever the pod runs.
+pub const SECRET_NAME: &str = "virus-scanner-redis";
+
+/// The Secret of `namespace`'s Redis credentials.
+pub fn secret_name(namespace: &str) -> String {
+    format!("{SECRET_NAME}-{namespace}")
+}
+
 /// Pod annotations the injector writes: the policy and its generation.
 pub const ANNOTATION_POLICY: &str = "virusscan.aether-platform.io/policy";
 pub const ANNOTATION_GENERATION: &str = "virusscan.aether-platform.io/policy-generation";
@@ -347,7 +358,7 @@ fn redis_settings(policy: &VirusScanPolicy, defaults: &InjectDefaults) -> RedisS
         return own.clone();
     }
     let mut redis = defaults.redis.clone();
-    let name = crate::tenants::secret_name(&policy.namespace().unwrap_or_default());
+    let name = secret_name(&policy.namespace().unwrap_or_default());
     for secret in [
         &mut redis.username_secret_ref,
         &mut redis.password_secret_ref,
@@ -356,7 +367,7 @@ fn redis_settings(policy: &VirusScanPolicy, defaults: &InjectDefaults) -> RedisS
     .into_iter()
     .flatten()
     {
-        if secret.name == crate::tenants::SECRET_NAME {
+        if secret.name == SECRET_NAME {
             secret.name = name.clone();
         }
     }

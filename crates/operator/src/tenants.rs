@@ -21,16 +21,9 @@ use virus_scanner_queue::{RedisConfig, acl};
 
 use crate::crd::VirusScanPolicy;
 
-/// The prefix of the Secret that holds a tenant's Redis credentials: `virus-scanner-redis-<ns>`
-/// ([`secret_name`]), in the tenant's namespace and, for its Envoy Gateway proxies that run
-/// in Envoy Gateway's own namespace, a copy there. The injector names it for the policy's
-/// namespace wherever the pod runs.
-pub const SECRET_NAME: &str = "virus-scanner-redis";
-
-/// The Secret of `namespace`'s Redis credentials.
-pub fn secret_name(namespace: &str) -> String {
-    format!("{SECRET_NAME}-{namespace}")
-}
+/// The Secret of a tenant's Redis credentials, named by the injector which points the
+/// sidecar at it.
+pub use crate::inject::{SECRET_NAME, secret_name};
 
 /// The label on a copy of a tenant's Secret in Envoy Gateway's namespace: the tenant.
 pub const TENANT_LABEL: &str = "virusscan.aether-platform.io/tenant";

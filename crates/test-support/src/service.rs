@@ -210,7 +210,11 @@ impl ProducerProcess {
         );
         let [grpc, http] = [0, 1].map(|i| port_of(&bound[i]));
         // 0: the producer serves no ICAP (`ICAP_ENABLED=false`).
-        let icap = if bound[2] == "off" { 0 } else { port_of(&bound[2]) };
+        let icap = if bound[2] == "off" {
+            0
+        } else {
+            port_of(&bound[2])
+        };
         assert!(
             crate::wait_for(Duration::from_secs(20), || {
                 http_get(http, "/ready").is_some_and(|(s, _)| s == 200)
