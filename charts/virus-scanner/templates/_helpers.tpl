@@ -43,6 +43,9 @@ for the local socket and freshclam (NotifyClamd) and clamdcheck.sh reach clamd t
 {{- $body := int .Values.consumer.maxScanSizeMB -}}
 # Rendered by the virus-scanner chart from its values; do not edit in place.
 LocalSocket /tmp/clamd.sock
+# /tmp is an emptyDir shared with the consumer only, which connects as another uid and hands
+# clamd the body's descriptor (FILDES) instead of streaming it.
+LocalSocketMode 666
 TCPSocket 3310
 User clamav
 LogFile /var/log/clamav/clamd.log

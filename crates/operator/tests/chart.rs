@@ -610,6 +610,33 @@ fn the_bundled_redis_serves_tls_to_users_only_and_only_injected_pods_reach_it() 
     );
     assert_eq!(policy["ingress"][0]["ports"][0]["port"], 9443);
 
+    // The consumer reaches its clamd's Unix socket through an emptyDir they share (bodies by
+    // descriptor), where clamd.conf puts it.
+    let pod =
+        &object(&objects, "Deployment", "vs-virus-scanner-consumer")["spec"]["template"]["spec"];
+    let mount_of = |container: &Value| {
+        container["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "clamd-socket")
+            .map(|m| m["mountPath"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(
+        env_of(&pod["containers"][0])["CLAMD_SOCKET"],
+        "/run/clamd/clamd.sock"
+    );
+    assert_eq!(
+        mount_of(&pod["containers"][0]).as_deref(),
+        Some("/run/clamd")
+    );
+    assert_eq!(mount_of(&pod["containers"][1]).as_deref(), Some("/tmp"));
+    let conf = object(&objects, "ConfigMap", "vs-virus-scanner-clamd")["data"]["clamd.conf"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(conf.contains("\nLocalSocket /tmp/clamd.sock\n"), "{conf}");
+
     // Without tenant users, no TLS and no credentials (one trusted tenant).
     let objects = template(&["redis.tenantUsers=false"]);
     let consumer = &object(&objects, "Deployment", "vs-virus-scanner-consumer")["spec"]["template"]
