@@ -84,15 +84,30 @@ impl Found<'_> {
     }
 }
 
-/// Whether a text opens a JSON object or array: what a body of another type must start
-/// with to be read as JSON.
+/// Whether a text starts as a JSON (or JSON5) document a receiver would parse: what a body of
+/// another type must look like to be read as JSON. It opens an object or an array, the next
+/// token can follow that opener, and its first bytes hold no raw control character (neither
+/// JSON nor JSON5 allows one, in a string or out). Binary bodies that happen to start with `{` or
+/// `[` are thus not read as JSON, which would find hundreds of "files" in noise.
 #[derive(Default)]
 struct JsonStart {
     bom: usize,
+    /// The opener, once seen.
+    opener: Option<u8>,
+    /// Whether the token after the opener was seen.
+    followed: bool,
+    /// Inside a string: its quote; and whether the last byte was a backslash.
+    quote: Option<u8>,
+    escaped: bool,
+    /// Bytes of the text looked at, from the opener on.
+    seen: usize,
     answer: Option<bool>,
 }
 
 impl JsonStart {
+    /// How much of the text is looked at before it is taken as JSON.
+    const LOOK: usize = 64;
+
     /// Reads the next bytes; `Ok(false)` once the text is known not to be JSON.
     fn is_json(&mut self, data: &[u8]) -> Result<bool, Stop> {
         const BOM: [u8; 3] = [0xef, 0xbb, 0xbf];
@@ -100,17 +115,69 @@ impl JsonStart {
             if self.answer.is_some() {
                 break;
             }
-            if self.bom < BOM.len() && c == BOM[self.bom] {
-                self.bom += 1;
+            if self.opener.is_none() {
+                if self.bom < BOM.len() && c == BOM[self.bom] {
+                    self.bom += 1;
+                    continue;
+                }
+                self.bom = BOM.len();
+                if !is_space(c) {
+                    if c == b'{' || c == b'[' {
+                        self.opener = Some(c);
+                    } else {
+                        self.answer = Some(false);
+                    }
+                }
                 continue;
             }
-            self.bom = BOM.len();
-            if !matches!(c, b' ' | b'\t' | b'\r' | b'\n') {
-                self.answer = Some(c == b'{' || c == b'[');
+            self.seen += 1;
+            if self.seen > Self::LOOK {
+                self.answer = Some(true);
+                break;
+            }
+            // No raw control character anywhere, strings included (RFC 8259, JSON5).
+            if c < 0x20 && !is_space(c) {
+                self.answer = Some(false);
+                break;
+            }
+            if let Some(q) = self.quote {
+                if self.escaped {
+                    self.escaped = false;
+                } else if c == b'\\' {
+                    self.escaped = true;
+                } else if c == q {
+                    self.quote = None;
+                }
+                continue;
+            }
+            if !self.followed && !is_space(c) {
+                self.followed = true;
+                let value = c.is_ascii_alphanumeric()
+                    || matches!(c, b'"' | b'\'' | b'{' | b'[' | b'-' | b'+' | b'.' | b'/');
+                let fits = match self.opener {
+                    // A key (quoted, or a JSON5 identifier), a comment, or the end.
+                    Some(b'{') => {
+                        c.is_ascii_alphabetic()
+                            || matches!(c, b'"' | b'\'' | b'}' | b'_' | b'$' | b'/')
+                    }
+                    _ => value || c == b']',
+                };
+                if !fits {
+                    self.answer = Some(false);
+                    break;
+                }
+            }
+            if matches!(c, b'"' | b'\'') {
+                self.quote = Some(c);
             }
         }
         Ok(self.answer != Some(false))
     }
+}
+
+/// Whitespace to JSON or JSON5 (vertical tab and form feed are JSON5's).
+fn is_space(c: u8) -> bool {
+    matches!(c, b' ' | b'\t' | b'\r' | b'\n' | 0x0b | 0x0c)
 }
 
 /// The strings of one JSON document, decoded as they stream by while they can still be
@@ -235,5 +302,70 @@ impl std::io::Write for BodyWriter<'_> {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod json_start_tests {
+    use super::JsonStart;
+
+    fn starts_as_json(text: &[u8]) -> bool {
+        // Fed whole and byte by byte: the same answer.
+        let whole = JsonStart::default().is_json(text).is_ok_and(|j| j);
+        let mut start = JsonStart::default();
+        let bytewise = text.iter().all(|b| start.is_json(&[*b]).is_ok_and(|j| j));
+        assert_eq!(whole, bytewise, "{:?}", String::from_utf8_lossy(text));
+        whole
+    }
+
+    #[test]
+    fn json_and_json5_documents_are_read_and_binary_that_opens_like_one_is_not() {
+        for json in [
+            &b"{\"file\": \"TVqQ\"}"[..],
+            b"  \r\n[1, 2]",
+            b"\xef\xbb\xbf{\"a\":1}",
+            b"{}",
+            b"[]",
+            b"[\"x\"]",
+            b"{a: 1, 'b': NaN}",
+            b"[// comment\n 1]",
+            b"[-1, .5, +2, Infinity]",
+        ] {
+            assert!(starts_as_json(json), "{:?}", String::from_utf8_lossy(json));
+        }
+        for not_json in [
+            &b"PK\x03\x04"[..],
+            b"{\x00\x13\xff\x7f",
+            b"[\x90\x01",
+            b"{ 9",
+            b"{\"a\": 1,\x02}",
+            b"[1,\x00\x00]",
+            b"{\"ctl in a string \x01\": 1}",
+            b"<html>",
+        ] {
+            assert!(
+                !starts_as_json(not_json),
+                "{:?}",
+                String::from_utf8_lossy(not_json)
+            );
+        }
+    }
+
+    #[test]
+    fn few_random_bodies_start_as_json() {
+        // Bodies of random bytes that open like JSON: almost none is read as JSON.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut read = 0;
+        for i in 0..20_000 {
+            let mut body = vec![if i % 2 == 0 { b'{' } else { b'[' }];
+            for _ in 0..128 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                body.push(x as u8);
+            }
+            read += usize::from(starts_as_json(&body));
+        }
+        assert!(read < 20, "{read} of 20000 random bodies read as JSON");
     }
 }
