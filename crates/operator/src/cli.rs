@@ -37,6 +37,8 @@ pub enum Command {
     Crd,
     /// Render the Envoy configuration of a policy file, without a cluster.
     EnvoyConfig(EnvoyConfigArgs),
+    /// Explain why a pod (or `deploy/NAME`) is or is not protected.
+    Check(crate::check::CheckArgs),
     /// Print the `ACL SETUSER` lines of the consumers' user and of each tenant's, to apply to
     /// an external Redis by hand (passwords as placeholders).
     RedisAcl(RedisAclArgs),

@@ -4,6 +4,7 @@
 
 pub mod bootstrap;
 pub mod certs;
+pub mod check;
 pub mod cli;
 pub mod controller;
 pub mod crd;

@@ -13,6 +13,15 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", virus_scan_operator::envoy_config(&args)?);
             Ok(())
         }
+        Some(Command::Check(args)) => {
+            let client = kube::Client::try_default().await?;
+            let report = virus_scan_operator::check::check(&client, &args).await?;
+            print!("{report}");
+            if !report.protected {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Some(Command::RedisAcl(args)) => {
             print!("{}", args.lines()?);
             Ok(())
