@@ -52,12 +52,8 @@ pub(super) async fn watch_connection(
         let Some(h) = health.upgrade() else { return };
         match connection {
             Ok(mut conn) => {
-                // A tenant's own user may not (NOPERM): the operator registers it then.
-                let _: redis::RedisResult<i64> = redis::cmd("SADD")
-                    .arg(&register.0)
-                    .arg(&register.1)
-                    .query_async(&mut conn)
-                    .await;
+                // The connection is what the registration rides on: a failure shows next time.
+                let _ = super::register_tenant(&mut conn, &register.0, &register.1).await;
                 h.up.store(true, Ordering::Relaxed);
                 drop(h);
                 let parked: redis::RedisResult<Option<(String, Vec<u8>)>> = redis::cmd("BLPOP")

@@ -59,7 +59,7 @@ impl Producer {
         let client = config.redis.client()?;
         let mut conn = config.redis.connection_manager(false).await?;
         let keys = Keys::new(&config.prefix);
-        register_tenant(&mut conn, &keys, &config.tenant).await?;
+        register_tenant(&mut conn, &keys.tenants, &config.tenant).await?;
         crate::functions::load_if_allowed(&mut conn).await?;
         let health = Arc::new(Health::default());
         let canary = tokio::spawn(watch_connection(
@@ -174,13 +174,13 @@ impl Producer {
 
 /// Adds the tenant to the set whose streams the consumers read. A tenant's own user may not
 /// (it could fill the set with names for the consumers to poll): the operator registered it.
-async fn register_tenant(
-    conn: &mut ConnectionManager,
-    keys: &Keys,
+pub(super) async fn register_tenant<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    tenants: &str,
     tenant: &str,
 ) -> Result<(), QueueError> {
     let added: redis::RedisResult<i64> = redis::cmd("SADD")
-        .arg(&keys.tenants)
+        .arg(tenants)
         .arg(tenant)
         .query_async(conn)
         .await;
