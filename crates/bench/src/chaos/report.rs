@@ -32,6 +32,8 @@ pub struct Summary {
 }
 
 pub struct Invariants {
+    /// Ids of the infected requests delivered (at the origin or to a client).
+    pub delivered: Vec<u64>,
     pub infected_delivered: u64,
     pub wrong_verdicts: u64,
     pub hung: u64,
@@ -51,6 +53,7 @@ impl Invariants {
         delivered.sort_unstable();
         delivered.dedup();
         Invariants {
+            delivered: delivered.clone(),
             infected_delivered: delivered.len() as u64 + s.anonymous_leaks,
             wrong_verdicts: s
                 .records
@@ -321,6 +324,46 @@ pub fn print(s: &Summary) -> bool {
     for (key, times) in s.duplicates.iter().take(20) {
         let times: Vec<String> = times.iter().map(|t| format!("{t:.2}")).collect();
         println!("\nAnswered twice: {key} at {} s", times.join(", "));
+    }
+    for id in &inv.delivered {
+        let faults: Vec<String> = |r: Option<&Record>| -> Vec<String> {
+            let Some(r) = r else { return Vec::new() };
+            s.events
+                .iter()
+                .filter(|e| e.skipped.is_none() && e.start <= r.end && r.start <= e.end + 1.0)
+                .map(|e| format!("{} {:.2}–{:.2} s", e.fault.key(), e.start, e.end))
+                .collect()
+        }(s.records.iter().find(|r| r.id == *id));
+        match s.records.iter().find(|r| r.id == *id) {
+            Some(r) => println!(
+                "\nDelivered infected: request {id}, {} {:?} of {} bytes{}, {:.2}–{:.2} s, \
+                 answered {}{}, faults under way: {}",
+                r.route.label(),
+                r.spec.kind,
+                r.spec.size,
+                if r.high { " (high)" } else { "" },
+                r.start,
+                r.end,
+                outcome_label(r.outcome),
+                if s.origin_leaks.contains(id) {
+                    ", seen at the origin"
+                } else {
+                    ", seen by the client"
+                },
+                if faults.is_empty() {
+                    "none".to_string()
+                } else {
+                    faults.join(", ")
+                }
+            ),
+            None => println!("\nDelivered infected: request {id} (no record)"),
+        }
+    }
+    if s.anonymous_leaks > 0 {
+        println!(
+            "\nDelivered infected without a request id: {}",
+            s.anonymous_leaks
+        );
     }
     if !s.spool_left.is_empty() {
         println!("\nLeft in the spool: {}", s.spool_left.join(", "));
