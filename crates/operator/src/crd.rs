@@ -24,10 +24,13 @@ pub const GROUP: &str = "virusscan.aether-platform.io";
     namespaced,
     status = "VirusScanPolicyStatus",
     derive = "PartialEq",
+    printcolumn = r#"{"name":"Gateway","type":"string","jsonPath":".status.gateway"}"#,
+    printcolumn = r#"{"name":"Protected","type":"string","jsonPath":".status.protectedGateways"}"#,
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.scan.mode"}"#,
-    printcolumn = r#"{"name":"Failure","type":"string","jsonPath":".spec.scan.failureMode"}"#,
+    printcolumn = r#"{"name":"Failure","type":"string","jsonPath":".spec.scan.failureMode","priority":1}"#,
     printcolumn = r#"{"name":"Matched","type":"integer","jsonPath":".status.matchedPods"}"#,
     printcolumn = r#"{"name":"Injected","type":"integer","jsonPath":".status.injectedPods"}"#,
+    printcolumn = r#"{"name":"Outdated","type":"integer","jsonPath":".status.outdatedPods","priority":1}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -435,6 +438,49 @@ pub struct VirusScanPolicyStatus {
     /// The gateway kind the configuration was written for (`spec.gateway` or derived).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<GatewayKind>,
+    /// Each gateway the policy selects (a Deployment or other workload of selected pods;
+    /// for Envoy Gateway, the Gateway whose proxies they are), and whether it is protected.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<GatewayStatus>,
+    /// "protected/selected" gateways, as `kubectl get vsp` shows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protected_gateways: Option<String>,
+}
+
+/// One selected gateway: its pods, and whether every body through it is scanned.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayStatus {
+    /// The workload (Deployment, StatefulSet, DaemonSet, or the pod itself) or, for Envoy
+    /// Gateway, the Gateway.
+    pub name: String,
+    /// Where its pods run.
+    pub namespace: String,
+    pub state: GatewayState,
+    /// Why, naming the pods or the objects concerned.
+    pub message: String,
+    /// Its selected pods, those running the sidecar this policy injects now, and those
+    /// that need a restart to run it.
+    pub pods: i32,
+    pub injected: i32,
+    pub outdated: i32,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GatewayState {
+    /// Every pod runs the current sidecar and nothing overrides the scan.
+    Protected,
+    /// Some pods run without the sidecar (created before the policy, opted out, or
+    /// injected by another policy): bodies through them are not scanned.
+    NotInjected,
+    /// Every pod has a sidecar, some from an older generation of the policy or not the one
+    /// it injects now: restart them.
+    Outdated,
+    /// The gateway's own API replaces the scan on some routes (Envoy Gateway: a tenant's
+    /// EnvoyExtensionPolicy on an HTTPRoute of the Gateway).
+    Overridden,
+    /// No pod of it is running: nothing to protect yet.
+    NoPods,
 }
 
 /// The CRD as YAML, as `virus-scan-operator crd` prints it and `crds/` holds it.

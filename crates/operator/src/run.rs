@@ -119,16 +119,13 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         &identity,
         Duration::from_secs(args.lease_duration_seconds),
     );
-    let outcome = lead(
-        &elector,
-        client,
-        metrics.clone(),
-        defaults,
-        tenant_users,
-        &identity,
-        stopped,
-    )
-    .await;
+    let ctx = Arc::new(
+        controller::Context::new(client, &identity, metrics.clone(), defaults)
+            .with_envoy_gateway_namespace(
+                Some(args.envoy_gateway_namespace.clone()).filter(|n| !n.is_empty()),
+            ),
+    );
+    let outcome = lead(&elector, ctx, tenant_users, stopped).await;
     metrics.leader.set(0);
     elector.release().await;
     ops.abort();
@@ -137,11 +134,8 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
 
 async fn lead<F, Fut>(
     elector: &lease::LeaderElector,
-    client: kube::Client,
-    metrics: metrics::Metrics,
-    defaults: Arc<inject::InjectDefaults>,
+    ctx: Arc<controller::Context>,
     tenant_users: Option<tenants::TenantUsers>,
-    identity: &str,
     stopped: F,
 ) -> Result<(), Error>
 where
@@ -162,23 +156,20 @@ where
         }
     }
     tracing::info!(identity = elector.identity(), "leading");
-    metrics.leader.set(1);
+    ctx.metrics.leader.set(1);
 
     let (lost_tx, lost_rx) = watch::channel(false);
     // The leader alone keeps the tenants' Redis users, until it stops or loses the lease.
     if let Some(settings) = tenant_users {
         let mut lost = lost_rx.clone();
         let stop = stopped();
-        tokio::spawn(tenants::run(client.clone(), settings, async move {
+        tokio::spawn(tenants::run(ctx.client.clone(), settings, async move {
             tokio::select! {
                 () = stop => {}
                 _ = lost.wait_for(|l| *l) => {}
             }
         }));
     }
-    let ctx = Arc::new(controller::Context::new(
-        client, identity, metrics, defaults,
-    ));
     let controller_stop = {
         let mut lost = lost_rx;
         let stop = stopped();

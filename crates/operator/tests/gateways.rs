@@ -15,7 +15,7 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 use support::{Operator, eventually, plane_with_crd};
-use virus_scan_operator::crd::VirusScanPolicy;
+use virus_scan_operator::crd::{GatewayState, VirusScanPolicy};
 use virus_scanner_test_support::kube::ControlPlane;
 
 const NS: &str = "tenant-gw";
@@ -271,6 +271,111 @@ async fn gateway_objects_pass_the_gateways_schemas_follow_edits_and_go_with_the_
         refused.to_string().contains("FailOpen must be false"),
         "{refused}"
     );
+
+    // No proxy of the Gateway runs yet: listed, not protected.
+    let status = p.status.clone().unwrap();
+    assert_eq!(status.gateways.len(), 1, "{status:?}");
+    assert_eq!(
+        (status.gateways[0].name.as_str(), status.gateways[0].state),
+        ("gateway/web", GatewayState::NoPods)
+    );
+    assert_eq!(status.protected_gateways.as_deref(), Some("0/1"));
+    assert_eq!(condition(&p, "Protected").unwrap().1, "GatewaysUnprotected");
+
+    // A tenant's own EnvoyExtensionPolicy on an HTTPRoute of the Gateway replaces ours on
+    // that route (Envoy Gateway applies the most specific one): the Gateway is Overridden,
+    // the message names it. Ours on the opted-out rules are not overrides.
+    let routes = api(
+        &client,
+        "gateway.networking.k8s.io",
+        "v1",
+        "HTTPRoute",
+        "httproutes",
+    );
+    for (route, gateway) in [("shop", "web"), ("elsewhere", "other")] {
+        let object: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": {"name": route, "namespace": NS},
+            "spec": {
+                "parentRefs": [{"name": gateway}],
+                "rules": [{"backendRefs": [{"name": "shop", "port": 80}]}]
+            }
+        }))
+        .unwrap();
+        routes
+            .create(&PostParams::default(), &object)
+            .await
+            .unwrap();
+    }
+    let theirs: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "gateway.envoyproxy.io/v1alpha1",
+        "kind": "EnvoyExtensionPolicy",
+        "metadata": {"name": "tenant-lua", "namespace": NS},
+        "spec": {
+            "targetRefs": [
+                {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "shop"},
+                {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "elsewhere"}
+            ],
+            "lua": [{"type": "Inline", "inline": "function envoy_on_request(h) end"}]
+        }
+    }))
+    .unwrap();
+    apis.extension_policies
+        .create(&PostParams::default(), &theirs)
+        .await
+        .unwrap();
+    let touch = |value: &'static str| {
+        let policies = policies.clone();
+        async move {
+            policies
+                .patch(
+                    "web",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"annotations": {"test/touch": value}}})),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    touch("1").await;
+    eventually(
+        Duration::from_secs(30),
+        "the tenant's route policy shows as an override",
+        || async {
+            let p = policies.get("web").await.unwrap();
+            p.status.is_some_and(|s| {
+                s.gateways.len() == 1
+                    && s.gateways[0].state == GatewayState::Overridden
+                    && s.gateways[0].message.contains(&format!(
+                        "EnvoyExtensionPolicy {NS}/tenant-lua on HTTPRoute {NS}/shop"
+                    ))
+                    && !s.gateways[0].message.contains("elsewhere")
+            })
+        },
+    )
+    .await;
+    // Merged into ours instead of replacing it: no longer an override.
+    apis.extension_policies
+        .patch(
+            "tenant-lua",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"mergeType": "StrategicMerge"}})),
+        )
+        .await
+        .unwrap();
+    touch("2").await;
+    eventually(
+        Duration::from_secs(30),
+        "a merging route policy is not an override",
+        || async {
+            let p = policies.get("web").await.unwrap();
+            p.status.is_some_and(|s| {
+                s.gateways.len() == 1 && s.gateways[0].state == GatewayState::NoPods
+            })
+        },
+    )
+    .await;
 
     // An edit: streamed, a shorter timeout, one opt-out fewer.
     policies

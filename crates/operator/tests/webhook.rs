@@ -16,7 +16,7 @@ use kube::{Api, Client};
 use serde_json::{Value, json};
 use support::{EXAMPLES, Operator, eventually, plane_with_crd};
 use virus_scan_operator::controller::ANNOTATION_POLICY;
-use virus_scan_operator::crd::{RedisSettings, VirusScanPolicy};
+use virus_scan_operator::crd::{GatewayState, RedisSettings, VirusScanPolicy};
 use virus_scan_operator::inject::{ANNOTATION_HASH, InjectDefaults, SIDECAR, injection_hash};
 use virus_scan_operator::{certs, inject, webhook};
 use virus_scanner_test_support::http_get;
@@ -208,6 +208,70 @@ async fn envoy_gateway_proxies_get_the_sidecar_of_their_gateways_namespace() {
     assert!(
         env.contains(&("TENANT".to_owned(), NS.to_owned())),
         "{env:?}"
+    );
+
+    // The policy counts the proxy where it runs, under its Gateway.
+    let policies: Api<VirusScanPolicy> = Api::namespaced(client.clone(), NS);
+    let protected = |state: GatewayState, pods: i32, injected: i32| {
+        let policies = policies.clone();
+        async move {
+            policies
+                .get("web")
+                .await
+                .ok()
+                .and_then(|p| p.status)
+                .is_some_and(|s| {
+                    s.gateways.len() == 1
+                        && s.gateways[0].name == "gateway/web"
+                        && s.gateways[0].namespace == "envoy-gateway-system"
+                        && s.gateways[0].state == state
+                        && (s.gateways[0].pods, s.gateways[0].injected) == (pods, injected)
+                        && s.matched_pods == pods
+                })
+        }
+    };
+    eventually(
+        Duration::from_secs(30),
+        "the injected proxy protects its Gateway",
+        || protected(GatewayState::Protected, 1, 1),
+    )
+    .await;
+    let p = policies.get("web").await.unwrap();
+    assert_eq!(
+        p.status.as_ref().unwrap().protected_gateways.as_deref(),
+        Some("1/1")
+    );
+    // A proxy that is opted out runs unscanned: the Gateway is not protected, and says why.
+    let mut opted_out = labels.clone();
+    opted_out["virusscan.aether-platform.io/inject"] = json!("false");
+    let bare = proxies
+        .create(
+            &PostParams::default(),
+            &pod("envoy-web-bare", opted_out, json!({})),
+        )
+        .await
+        .unwrap();
+    assert!(sidecars(&bare).is_empty());
+    eventually(Duration::from_secs(30), "the bare proxy shows", || {
+        protected(GatewayState::NotInjected, 2, 1)
+    })
+    .await;
+    let p = policies.get("web").await.unwrap();
+    let s = p.status.unwrap();
+    assert!(
+        s.gateways[0].message.contains("envoy-web-bare (opted out)"),
+        "{:?}",
+        s.gateways
+    );
+    assert_eq!(s.protected_gateways.as_deref(), Some("0/1"));
+    let cond = s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Protected")
+        .unwrap();
+    assert_eq!(
+        (cond.status.as_str(), cond.reason.as_str()),
+        ("False", "GatewaysUnprotected")
     );
 
     let elsewhere: Api<Pod> = Api::namespaced(client.clone(), "tenant-b");

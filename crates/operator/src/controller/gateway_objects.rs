@@ -11,6 +11,7 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 
+use super::protection::{self, Override};
 use super::status::Generated;
 use super::writes::publish;
 use super::{Context, MANAGED_BY, MANAGER, POLICY_LABEL};
@@ -169,4 +170,212 @@ async fn prune(
         }
     }
     Ok(())
+}
+
+const ROUTE_KINDS: [(&str, &str); 2] = [("HTTPRoute", "httproutes"), ("GRPCRoute", "grpcroutes")];
+
+/// What replaces the policy's EnvoyExtensionPolicy on `gateway`'s traffic: Envoy Gateway
+/// applies the most specific policy of a kind, so a tenant's own EnvoyExtensionPolicy on a
+/// route of the Gateway (one without `mergeType`) leaves that route unscanned; an older
+/// one of the tenant's on the Gateway itself wins over ours; and Envoy Gateway may refuse
+/// ours (`Accepted` False on one of its ancestors). The policy's own opt-out policies are
+/// not overrides.
+pub(super) async fn overrides(
+    ctx: &Context,
+    policy: &VirusScanPolicy,
+    namespace: &str,
+    owner: &OwnerReference,
+    gateway: &str,
+) -> Result<Vec<Override>, Error> {
+    let policies: Api<DynamicObject> = Api::namespaced_with(
+        ctx.client.clone(),
+        namespace,
+        &resource(
+            gateways::envoy_gateway::GROUP,
+            "v1alpha1",
+            "EnvoyExtensionPolicy",
+            "envoyextensionpolicies",
+        ),
+    );
+    let list = match policies.list(&ListParams::default()).await {
+        Ok(l) => l.items,
+        Err(e) if not_found(&e) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let ours_name = gateways::envoy_gateway::extension_policy_name(&policy.name_any());
+    let ours = list.iter().find(|p| p.name_any() == ours_name);
+    let status_name = protection::eg_gateway_name(gateway);
+    let mut found = Vec::new();
+    if let Some(ours) = ours {
+        for refused in refused_by_envoy_gateway(ours) {
+            found.push(Override {
+                gateway: status_name.clone(),
+                message: format!(
+                    "Envoy Gateway does not accept EnvoyExtensionPolicy {namespace}/{ours_name}: {refused}"
+                ),
+            });
+        }
+    }
+    let mut routes: Option<Vec<(String, DynamicObject)>> = None;
+    for other in &list {
+        if other.owner_references().iter().any(|r| r.uid == owner.uid)
+            || other.data["spec"].get("mergeType").is_some()
+        {
+            continue;
+        }
+        let other_name = other.name_any();
+        for target in targets(&other.data["spec"]) {
+            if target.kind == "Gateway" && target.name.as_deref() == Some(gateway) {
+                let older = match (ours, other.creation_timestamp()) {
+                    (Some(o), Some(t)) => o.creation_timestamp().is_some_and(|ot| t < ot),
+                    _ => true,
+                };
+                if older {
+                    found.push(Override {
+                        gateway: status_name.clone(),
+                        message: format!(
+                            "EnvoyExtensionPolicy {namespace}/{other_name} targets Gateway {gateway} too and is older, so Envoy Gateway applies it instead of ours: bodies through the Gateway are not scanned"
+                        ),
+                    });
+                }
+                continue;
+            }
+            if !ROUTE_KINDS.iter().any(|(k, _)| *k == target.kind) {
+                continue;
+            }
+            if routes.is_none() {
+                routes = Some(list_routes(ctx, namespace).await?);
+            }
+            for (kind, route) in routes.iter().flatten() {
+                if *kind != target.kind
+                    || !target.selects(route)
+                    || !attached_to(route, namespace, gateway)
+                {
+                    continue;
+                }
+                let section = target
+                    .section
+                    .as_deref()
+                    .map(|s| format!(" rule {s}"))
+                    .unwrap_or_default();
+                found.push(Override {
+                    gateway: status_name.clone(),
+                    message: format!(
+                        "EnvoyExtensionPolicy {namespace}/{other_name} on {kind} {namespace}/{}{section} replaces ours there, so that traffic is not scanned: put our extProc into it, or set its mergeType",
+                        route.name_any()
+                    ),
+                });
+            }
+        }
+    }
+    found.dedup();
+    Ok(found)
+}
+
+/// A target of an Envoy Gateway policy: by name (`targetRef`, `targetRefs`) or by labels
+/// (`targetSelectors`).
+struct Target {
+    kind: String,
+    name: Option<String>,
+    labels: Option<serde_json::Map<String, serde_json::Value>>,
+    section: Option<String>,
+}
+
+impl Target {
+    fn selects(&self, object: &DynamicObject) -> bool {
+        if let Some(name) = &self.name {
+            return object.name_any() == *name;
+        }
+        let labels = object.labels();
+        self.labels.as_ref().is_some_and(|want| {
+            want.iter().all(|(k, v)| {
+                v.as_str()
+                    .is_some_and(|v| labels.get(k).map(String::as_str) == Some(v))
+            })
+        })
+    }
+}
+
+fn targets(spec: &serde_json::Value) -> Vec<Target> {
+    let by_name = |t: &serde_json::Value| {
+        Some(Target {
+            kind: t["kind"].as_str()?.to_owned(),
+            name: Some(t["name"].as_str()?.to_owned()),
+            labels: None,
+            section: t["sectionName"].as_str().map(str::to_owned),
+        })
+    };
+    let mut out: Vec<Target> = spec
+        .get("targetRef")
+        .and_then(by_name)
+        .into_iter()
+        .collect();
+    if let Some(refs) = spec["targetRefs"].as_array() {
+        out.extend(refs.iter().filter_map(by_name));
+    }
+    if let Some(selectors) = spec["targetSelectors"].as_array() {
+        out.extend(selectors.iter().filter_map(|s| {
+            Some(Target {
+                kind: s["kind"].as_str()?.to_owned(),
+                name: None,
+                labels: Some(s["matchLabels"].as_object().cloned().unwrap_or_default()),
+                section: None,
+            })
+        }));
+    }
+    out
+}
+
+/// Whether a route's `parentRefs` name the Gateway (same namespace unless it says another).
+fn attached_to(route: &DynamicObject, namespace: &str, gateway: &str) -> bool {
+    route.data["spec"]["parentRefs"]
+        .as_array()
+        .is_some_and(|parents| {
+            parents.iter().any(|p| {
+                p["name"].as_str() == Some(gateway)
+                    && p["kind"].as_str().is_none_or(|k| k == "Gateway")
+                    && p["namespace"].as_str().is_none_or(|n| n == namespace)
+            })
+        })
+}
+
+async fn list_routes(
+    ctx: &Context,
+    namespace: &str,
+) -> Result<Vec<(String, DynamicObject)>, Error> {
+    let mut out = Vec::new();
+    for (kind, plural) in ROUTE_KINDS {
+        let api: Api<DynamicObject> = Api::namespaced_with(
+            ctx.client.clone(),
+            namespace,
+            &resource("gateway.networking.k8s.io", "v1", kind, plural),
+        );
+        match api.list(&ListParams::default()).await {
+            Ok(l) => out.extend(l.items.into_iter().map(|r| (kind.to_owned(), r))),
+            Err(e) if not_found(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(out)
+}
+
+/// Envoy Gateway's refusals of a policy: `Accepted` False on any of its ancestors.
+fn refused_by_envoy_gateway(policy: &DynamicObject) -> Vec<String> {
+    let mut out = Vec::new();
+    for ancestor in policy.data["status"]["ancestors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        for c in ancestor["conditions"].as_array().into_iter().flatten() {
+            if c["type"] == "Accepted" && c["status"] == "False" {
+                out.push(format!(
+                    "{} ({})",
+                    c["message"].as_str().unwrap_or_default(),
+                    c["reason"].as_str().unwrap_or_default()
+                ));
+            }
+        }
+    }
+    out
 }

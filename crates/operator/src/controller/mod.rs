@@ -5,6 +5,7 @@
 //! [`status`], without the API; the writes are in `writes`.
 
 mod gateway_objects;
+pub mod protection;
 #[cfg(test)]
 mod scenarios;
 pub mod status;
@@ -26,9 +27,9 @@ use serde_json::json;
 
 use self::status::{Generated, PodCounts};
 use self::writes::{apply_config_map, derive_bootstrap, publish, restart_outdated};
-use crate::crd::VirusScanPolicy;
+use crate::crd::{GatewayKind, VirusScanPolicy};
 use crate::error::Error;
-use crate::inject::InjectDefaults;
+use crate::inject::{self, InjectDefaults};
 use crate::metrics::Metrics;
 use crate::selector;
 use crate::{envoy, gateways};
@@ -56,6 +57,10 @@ pub struct Context {
     /// What the injector fills in where a policy is silent; a pod counts as injected only
     /// when it carries what the injector would inject now.
     pub defaults: Arc<InjectDefaults>,
+    /// Where Envoy Gateway runs the proxies of Gateways whose deploy mode is not
+    /// `GatewayNamespace`: they belong to the Envoy Gateway policies of the namespace their
+    /// owning-gateway label names.
+    pub envoy_gateway_namespace: Option<String>,
 }
 
 impl Context {
@@ -74,7 +79,13 @@ impl Context {
             client,
             metrics,
             defaults,
+            envoy_gateway_namespace: None,
         }
+    }
+
+    pub fn with_envoy_gateway_namespace(mut self, namespace: Option<String>) -> Context {
+        self.envoy_gateway_namespace = namespace;
+        self
     }
 }
 
@@ -92,11 +103,12 @@ pub async fn run(
     let controller = Controller::new(policies, watcher::Config::default());
     let store = controller.store();
     let pod_store = store.clone();
+    let envoy_gateway = ctx.envoy_gateway_namespace.clone();
     let controller = controller
         .watches(
             Api::<Pod>::all(client.clone()),
             watcher::Config::default(),
-            move |pod| policies_selecting(&pod_store, &pod),
+            move |pod| policies_selecting(&pod_store, &pod, envoy_gateway.as_deref()),
         )
         .watches(
             Api::<ConfigMap>::all(client),
@@ -114,16 +126,20 @@ pub async fn run(
         .await;
 }
 
-/// Policies in the pod's namespace whose selector matches it.
+/// Policies whose selector matches the pod: those of its namespace or, for an Envoy Gateway
+/// proxy in Envoy Gateway's namespace, those of its Gateway's namespace.
 fn policies_selecting(
     store: &Store<VirusScanPolicy>,
     pod: &Pod,
+    envoy_gateway: Option<&str>,
 ) -> Vec<ObjectRef<VirusScanPolicy>> {
     let labels = pod.labels();
+    let pod_namespace = pod.namespace().unwrap_or_default();
+    let (namespace, _) = inject::deciding_namespace(pod, &pod_namespace, envoy_gateway);
     store
         .state()
         .iter()
-        .filter(|p| p.namespace() == pod.namespace())
+        .filter(|p| p.namespace().as_deref() == Some(namespace))
         .filter(|p| selector::matches(&p.spec.selector, labels))
         .map(|p| ObjectRef::from_obj(p.as_ref()))
         .collect()
@@ -219,8 +235,11 @@ async fn reconcile_policy(policy: &VirusScanPolicy, ctx: &Context) -> Result<Act
         .await;
     }
 
-    let pods = list_pods(ctx, &namespace, policy).await?;
+    let mut pods = list_pods(ctx, &namespace, policy).await?;
     let detected = gateways::detect(&policy.spec, pods.iter().map(|p| p.labels()));
+    if detected.kind == GatewayKind::EnvoyGateway {
+        pods.extend(list_envoy_gateway_proxies(ctx, &namespace, policy).await?);
+    }
     if generated.status
         && let Some(outcome) =
             gateway_objects::reconcile(ctx, policy, &namespace, &owner, &detected).await?
@@ -238,14 +257,35 @@ async fn reconcile_policy(policy: &VirusScanPolicy, ctx: &Context) -> Result<Act
         generated = outcome;
     }
     let pods = PodCounts::of(policy, &ctx.defaults, pods);
-    if !pods.outdated.is_empty()
+    // Only the policy's own namespace: Envoy Gateway rolls out the proxies it runs itself.
+    let restartable: Vec<Pod> = pods
+        .outdated
+        .iter()
+        .filter(|p| p.namespace().as_deref() == Some(namespace.as_str()))
+        .cloned()
+        .collect();
+    if !restartable.is_empty()
         && policy
             .annotations()
             .get(ANNOTATION_RESTART_OUTDATED)
             .is_some_and(|v| v == "true")
     {
-        restart_outdated(ctx, policy, &namespace, &pods.outdated).await?;
+        restart_outdated(ctx, policy, &namespace, &restartable).await?;
     }
+    let eg_gateway = gateways::envoy_gateway::gateway_name(&policy.spec);
+    let overrides = match (detected.kind, &eg_gateway) {
+        (GatewayKind::EnvoyGateway, Some(gateway)) => {
+            gateway_objects::overrides(ctx, policy, &namespace, &owner, gateway).await?
+        }
+        _ => Vec::new(),
+    };
+    let gateway_states = protection::gateways(
+        detected.kind,
+        eg_gateway.as_deref(),
+        &namespace,
+        &pods.selected,
+        &overrides,
+    );
 
     let status = status::status(
         policy,
@@ -253,6 +293,7 @@ async fn reconcile_policy(policy: &VirusScanPolicy, ctx: &Context) -> Result<Act
         &pods,
         &cm_name,
         &detected,
+        gateway_states,
         Timestamp::now(),
     );
     if policy.status.as_ref() != Some(&status) {
@@ -272,6 +313,33 @@ async fn reconcile_policy(policy: &VirusScanPolicy, ctx: &Context) -> Result<Act
         ctx.metrics.wrote("status");
     }
     Ok(Action::requeue(generated.requeue))
+}
+
+/// An Envoy Gateway policy's proxies in Envoy Gateway's own namespace: its selector, and
+/// the owning-gateway-namespace label naming the policy's namespace.
+async fn list_envoy_gateway_proxies(
+    ctx: &Context,
+    namespace: &str,
+    policy: &VirusScanPolicy,
+) -> Result<Vec<Pod>, Error> {
+    let Some(eg) = ctx.envoy_gateway_namespace.as_deref() else {
+        return Ok(Vec::new());
+    };
+    if eg == namespace {
+        return Ok(Vec::new());
+    }
+    let Some(mut selector) = selector::parse(&policy.spec.selector) else {
+        return Ok(Vec::new());
+    };
+    selector.extend(kube::core::Expression::Equal(
+        gateways::EG_OWNING_GATEWAY_NAMESPACE.to_owned(),
+        namespace.to_owned(),
+    ));
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), eg);
+    Ok(pods
+        .list(&ListParams::default().labels_from(&selector))
+        .await?
+        .items)
 }
 
 /// The policy's pods; the API server filters them by its selector.

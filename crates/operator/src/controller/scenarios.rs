@@ -381,6 +381,7 @@ async fn policy_already_in_step_is_only_read() {
         &super::status::PodCounts::default(),
         "vsp-gw-envoy",
         &crate::gateways::detect(&policy.spec, []),
+        Vec::new(),
         k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
     ));
     let generated = current_config_map(&policy);

@@ -9,9 +9,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
+use super::protection::{self, PodState, SelectedPod};
 use super::{ANNOTATION_GENERATION, ANNOTATION_POLICY, RESYNC, RETRY_MISSING_BOOTSTRAP};
 use crate::bootstrap::MergeReport;
-use crate::crd::{ConfigMapKeyRef, GatewayKind, VirusScanPolicy, VirusScanPolicyStatus};
+use crate::crd::{
+    ConfigMapKeyRef, GatewayKind, GatewayState, GatewayStatus, VirusScanPolicy,
+    VirusScanPolicyStatus,
+};
 use crate::gateways::Detected;
 use crate::inject::{self, InjectDefaults, Injection};
 
@@ -91,6 +95,8 @@ pub struct PodCounts {
     pub matched: i32,
     pub injected: i32,
     pub outdated: Vec<Pod>,
+    /// Every selected pod and what it runs, for the per-gateway status.
+    pub selected: Vec<SelectedPod>,
 }
 
 impl PodCounts {
@@ -106,22 +112,30 @@ impl PodCounts {
         for pod in pods {
             counts.matched += 1;
             let annotations = pod.annotations();
-            // Injected by another policy before this one selected it too: not this one's.
-            if annotations
+            let state = if annotations
                 .get(ANNOTATION_POLICY)
                 .is_some_and(|p| *p != name)
             {
-                continue;
-            }
-            match inject::check(&pod, policy, defaults) {
-                Injection::Absent => {}
-                Injection::Verified => {
-                    counts.injected += 1;
-                    if annotations.get(ANNOTATION_GENERATION) != Some(&generation) {
-                        counts.outdated.push(pod);
+                // Injected by another policy before this one selected it too: not this one's.
+                PodState::OtherPolicy
+            } else {
+                match inject::check(&pod, policy, defaults) {
+                    Injection::Absent if inject::opted_out(&pod) => PodState::OptedOut,
+                    Injection::Absent => PodState::Absent,
+                    Injection::Verified
+                        if annotations.get(ANNOTATION_GENERATION) == Some(&generation) =>
+                    {
+                        PodState::Injected
                     }
+                    Injection::Verified => PodState::OlderGeneration,
+                    Injection::Mismatch => PodState::Mismatch,
                 }
-                Injection::Mismatch => counts.outdated.push(pod),
+            };
+            counts.injected +=
+                matches!(state, PodState::Injected | PodState::OlderGeneration) as i32;
+            counts.selected.push(SelectedPod::of(&pod, state));
+            if matches!(state, PodState::OlderGeneration | PodState::Mismatch) {
+                counts.outdated.push(pod);
             }
         }
         counts
@@ -140,6 +154,7 @@ pub fn status(
     pods: &PodCounts,
     cm_name: &str,
     gateway: &Detected,
+    gateways: Vec<GatewayStatus>,
     now: Timestamp,
 ) -> VirusScanPolicyStatus {
     let generation = policy.metadata.generation;
@@ -172,6 +187,7 @@ pub fn status(
             generation,
             now,
         ),
+        protected_condition(&previous, &gateways, generation, now),
         condition(
             &previous,
             "Ready",
@@ -191,7 +207,48 @@ pub fn status(
         config_map_ref: Some(cm_name.to_owned()),
         derived_bootstrap_ref: generated.derived.clone(),
         gateway: Some(gateway.kind),
+        protected_gateways: Some(protection::summary(&gateways)),
+        gateways,
     }
+}
+
+/// `Protected`: True when the policy selects at least one gateway and every one of them is
+/// protected; otherwise the message names each gateway that is not, and why.
+fn protected_condition(
+    previous: &VirusScanPolicyStatus,
+    gateways: &[GatewayStatus],
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
+    let unprotected: Vec<String> = gateways
+        .iter()
+        .filter(|g| g.state != GatewayState::Protected)
+        .map(|g| format!("{} is {:?}: {}", g.name, g.state, g.message))
+        .collect();
+    let (status, reason, message) = if gateways.is_empty() {
+        (
+            false,
+            "NoGateways",
+            "the selector matches no pod".to_owned(),
+        )
+    } else if unprotected.is_empty() {
+        (
+            true,
+            "AllProtected",
+            format!("{} gateways protected", gateways.len()),
+        )
+    } else {
+        (false, "GatewaysUnprotected", unprotected.join(". "))
+    };
+    condition(
+        previous,
+        "Protected",
+        status,
+        reason,
+        &message,
+        generation,
+        now,
+    )
 }
 
 /// A condition; its transition time moves only when its status changes.
@@ -336,6 +393,7 @@ mod tests {
             &pods,
             "vsp-gw-envoy",
             &envoy(),
+            Vec::new(),
             at(10),
         );
         assert_eq!(s.observed_generation, Some(2));
@@ -365,6 +423,7 @@ mod tests {
             &PodCounts::default(),
             "vsp-gw-envoy",
             &envoy(),
+            Vec::new(),
             at(10),
         );
         for type_ in ["ConfigGenerated", "Ready"] {
@@ -391,13 +450,30 @@ mod tests {
             &PodCounts::default(),
             "cm",
             &envoy(),
+            Vec::new(),
             at(10),
         ));
-        let again = status(&p, &ok, &PodCounts::default(), "cm", &envoy(), at(20));
+        let again = status(
+            &p,
+            &ok,
+            &PodCounts::default(),
+            "cm",
+            &envoy(),
+            Vec::new(),
+            at(20),
+        );
         assert_eq!(find(&again, "Ready").last_transition_time, Time(at(10)));
         p.status = Some(again);
         let failed = Generated::failed("BootstrapNotFound", "gone".into());
-        let changed = status(&p, &failed, &PodCounts::default(), "cm", &envoy(), at(30));
+        let changed = status(
+            &p,
+            &failed,
+            &PodCounts::default(),
+            "cm",
+            &envoy(),
+            Vec::new(),
+            at(30),
+        );
         assert_eq!(find(&changed, "Ready").last_transition_time, Time(at(30)));
     }
 
