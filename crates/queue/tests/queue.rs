@@ -252,6 +252,9 @@ async fn cached_verdict_is_found_only_for_its_database_version() {
     let hit = producer.cached_verdict(&sha).await.unwrap().unwrap();
     assert!(hit.cached);
     assert_eq!(hit.status(), VerdictStatus::Clean);
+    // What the cache holds names no task: a hit may answer another tenant's request.
+    assert!(hit.task_id.is_empty(), "{:?}", hit.task_id);
+    assert!(hit.hops.is_none());
     assert!(
         consumer
             .cached_verdict("101", &sha)

@@ -10,8 +10,9 @@ use crate::{QueueError, StoredBodyReader};
 /// Writes the verdict only if the caller still owns the entry, then acknowledges and deletes
 /// it, in one step, with the body the task stored in Redis. KEYS: stream, verdict list, cache
 /// key, stored body. ARGV: group, consumer, entry id, verdict, verdict TTL, push verdict
-/// (1/0), cache the verdict (1/0), cache TTL, remove the stored body (1/0). A consumer that no
-/// longer owns the entry leaves the body to the one that does.
+/// (1/0), cache the verdict (1/0), cache TTL, remove the stored body (1/0), the verdict as
+/// cached (without the task's id and timings: a cache hit may answer another tenant). A
+/// consumer that no longer owns the entry leaves the body to the one that does.
 const COMPLETE_SCRIPT: &str = r"
 local owned = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2])
 if #owned == 0 then return 0 end
@@ -23,7 +24,7 @@ if ARGV[6] == '1' then
   redis.call('EXPIRE', KEYS[2], ARGV[5])
 end
 if ARGV[7] == '1' then
-  redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[8])
+  redis.call('SET', KEYS[3], ARGV[10], 'EX', ARGV[8])
 end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])
@@ -73,6 +74,7 @@ impl Consumer {
             .arg(if cache.is_some() { "1" } else { "0" })
             .arg(self.config.cache_ttl.as_secs().max(1))
             .arg(if body_key.is_some() { "1" } else { "0" })
+            .arg(encode_verdict(&cached_form))
             .invoke_async(&mut self.conn.clone())
             .await?;
         if let (1, true, Some(task)) = (owned, legacy, task) {
