@@ -231,6 +231,85 @@ async fn waiting_without_a_verdict_ends_at_the_deadline() {
     assert!(start.elapsed() < Duration::from_secs(2));
 }
 
+/// A burst of waits opens a connection each; once the burst is over they are closed, and
+/// the buffers their bodies grew with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verdict_wait_connections_close_once_idle() {
+    let redis = Redis::start();
+    let producer = std::sync::Arc::new(
+        Producer::connect(config(&redis))
+            .await
+            .unwrap()
+            .with_waiter_idle(Duration::from_millis(400)),
+    );
+    let mut consumer = Consumer::connect(config(&redis), "c").await.unwrap();
+    let waits: Vec<_> = (0..4)
+        .map(|i| {
+            let producer = producer.clone();
+            tokio::spawn(async move {
+                producer
+                    .scan(
+                        &task(&format!("w{i}"), Priority::Normal),
+                        Instant::now() + Duration::from_secs(10),
+                    )
+                    .await
+            })
+        })
+        .collect();
+    for _ in 0..4 {
+        let d = claim_one(&mut consumer).await;
+        let id = d.task.as_ref().unwrap().id.clone();
+        assert!(consumer.complete(&d, &clean(&id), None).await.unwrap());
+    }
+    for w in waits {
+        w.await.unwrap().unwrap();
+    }
+    assert_eq!(producer.idle_waiters(), 4, "each wait had its connection");
+    let start = Instant::now();
+    while producer.idle_waiters() > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{} idle connections still open",
+            producer.idle_waiters()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A submit retried after its reply was lost queues the task a second time: both entries
+/// are scanned, the task gets one verdict.
+#[tokio::test]
+async fn a_task_queued_twice_is_answered_once() {
+    let redis = Redis::start();
+    let producer = Producer::connect(config(&redis)).await.unwrap();
+    let twice = task("twice", Priority::Normal);
+    producer.enqueue(&twice).await.unwrap();
+    producer.enqueue(&twice).await.unwrap();
+    let mut consumer = Consumer::connect(config(&redis), "c").await.unwrap();
+    for _ in 0..2 {
+        let d = claim_one(&mut consumer).await;
+        assert!(consumer.complete(&d, &clean("twice"), None).await.unwrap());
+    }
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = virus_scanner_queue::Keys::new("virus-scanner")
+        .verdict(virus_scanner_queue::DEFAULT_TENANT, "twice");
+    let pushed: i64 = redis::cmd("LLEN")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(pushed, 1, "one verdict for the task");
+    assert_eq!(
+        producer.depth().await.unwrap(),
+        (0, 0),
+        "both entries answered"
+    );
+}
+
 #[tokio::test]
 async fn cached_verdict_is_found_only_for_its_database_version() {
     let redis = Redis::start();

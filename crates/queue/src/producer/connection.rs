@@ -1,8 +1,8 @@
 //! Redis reachability, and the connections verdict waits park on.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
 
@@ -16,8 +16,48 @@ pub(super) struct Health {
     /// one decided a moment ago.
     pub(super) up: AtomicBool,
     /// Connections for `BLPOP`, one per waiting request: a blocking command would hold up
-    /// every other command on a shared multiplexed connection. Emptied when Redis goes away.
-    pub(super) idle_waiters: Mutex<Vec<MultiplexedConnection>>,
+    /// every other command on a shared multiplexed connection, each with when it was put
+    /// back. Emptied when Redis goes away; one idle for [`WAITER_IDLE`] is closed.
+    pub(super) idle_waiters: Mutex<Vec<(MultiplexedConnection, Instant)>>,
+    /// [`WAITER_IDLE`] unless set (milliseconds; 0 for the default).
+    pub(super) waiter_idle_ms: AtomicU64,
+}
+
+/// How long a waiter connection stays open unused. Each keeps the buffers its largest
+/// command needed (a whole inline body), and a burst of requests opens many: after the burst
+/// they go, and with them the memory and Redis's connections.
+pub(super) const WAITER_IDLE: Duration = Duration::from_secs(10);
+
+impl Health {
+    /// Closes the waiter connections unused for [`WAITER_IDLE`]. The most recently used are
+    /// at the end, where `take_waiter` takes from.
+    pub(super) fn close_idle_waiters(&self) {
+        let limit = self.waiter_idle();
+        let mut idle = self.idle_waiters.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|(_, since)| since.elapsed() < limit);
+    }
+
+    pub(super) fn waiter_idle(&self) -> Duration {
+        match self.waiter_idle_ms.load(Ordering::Relaxed) {
+            0 => WAITER_IDLE,
+            ms => Duration::from_millis(ms),
+        }
+    }
+}
+
+/// Closes idle waiter connections a few times per idle period, until the producer is gone.
+pub(super) async fn close_idle_waiters(health: Weak<Health>) {
+    loop {
+        let period = match health.upgrade() {
+            Some(h) => h.waiter_idle() / 4,
+            None => return,
+        };
+        tokio::time::sleep(period).await;
+        match health.upgrade() {
+            Some(h) => h.close_idle_waiters(),
+            None => return,
+        }
+    }
 }
 
 impl Health {
@@ -83,7 +123,7 @@ impl Producer {
             .unwrap_or_else(|e| e.into_inner())
             .pop();
         match idle {
-            Some(conn) => Ok(conn),
+            Some((conn, _)) => Ok(conn),
             None => self.new_waiter().await,
         }
     }
@@ -105,7 +145,7 @@ impl Producer {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         if idle.len() < self.max_idle_waiters {
-            idle.push(conn);
+            idle.push((conn, Instant::now()));
         }
     }
 }

@@ -69,6 +69,7 @@ impl Producer {
             (keys.tenants.clone(), config.tenant.clone()),
             Arc::downgrade(&health),
         ));
+        tokio::spawn(connection::close_idle_waiters(Arc::downgrade(&health)));
         Ok(Producer {
             client,
             conn,
@@ -80,6 +81,22 @@ impl Producer {
             memo: VerdictMemo::new(0, Duration::ZERO),
             canary: canary.abort_handle(),
         })
+    }
+
+    /// Closes a verdict-wait connection after `idle` unused (10 s unless set).
+    pub fn with_waiter_idle(self, idle: Duration) -> Producer {
+        let ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.health.waiter_idle_ms.store(ms, Ordering::Relaxed);
+        self
+    }
+
+    /// Verdict-wait connections open and unused now.
+    pub fn idle_waiters(&self) -> usize {
+        self.health
+            .idle_waiters
+            .lock()
+            .map(|w| w.len())
+            .unwrap_or(0)
     }
 
     /// Keeps up to `entries` recent verdicts in process for `ttl` (0 turns it off), under the
