@@ -111,6 +111,12 @@ fn short_chaos_campaign_delivers_nothing_infected_and_loses_no_task() {
         assert_eq!(count(invariant), 0, "{invariant}\n{report}");
     }
     assert!(out.status.success(), "the campaign failed\n{report}");
+    // The producer gives back what the load made it allocate (within 20 s of the drain).
+    let (idle, after) = (count("rss_idle_kib"), count("rss_after_kib"));
+    assert!(
+        idle > 0 && after <= idle * 2,
+        "producer RSS {after} KiB after the load, {idle} KiB idle\n{report}"
+    );
     // The campaign did run: load flowed, and the faults the short mode promises happened.
     let requests = count("requests");
     assert!(requests >= 500, "only {requests} requests\n{report}");

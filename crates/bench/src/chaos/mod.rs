@@ -30,6 +30,8 @@ use crate::Args;
 /// short run's cycle ends 60 s after the producer's restart and a little more, when its
 /// janitor has removed what the killed producer left in the spool.
 const CYCLE: f64 = 66.0;
+/// How long the producer may take to give back what the load made it allocate.
+const RSS_SETTLE: Duration = Duration::from_secs(20);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Fault {
@@ -427,8 +429,17 @@ pub async fn run(args: &Args) -> anyhow::Result<bool> {
     );
     let enqueued =
         added_before_wipes.load(Ordering::Relaxed) + ledger.entries_added().await.unwrap_or(0);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_after_kib = rss_kib(load.live.producer_pid.load(Ordering::Relaxed));
+    // The allocator returns freed pages after a few seconds: the RSS once it is within a
+    // quarter of the idle figure, or after RSS_SETTLE.
+    let settle = Instant::now();
+    let rss_after_kib = loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let rss = rss_kib(load.live.producer_pid.load(Ordering::Relaxed));
+        if rss * 4 <= rss_idle_kib * 5 || settle.elapsed() >= RSS_SETTLE {
+            break rss;
+        }
+    };
+    let rss_settle_seconds = settle.elapsed().as_secs_f64();
     let (duplicates, verdicts) = ledger.verdicts();
 
     let mut stack = match Arc::try_unwrap(stack) {
@@ -459,6 +470,22 @@ pub async fn run(args: &Args) -> anyhow::Result<bool> {
         rss_idle_kib,
         rss_peak_kib: rss_peak.load(Ordering::Relaxed),
         rss_after_kib,
+        rss_settle_seconds,
+        arrivals: stack.origin.arrivals(),
+        envoy_stats: [
+            ("buffered", &stack.buffered),
+            ("full duplex", &stack.duplex),
+        ]
+        .iter()
+        .map(|(name, envoy)| {
+            let stats =
+                virus_scanner_test_support::http_get(envoy.admin_port(), "/stats?filter=ext_proc")
+                    .map(|(_, body)| body)
+                    .unwrap_or_default();
+            format!("{name}:\n{stats}")
+        })
+        .collect::<Vec<_>>()
+        .join("\n"),
     };
     let mut producer_logs = std::mem::take(&mut stack.producer_logs);
     if let Some(p) = stack.producer.take() {

@@ -72,6 +72,19 @@ impl Origin {
         self.seen.lock().ok()?.uploads.get(&id).cloned()
     }
 
+    /// Bytes seen and whether the body was complete, of every upload, by id.
+    pub fn arrivals(&self) -> HashMap<u64, (u64, bool)> {
+        self.seen
+            .lock()
+            .map(|s| {
+                s.uploads
+                    .iter()
+                    .map(|(id, a)| (*id, (a.bytes, a.complete)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Uploads with EICAR or the sample whose request carried no id.
     pub fn anonymous_leaks(&self) -> u64 {
         self.seen.lock().map(|s| s.anonymous_leaks).unwrap_or(0)

@@ -29,6 +29,13 @@ pub struct Summary {
     pub rss_idle_kib: u64,
     pub rss_peak_kib: u64,
     pub rss_after_kib: u64,
+    /// Seconds after the drain at which `rss_after_kib` was read.
+    pub rss_settle_seconds: f64,
+    /// What the origin saw of each upload (bytes, complete), by id.
+    pub arrivals: std::collections::HashMap<u64, (u64, bool)>,
+    /// Envoy's ext_proc counters of the two listeners (buffered, then full duplex), for a
+    /// report with something delivered.
+    pub envoy_stats: String,
 }
 
 pub struct Invariants {
@@ -197,7 +204,8 @@ pub fn print(s: &Summary) -> bool {
         );
     }
     println!(
-        "| producer RSS idle / peak / after the load | {:.0} / {:.0} / {:.0} MiB | after ≈ idle |",
+        "| producer RSS idle / peak / after the load ({:.0} s after the drain) | {:.0} / {:.0} / {:.0} MiB | after ≈ idle |",
+        s.rss_settle_seconds,
         s.rss_idle_kib as f64 / 1024.0,
         s.rss_peak_kib as f64 / 1024.0,
         s.rss_after_kib as f64 / 1024.0
@@ -345,10 +353,13 @@ pub fn print(s: &Summary) -> bool {
                 r.start,
                 r.end,
                 outcome_label(r.outcome),
-                if s.origin_leaks.contains(id) {
-                    ", seen at the origin"
-                } else {
-                    ", seen by the client"
+                match (s.origin_leaks.contains(id), s.arrivals.get(id)) {
+                    (true, Some((bytes, complete))) => format!(
+                        ", {bytes} bytes seen at the origin{}",
+                        if *complete { ", complete" } else { ", cut off" }
+                    ),
+                    (true, None) => ", seen at the origin".to_owned(),
+                    (false, _) => ", seen by the client".to_owned(),
                 },
                 if faults.is_empty() {
                     "none".to_string()
@@ -358,6 +369,9 @@ pub fn print(s: &Summary) -> bool {
             ),
             None => println!("\nDelivered infected: request {id} (no record)"),
         }
+    }
+    if inv.infected_delivered > 0 && !s.envoy_stats.is_empty() {
+        println!("\nEnvoy's ext_proc counters:\n{}", s.envoy_stats);
     }
     if s.anonymous_leaks > 0 {
         println!(
@@ -375,13 +389,16 @@ pub fn print(s: &Summary) -> bool {
         .collect();
     println!(
         "\nchaos-result infected_delivered={} wrong_verdicts={} hung={} lost={} duplicates={} \
-         spool_left={} requests={total} true_verdicts={correct} faults={}",
+         spool_left={} requests={total} true_verdicts={correct} rss_idle_kib={} rss_after_kib={} \
+         faults={}",
         inv.infected_delivered,
         inv.wrong_verdicts,
         inv.hung,
         inv.lost,
         inv.duplicates,
         inv.spool_left,
+        s.rss_idle_kib,
+        s.rss_after_kib,
         faults.join(",")
     );
     inv.hold()
