@@ -166,11 +166,12 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         process: producer,
         grpc,
         ..
-    } = crate::start_producer(
-        &redis,
-        &scan_dir,
-        &["--grpc-socket", &socket.display().to_string()],
-    )?;
+    } = {
+        let mut flags = crate::producer_flags(args);
+        flags.extend(["--grpc-socket".to_owned(), socket.display().to_string()]);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        crate::start_producer(&redis, &scan_dir, &flags)?
+    };
     let unix = args.processor == "unix";
     let processor = if unix {
         Processor::Unix(socket)

@@ -94,7 +94,11 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         process: producer_process,
         icap: icap_port,
         ..
-    } = crate::start_producer(&redis, &scan_dir, &["--max-body-mb", "200"])?;
+    } = {
+        let flags = crate::producer_flags(args);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        crate::start_producer(&redis, &scan_dir, &flags)?
+    };
     let producer = Arc::new(
         Producer::connect(QueueConfig::new(RedisConfig::from_host_port(
             "127.0.0.1",

@@ -231,7 +231,11 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         process: producer,
         icap: icap_port,
         ..
-    } = crate::start_producer(&redis, &scan_dir, &["--max-body-mb", "200"])?;
+    } = {
+        let flags = crate::producer_flags(args);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        crate::start_producer(&redis, &scan_dir, &flags)?
+    };
     let c_icap_dir = dir.join("c-icap");
     std::fs::create_dir_all(&c_icap_dir)?;
     let (mut c_icap, c_icap_port) = start_c_icap(&c_icap_dir, clamd.port())?;

@@ -51,6 +51,11 @@ pub struct Args {
     /// `chaos`: seed of the load and of the fault choices (default: the clock).
     #[arg(long)]
     seed: Option<u64>,
+    /// `chaos`: every request on this route only (buffered-upload, duplex-upload,
+    /// buffered-download, duplex-download, icap-reqmod, icap-respmod, abort), to stress one
+    /// path under the same faults.
+    #[arg(long)]
+    route: Option<String>,
     /// `chaos`: also write every request (and, to `<file>.faults`, every fault) as CSV.
     #[arg(long)]
     records: Option<std::path::PathBuf>,
@@ -58,6 +63,11 @@ pub struct Args {
     /// file descriptor on clamd's Unix socket (FILDES), as with a clamd on another host.
     #[arg(long)]
     stream_to_clamd: bool,
+    /// `icap`, `envoy`, `hops`: bodies above this many MiB are spilled by the producer to
+    /// the spool it shares with the consumer and scanned from there by path (the producer's
+    /// `SCAN_FILE_THRESHOLD_MB`, default 10), instead of travelling inline through Redis.
+    #[arg(long)]
+    spill_threshold_mb: Option<u64>,
     /// `ext-proc-floor` (run by the Envoy benchmark): serve on this Unix socket.
     #[arg(long, hide = true)]
     socket: Option<String>,
@@ -126,6 +136,16 @@ pub fn unique(body: &[u8]) -> Vec<u8> {
     let k = tag.len().min(b.len());
     b[..k].copy_from_slice(&tag[..k]);
     b
+}
+
+/// The producer flags of a benchmark: bodies up to 200 MiB, and the spill threshold asked
+/// for.
+pub fn producer_flags(args: &Args) -> Vec<String> {
+    let mut flags = vec!["--max-body-mb".to_owned(), "200".to_owned()];
+    if let Some(mb) = args.spill_threshold_mb {
+        flags.extend(["--scan-file-threshold-mb".to_owned(), mb.to_string()]);
+    }
+    flags
 }
 
 /// The release producer binary on loopback ports, ready; `extra` flags appended.

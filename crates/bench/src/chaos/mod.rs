@@ -104,6 +104,29 @@ pub enum Route {
 }
 
 impl Route {
+    const ALL: [Route; 7] = [
+        Route::BufferedUpload,
+        Route::DuplexUpload,
+        Route::BufferedDownload,
+        Route::DuplexDownload,
+        Route::IcapReqmod,
+        Route::IcapRespmod,
+        Route::Abort,
+    ];
+
+    /// The name `--route` takes.
+    pub fn key(self) -> &'static str {
+        match self {
+            Route::BufferedUpload => "buffered-upload",
+            Route::DuplexUpload => "duplex-upload",
+            Route::BufferedDownload => "buffered-download",
+            Route::DuplexDownload => "duplex-download",
+            Route::IcapReqmod => "icap-reqmod",
+            Route::IcapRespmod => "icap-respmod",
+            Route::Abort => "abort",
+        }
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Route::BufferedUpload => "Envoy BUFFERED upload",
@@ -181,6 +204,8 @@ struct Load {
     t0: Instant,
     next_id: AtomicU64,
     sizes: Vec<(usize, u32)>,
+    /// Every request on this route (`--route`), to stress one path.
+    only: Option<Route>,
     records: Mutex<Vec<Record>>,
     stop: AtomicBool,
 }
@@ -236,6 +261,16 @@ pub async fn run(args: &Args) -> anyhow::Result<bool> {
             tmpfs_mib,
         )
     })?;
+    let only =
+        match args.route.as_deref() {
+            None => None,
+            Some(key) => Some(Route::ALL.into_iter().find(|r| r.key() == key).ok_or_else(
+                || {
+                    let keys: Vec<&str> = Route::ALL.iter().map(|r| r.key()).collect();
+                    anyhow::anyhow!("--route {key}: one of {}", keys.join(", "))
+                },
+            )?),
+        };
     let new_load = |stack: &Stack, sizes: Vec<(usize, u32)>, first_id: u64| Load {
         buffered_port: stack.buffered.port(),
         duplex_port: stack.duplex.port(),
@@ -243,6 +278,7 @@ pub async fn run(args: &Args) -> anyhow::Result<bool> {
         t0: Instant::now(),
         next_id: AtomicU64::new(first_id),
         sizes,
+        only,
         records: Mutex::new(Vec::new()),
         stop: AtomicBool::new(false),
     };
@@ -296,6 +332,7 @@ pub async fn run(args: &Args) -> anyhow::Result<bool> {
             let mut rng = Rng::new(seed ^ ((w as u64 + 1) * 0x5851_F42D));
             while !load.stop.load(Ordering::Relaxed) {
                 let (route, kind, size, unique, high) = choose(&mut rng, &load.sizes);
+                let route = load.only.unwrap_or(route);
                 let r = one(&load, route, kind, size, unique, high).await;
                 load.records.lock().map(|mut v| v.push(r)).ok();
             }
@@ -570,16 +607,7 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 fn choose(rng: &mut Rng, sizes: &[(usize, u32)]) -> (Route, Kind, usize, bool, bool) {
-    const ROUTES: [Route; 7] = [
-        Route::BufferedUpload,
-        Route::DuplexUpload,
-        Route::BufferedDownload,
-        Route::DuplexDownload,
-        Route::IcapReqmod,
-        Route::IcapRespmod,
-        Route::Abort,
-    ];
-    let route = ROUTES[rng.weighted(&[22, 20, 10, 10, 12, 12, 6])];
+    let route = Route::ALL[rng.weighted(&[22, 20, 10, 10, 12, 12, 6])];
     let weights: Vec<u32> = sizes.iter().map(|(_, w)| *w).collect();
     let mut size = sizes[rng.weighted(&weights)].0;
     let high = rng.below(10) < 3;

@@ -33,8 +33,7 @@ pub struct Summary {
     pub rss_settle_seconds: f64,
     /// What the origin saw of each upload (bytes, complete), by id.
     pub arrivals: std::collections::HashMap<u64, (u64, bool)>,
-    /// Envoy's ext_proc counters of the two listeners (buffered, then full duplex), for a
-    /// report with something delivered.
+    /// Envoy's ext_proc counters of the two listeners (buffered, then full duplex).
     pub envoy_stats: String,
 }
 
@@ -370,8 +369,11 @@ pub fn print(s: &Summary) -> bool {
             None => println!("\nDelivered infected: request {id} (no record)"),
         }
     }
-    if inv.infected_delivered > 0 && !s.envoy_stats.is_empty() {
-        println!("\nEnvoy's ext_proc counters:\n{}", s.envoy_stats);
+    if !s.envoy_stats.is_empty() {
+        println!(
+            "\nEnvoy's ext_proc counters:\n```\n{}\n```",
+            s.envoy_stats.trim_end()
+        );
     }
     if s.anonymous_leaks > 0 {
         println!(
