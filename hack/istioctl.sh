@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Provides istioctl, Istio's CLI, built from its Go module at a pinned version through the Go
+# module proxy (no release download), cached under
+# ~/.cache/virus-scanner/istioctl/<version>/bin. Its `istioctl kube-inject` runs Istio's own
+# sidecar injector offline. Beside bin/, charts/ holds two Helm charts of the same module
+# version, so that what kube-inject is fed is what that Istio release installs:
+#   istio-discovery  istiod: renders the ConfigMaps `istio-sidecar-injector` (injection
+#                    templates and values) and `istio` (mesh config)
+#   gateway          Istio's gateway Deployment (the pod template the gateway injection gets)
+# Prints the path of the binary; a second run is a cache hit.
+set -euo pipefail
+
+# istio.io/istio tags its releases without the `v` Go expects: a pseudo-version of its master.
+ISTIO_VERSION=${ISTIO_VERSION:-v0.0.0-20260827124520-eed52ebb66ad}
+
+dir=${VIRUS_SCANNER_CACHE:-$HOME/.cache/virus-scanner}/istioctl/$ISTIO_VERSION
+bin=$dir/bin
+if [ -x "$bin/istioctl" ] && [ -s "$dir/charts/gateway/Chart.yaml" ]; then
+  echo "$bin/istioctl"
+  exit 0
+fi
+mkdir -p "$bin"
+export PATH=$PATH:/usr/local/go/bin
+export GOFLAGS=-mod=mod
+export GOPATH=${GOPATH:-$HOME/go}
+
+module=$(go mod download -json "istio.io/istio@$ISTIO_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+rm -rf "$dir/charts.tmp"
+mkdir -p "$dir/charts.tmp"
+cp -R "$module/manifests/charts/istio-control/istio-discovery" "$module/manifests/charts/gateway" \
+  "$dir/charts.tmp/"
+chmod -R u+w "$dir/charts.tmp"
+
+if [ ! -x "$bin/istioctl" ]; then
+  echo "building istioctl $ISTIO_VERSION (into $bin)" >&2
+  # Its build cache runs to gigabytes and serves nothing else: kept apart and removed after.
+  GOCACHE=$(mktemp -d)
+  export GOCACHE
+  trap 'rm -rf "$GOCACHE"' EXIT
+  GOBIN=$bin go install -trimpath -ldflags="-s -w" \
+    "istio.io/istio/istioctl/cmd/istioctl@$ISTIO_VERSION" >&2
+fi
+rm -rf "$dir/charts"
+mv "$dir/charts.tmp" "$dir/charts"
+echo "$bin/istioctl"
