@@ -12,19 +12,13 @@ set -euo pipefail
 ENVOY_GATEWAY_VERSION=${ENVOY_GATEWAY_VERSION:-v1.9.1}
 ISTIO_API_VERSION=${ISTIO_API_VERSION:-v1.32.0}
 
-dir=${VIRUS_SCANNER_CACHE:-$HOME/.cache/virus-scanner}/gateway-crds/$ENVOY_GATEWAY_VERSION-$ISTIO_API_VERSION
+. "$(dirname "$0")/go-lib.sh"
+dir=$cache_root/gateway-crds/$ENVOY_GATEWAY_VERSION-$ISTIO_API_VERSION
 if [ -s "$dir/envoy-gateway.yaml" ] && [ -s "$dir/istio.yaml" ]; then
   echo "$dir"
   exit 0
 fi
 mkdir -p "$dir"
-export PATH=$PATH:/usr/local/go/bin
-export GOFLAGS=-mod=mod
-export GOPATH=${GOPATH:-$HOME/go}
-
-module_dir() {
-  go mod download -json "$1" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p'
-}
 
 eg=$(module_dir "github.com/envoyproxy/gateway@$ENVOY_GATEWAY_VERSION")
 crds=$eg/charts/gateway-helm/charts/crds/crds

@@ -13,18 +13,16 @@ set -euo pipefail
 # istio.io/istio tags its releases without the `v` Go expects: a pseudo-version of its master.
 ISTIO_VERSION=${ISTIO_VERSION:-v0.0.0-20260827124520-eed52ebb66ad}
 
-dir=${VIRUS_SCANNER_CACHE:-$HOME/.cache/virus-scanner}/istioctl/$ISTIO_VERSION
+. "$(dirname "$0")/go-lib.sh"
+dir=$cache_root/istioctl/$ISTIO_VERSION
 bin=$dir/bin
 if [ -x "$bin/istioctl" ] && [ -s "$dir/charts/gateway/Chart.yaml" ]; then
   echo "$bin/istioctl"
   exit 0
 fi
 mkdir -p "$bin"
-export PATH=$PATH:/usr/local/go/bin
-export GOFLAGS=-mod=mod
-export GOPATH=${GOPATH:-$HOME/go}
 
-module=$(go mod download -json "istio.io/istio@$ISTIO_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+module=$(module_dir "istio.io/istio@$ISTIO_VERSION")
 rm -rf "$dir/charts.tmp"
 mkdir -p "$dir/charts.tmp"
 cp -R "$module/manifests/charts/istio-control/istio-discovery" "$module/manifests/charts/gateway" \
@@ -32,13 +30,7 @@ cp -R "$module/manifests/charts/istio-control/istio-discovery" "$module/manifest
 chmod -R u+w "$dir/charts.tmp"
 
 if [ ! -x "$bin/istioctl" ]; then
-  echo "building istioctl $ISTIO_VERSION (into $bin)" >&2
-  # Its build cache runs to gigabytes and serves nothing else: kept apart and removed after.
-  GOCACHE=$(mktemp -d)
-  export GOCACHE
-  trap 'rm -rf "$GOCACHE"' EXIT
-  GOBIN=$bin go install -trimpath -ldflags="-s -w" \
-    "istio.io/istio/istioctl/cmd/istioctl@$ISTIO_VERSION" >&2
+  go_install "$bin" "istio.io/istio/istioctl/cmd/istioctl@$ISTIO_VERSION"
 fi
 rm -rf "$dir/charts"
 mv "$dir/charts.tmp" "$dir/charts"
