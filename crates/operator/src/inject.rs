@@ -5,12 +5,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, PersistentVolumeClaimVolumeSource, Pod, Probe,
-    ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext,
-    Volume, VolumeMount,
+    EnvVarSource, ExecAction, PersistentVolumeClaimVolumeSource, Pod, Probe, ResourceRequirements,
+    SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use sha2::{Digest, Sha256};
 use virus_scanner_runtime::sidecar_env;
@@ -503,11 +501,17 @@ fn sidecar(policy: &VirusScanPolicy, defaults: &InjectDefaults) -> Container {
             });
         }
     }
+    // `exec`, not `httpGet`: a mesh rewrites HTTP and TCP probes through its own agent
+    // (Istio: pilot-agent in istio-proxy), which in a gateway pod starts after this native
+    // sidecar, so a rewritten startup probe would keep the pod from ever starting.
     let probe = |path: &str, failures: i32| Probe {
-        http_get: Some(HTTPGetAction {
-            path: Some(path.to_owned()),
-            port: IntOrString::Int(i32::from(OPS_PORT)),
-            ..HTTPGetAction::default()
+        exec: Some(ExecAction {
+            command: Some(vec![
+                "virus-scanner-producer".to_owned(),
+                virus_scanner_runtime::probe::PROBE_COMMAND.to_owned(),
+                OPS_PORT.to_string(),
+                path.to_owned(),
+            ]),
         }),
         period_seconds: Some(if path == "/health" { 10 } else { 2 }),
         failure_threshold: Some(failures),

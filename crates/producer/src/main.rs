@@ -9,6 +9,10 @@ use virus_scanner_runtime::env::{self, ProcessEnv};
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> anyhow::Result<()> {
+    // `virus-scanner-producer probe PORT PATH`: the injected sidecar's exec probes.
+    if let Some(code) = virus_scanner_runtime::probe::probe_command(std::env::args()) {
+        std::process::exit(code);
+    }
     let args: ProducerArgs = env::parse(&ProcessEnv);
     let config = match args.validate() {
         Ok(c) => c,

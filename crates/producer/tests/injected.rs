@@ -5,7 +5,7 @@
 
 mod support;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Container, Pod};
 use support::{Stack, StackOptions, post_file, temp_file};
 use virus_scan_operator::crd::{RedisSettings, VirusScanPolicy};
 use virus_scan_operator::inject::{InjectDefaults, SIDECAR, inject};
@@ -40,9 +40,8 @@ const MAPPED: &[&str] = &[
     sidecar_env::SCAN_TMP_DIR,
 ];
 
-/// The injected sidecar's environment, every name and value as written (`None` for a value
-/// from a Secret).
-fn injected_sidecar_env() -> Vec<(String, Option<String>)> {
+/// The sidecar the injector writes into the gateway pod for the policy.
+fn injected_sidecar() -> Container {
     let policy: VirusScanPolicy = serde_saphyr::from_str(POLICY).unwrap();
     let pod: Pod = serde_saphyr::from_str(POD).unwrap();
     let defaults = InjectDefaults {
@@ -56,21 +55,78 @@ fn injected_sidecar_env() -> Vec<(String, Option<String>)> {
             username_secret_ref: None,
         },
     };
-    let pod = inject(&pod, &policy, &defaults);
-    let spec = pod.spec.unwrap();
-    let sidecar = spec
-        .init_containers
+    let spec = inject(&pod, &policy, &defaults).spec.unwrap();
+    spec.init_containers
         .unwrap_or_default()
         .into_iter()
         .chain(spec.containers)
         .find(|c| c.name == SIDECAR)
-        .expect("the sidecar was injected");
-    sidecar
+        .expect("the sidecar was injected")
+}
+
+/// The injected sidecar's environment, every name and value as written (`None` for a value
+/// from a Secret).
+fn injected_sidecar_env() -> Vec<(String, Option<String>)> {
+    injected_sidecar()
         .env
         .unwrap_or_default()
         .into_iter()
         .map(|e| (e.name, e.value))
         .collect()
+}
+
+/// The injected sidecar's probes: startup, readiness, liveness, each an `exec` command.
+fn injected_probe_commands() -> Vec<Vec<String>> {
+    let sidecar = injected_sidecar();
+    [
+        sidecar.startup_probe,
+        sidecar.readiness_probe,
+        sidecar.liveness_probe,
+    ]
+    .into_iter()
+    .map(|p| {
+        let p = p.expect("each probe is set");
+        assert!(p.http_get.is_none() && p.tcp_socket.is_none() && p.grpc.is_none());
+        p.exec.and_then(|e| e.command).expect("an exec probe")
+    })
+    .collect()
+}
+
+/// The probes run as the kubelet runs them, with the producer binary of the image: they pass
+/// against a producer that is up, and fail where nothing answers.
+#[test]
+fn the_injected_exec_probes_pass_against_a_running_producer_and_fail_without_one() {
+    let commands = injected_probe_commands();
+    let mut options = StackOptions::new(BodyMode::Buffered);
+    options.producer_env = injected_env();
+    let stack = Stack::start(options);
+    let binary = env!("CARGO_BIN_EXE_virus-scanner-producer");
+    let run = |command: &[String], port: u16| {
+        assert_eq!(command[0], "virus-scanner-producer", "{command:?}");
+        // The pod's ops port is this machine's producer's.
+        let mut args: Vec<String> = command[1..].to_vec();
+        let at = args
+            .iter()
+            .position(|a| a == &virus_scan_operator::inject::OPS_PORT.to_string())
+            .expect("the probe names the ops port");
+        args[at] = port.to_string();
+        std::process::Command::new(binary)
+            .args(&args)
+            .status()
+            .unwrap()
+            .code()
+    };
+    for command in &commands {
+        assert_eq!(run(command, stack.producer_http), Some(0), "{command:?}");
+    }
+    let nothing = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    for command in &commands {
+        assert_eq!(run(command, nothing), Some(1), "{command:?}");
+    }
 }
 
 fn injected_env() -> Vec<(String, String)> {

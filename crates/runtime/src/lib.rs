@@ -4,6 +4,7 @@
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod env;
+pub mod probe;
 pub mod sidecar_env;
 
 use std::future::Future;
