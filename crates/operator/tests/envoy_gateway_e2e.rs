@@ -3,7 +3,8 @@
 //! renders are translated by Envoy Gateway's own translator (`egctl x translate`, v1.9.1,
 //! built by `hack/egctl.sh`) into the Envoy configuration it would serve; a real Envoy runs
 //! that configuration in front of the real producer on its Unix socket. A clean upload
-//! passes, EICAR is refused with 406, and the opted-out rule passes unscanned.
+//! passes, EICAR is refused with 406, the opted-out rule passes unscanned, and 6 MiB bodies
+//! (far past Envoy Gateway's 32 KiB default buffer) are held whole and scanned both ways.
 //!
 //! Only what ties the translation to this machine is changed: the listener binds a free
 //! loopback port, the routes' backend is this test's upstream, and the socket path is the
@@ -16,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::{Value, json};
-use support::stack::{Gateway, Scanner, post, sha256_hex};
+use support::stack::{Gateway, Scanner, get, post, sha256_hex};
 use virus_scan_operator::envoy::SOCKET_PATH;
 use virus_scanner_test_support::{Clamd, EICAR, Redis, Upstream, clean_bytes};
 
@@ -244,6 +245,41 @@ fn envoy_gateway_translation_scans_uploads_and_skips_the_opted_out_rule() {
     assert_eq!(status, 200, "opted-out rule: {}", context());
     assert_eq!(gateway.scanned_requests(), scanned + 2, "{}", context());
 
+    // Bodies far past Envoy Gateway's default 32 KiB connection buffer, both ways: the
+    // ClientTrafficPolicy's limit (the policy's 8 MiB + 64 KiB) lets Envoy hold them whole
+    // for the scan, and the scan still decides.
+    let big = clean_bytes(6 << 20, 3);
+    let mut big_bad = clean_bytes(6 << 20, 4);
+    big_bad.extend_from_slice(EICAR);
+    let big_file = dir.path().join("big");
+    std::fs::write(&big_file, &big).unwrap();
+    let big_bad_file = dir.path().join("big-bad");
+    std::fs::write(&big_bad_file, &big_bad).unwrap();
+    let (status, _) = post(&gateway, "/upload-big", &big_file, &[]);
+    assert_eq!(status, 200, "6 MiB clean upload: {}", context());
+    let (status, headers) = post(&gateway, "/upload-big", &big_bad_file, &[]);
+    assert_eq!(
+        status,
+        406,
+        "6 MiB infected upload: {headers}\n{}",
+        context()
+    );
+    upstream.serve("big", big.clone(), &[]);
+    upstream.serve("big-bad", big_bad.clone(), &[]);
+    let (status, body) = get(&gateway, "/files/big");
+    assert_eq!(status, 200, "6 MiB clean download: {}", context());
+    assert_eq!(
+        sha256_hex(&body),
+        sha256_hex(&big),
+        "the download arrived whole"
+    );
+    let (status, body) = get(&gateway, "/files/big-bad");
+    assert_eq!(status, 406, "6 MiB infected download: {}", context());
+    assert!(
+        !body.windows(EICAR.len()).any(|w| w == EICAR),
+        "infected bytes reached the client"
+    );
+
     let received: Vec<(String, String)> = upstream
         .received()
         .iter()
@@ -255,6 +291,7 @@ fn envoy_gateway_translation_scans_uploads_and_skips_the_opted_out_rule() {
             ("/upload".to_owned(), sha256_hex(&upload)),
             ("/assets/file".to_owned(), sha256_hex(&asset)),
             ("/assets/eicar".to_owned(), sha256_hex(EICAR)),
+            ("/upload-big".to_owned(), sha256_hex(&big)),
         ]
     );
 }

@@ -519,7 +519,9 @@ pub async fn run(args: &Args) -> anyhow::Result<bool> {
                 virus_scanner_test_support::http_get(envoy.admin_port(), "/stats?filter=ext_proc")
                     .map(|(_, body)| body)
                     .unwrap_or_default();
-            format!("{name}:\n{stats}")
+            // Counter lines only (the admin answer may come in chunks).
+            let stats: Vec<&str> = stats.lines().filter(|l| l.contains(": ")).collect();
+            format!("{name}:\n{}", stats.join("\n"))
         })
         .collect::<Vec<_>>()
         .join("\n"),

@@ -210,6 +210,24 @@ pub fn post(gateway: &Gateway, path: &str, file: &Path, extra: &[&str]) -> (u16,
     )
 }
 
+/// A GET through the gateway: the status and the body.
+pub fn get(gateway: &Gateway, path: &str) -> (u16, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let body = dir.path().join("body");
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "60", "--path-as-is", "-o"])
+        .arg(&body)
+        .args(["-w", "%{http_code}"])
+        .arg(format!("http://127.0.0.1:{}{path}", gateway.port))
+        .output()
+        .expect("curl is installed by make test");
+    let status = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    (status, std::fs::read(&body).unwrap_or_default())
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
