@@ -63,12 +63,6 @@ impl Keys {
         format!("{}:verdict:{tenant}:{task_id}", self.tag)
     }
 
-    /// Set by the script that pushes a task's verdict, for as long as the verdict lives: a
-    /// task queued twice (a submit retried after its reply was lost) is answered once.
-    pub fn answered(&self, tenant: &str, task_id: &str) -> String {
-        format!("{}:answered:{tenant}:{task_id}", self.tag)
-    }
-
     /// Never written: a tenant's producers park a `BLPOP` on it to notice a lost connection at
     /// once. Task ids are hex, so it cannot be a task's verdict list.
     pub fn canary(&self, tenant: &str) -> String {

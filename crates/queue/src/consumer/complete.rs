@@ -7,10 +7,9 @@ use virus_scanner_protocol::task::{Content, ScanTask, Verdict, encode_verdict};
 use super::{Consumer, Delivery};
 use crate::{QueueError, StoredBodyReader};
 
-/// Writes the verdict only if the caller still owns the entry and no verdict was pushed for
-/// the task yet (the answered marker: a task queued twice is answered once), then
-/// acknowledges and deletes it, in one step, with the body the task stored in Redis. KEYS:
-/// stream, verdict list, cache key, stored body, answered marker. ARGV: group, consumer, entry id, verdict, verdict TTL, push verdict
+/// Writes the verdict only if the caller still owns the entry, then acknowledges and deletes
+/// it, in one step, with the body the task stored in Redis. KEYS: stream, verdict list, cache
+/// key, stored body. ARGV: group, consumer, entry id, verdict, verdict TTL, push verdict
 /// (1/0), cache the verdict (1/0), cache TTL, remove the stored body (1/0), the verdict as
 /// cached (without the task's id and timings: a cache hit may answer another tenant). A
 /// consumer that no longer owns the entry leaves the body to the one that does.
@@ -20,7 +19,7 @@ if #owned == 0 then return 0 end
 if ARGV[9] == '1' then
   redis.call('UNLINK', KEYS[4])
 end
-if ARGV[6] == '1' and redis.call('SET', KEYS[5], '1', 'NX', 'EX', ARGV[5]) then
+if ARGV[6] == '1' then
   redis.call('RPUSH', KEYS[2], ARGV[4])
   redis.call('EXPIRE', KEYS[2], ARGV[5])
 end
@@ -60,16 +59,12 @@ impl Consumer {
         cached_form.task_id.clear();
         cached_form.hops = None;
         let body_key = task.and_then(|t| self.stored_body_key(&d.tenant, t));
-        let answered_key = self
-            .keys
-            .answered(&d.tenant, task.map(|t| t.id.as_str()).unwrap_or("-"));
         let owned: i64 = self
             .complete_script
             .key(&d.stream)
             .key(&verdict_key)
             .key(&cache_key)
             .key(body_key.as_ref().unwrap_or(&verdict_key))
-            .key(&answered_key)
             .arg(&self.config.group)
             .arg(&self.name)
             .arg(&d.entry_id)
