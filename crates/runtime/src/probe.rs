@@ -7,12 +7,13 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The first argument that selects the probe.
 pub const PROBE_COMMAND: &str = "probe";
 
-const TIMEOUT: Duration = Duration::from_secs(1);
+/// The whole probe, connect to status line: under the kubelet's `timeoutSeconds` (2).
+const TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// When `args` (the process's, program name first) are `probe PORT PATH`, runs the probe and
 /// returns the exit code; `None` for any other command line.
@@ -43,10 +44,17 @@ pub fn probe_command(args: impl IntoIterator<Item = String>) -> Option<i32> {
 
 /// The HTTP status of `GET path` on loopback `port`.
 pub fn status(port: u16, path: &str) -> std::io::Result<u16> {
+    let deadline = Instant::now() + TIMEOUT;
+    // What is left of the probe's time, never zero (a zero timeout means none).
+    let left = || {
+        deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::TimedOut, "probe timed out"))
+    };
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
-    stream.set_read_timeout(Some(TIMEOUT))?;
-    stream.set_write_timeout(Some(TIMEOUT))?;
+    let mut stream = TcpStream::connect_timeout(&addr, left()?)?;
+    stream.set_write_timeout(Some(left()?))?;
     write!(
         stream,
         "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
@@ -54,6 +62,7 @@ pub fn status(port: u16, path: &str) -> std::io::Result<u16> {
     let mut head = [0u8; 64];
     let mut n = 0;
     while n < 12 {
+        stream.set_read_timeout(Some(left()?))?;
         match stream.read(&mut head[n..])? {
             0 => break,
             k => n += k,
@@ -118,6 +127,32 @@ mod tests {
         assert_eq!(
             probe_command(args(&["probe", &closed.to_string(), "/ready"])),
             Some(1)
+        );
+    }
+
+    #[test]
+    fn a_server_that_answers_byte_by_byte_too_slowly_fails_within_the_probe_time() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = listener.accept() {
+                for b in b"HTTP/1.1 200 OK\r\n" {
+                    std::thread::sleep(Duration::from_millis(400));
+                    if s.write_all(&[*b]).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        let start = Instant::now();
+        assert_eq!(
+            probe_command(args(&["probe", &port.to_string(), "/ready"])),
+            Some(1)
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
         );
     }
 

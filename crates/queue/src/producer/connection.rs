@@ -45,11 +45,12 @@ impl Health {
     }
 }
 
-/// Closes idle waiter connections a few times per idle period, until the producer is gone.
+/// Closes idle waiter connections a few times per idle period (at least every second), until
+/// the producer is gone.
 pub(super) async fn close_idle_waiters(health: Weak<Health>) {
     loop {
         let period = match health.upgrade() {
-            Some(h) => h.waiter_idle() / 4,
+            Some(h) => (h.waiter_idle() / 4).min(Duration::from_secs(1)),
             None => return,
         };
         tokio::time::sleep(period).await;
