@@ -13,10 +13,9 @@ module_dir() {
 # go_install BIN_DIR PACKAGE@VERSION: builds the command into BIN_DIR. Its build cache runs to
 # gigabytes and serves nothing else: kept apart and removed after.
 go_install() {
-  local gocache status=0
-  gocache=$(mktemp -d)
+  go_install_cache=$(mktemp -d)
+  # Also when the build is interrupted.
+  trap 'rm -rf "$go_install_cache"' EXIT
   echo "building $2 (into $1)" >&2
-  GOCACHE=$gocache GOBIN=$1 go install -trimpath -ldflags="-s -w" "$2" >&2 || status=$?
-  rm -rf "$gocache"
-  return "$status"
+  GOCACHE=$go_install_cache GOBIN=$1 go install -trimpath -ldflags="-s -w" "$2" >&2
 }

@@ -23,15 +23,19 @@ fi
 mkdir -p "$bin"
 
 module=$(module_dir "istio.io/istio@$ISTIO_VERSION")
-rm -rf "$dir/charts.tmp"
-mkdir -p "$dir/charts.tmp"
+# A directory of this run's own: two runs at once must not mix their copies.
+charts=$(mktemp -d "$dir/charts.XXXXXX")
 cp -R "$module/manifests/charts/istio-control/istio-discovery" "$module/manifests/charts/gateway" \
-  "$dir/charts.tmp/"
-chmod -R u+w "$dir/charts.tmp"
+  "$charts/"
+chmod -R u+w "$charts"
 
 if [ ! -x "$bin/istioctl" ]; then
   go_install "$bin" "istio.io/istio/istioctl/cmd/istioctl@$ISTIO_VERSION"
 fi
-rm -rf "$dir/charts"
-mv "$dir/charts.tmp" "$dir/charts"
+if [ -s "$dir/charts/gateway/Chart.yaml" ]; then
+  rm -rf "$charts"
+else
+  rm -rf "$dir/charts"
+  mv "$charts" "$dir/charts"
+fi
 echo "$bin/istioctl"

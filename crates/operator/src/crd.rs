@@ -476,6 +476,10 @@ pub enum GatewayState {
     /// Every pod has a sidecar, some from an older generation of the policy or not the one
     /// it injects now: restart them.
     Outdated,
+    /// The gateway is not configured to call the producer: the policy's configuration is
+    /// not written (see ConfigGenerated), its EnvoyExtensionPolicy is missing, or these are
+    /// proxies of a Gateway the policy does not attach to.
+    NotConfigured,
     /// The gateway's own API replaces the scan on some routes (Envoy Gateway: a tenant's
     /// EnvoyExtensionPolicy on an HTTPRoute of the Gateway).
     Overridden,

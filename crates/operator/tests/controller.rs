@@ -175,15 +175,27 @@ async fn policy_becomes_envoy_config_that_is_kept_in_step() {
         true
     );
 
-    // `kubectl get vsp` shows the printer columns.
+    // `kubectl get vsp` shows the printer columns; `-o wide` adds the failure mode and the
+    // outdated pods.
     let table = plane.kubectl(&["get", "vsp", "-n", NS]);
+    for column in [
+        "GATEWAY",
+        "PROTECTED",
+        "MODE",
+        "MATCHED",
+        "INJECTED",
+        "READY",
+    ] {
+        assert!(table.contains(column), "{column}: {table}");
+    }
     assert!(
-        table.contains("MODE") && table.contains("INJECTED"),
+        table.contains("Envoy") && table.contains("Buffered") && !table.contains("FailClosed"),
         "{table}"
     );
+    let wide = plane.kubectl(&["get", "vsp", "-n", NS, "-o", "wide"]);
     assert!(
-        table.contains("Buffered") && table.contains("FailClosed"),
-        "{table}"
+        wide.contains("FAILURE") && wide.contains("OUTDATED") && wide.contains("FailClosed"),
+        "{wide}"
     );
 
     // Editing the policy updates the ConfigMap; the annotated pod is now outdated.

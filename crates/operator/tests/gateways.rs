@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -14,26 +13,11 @@ use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, List
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
-use support::{Operator, eventually, plane_with_crd};
+use support::{Operator, eventually, gateway_crds, plane_with_crd};
 use virus_scan_operator::crd::{GatewayState, VirusScanPolicy};
 use virus_scanner_test_support::kube::ControlPlane;
 
 const NS: &str = "tenant-gw";
-
-/// The directory with `envoy-gateway.yaml` and `istio.yaml`: `$GATEWAY_CRDS_DIR`, or what
-/// `hack/gateway-crds.sh` prints (built once, then cached).
-fn gateway_crds() -> PathBuf {
-    if let Some(dir) = std::env::var_os("GATEWAY_CRDS_DIR") {
-        return PathBuf::from(dir);
-    }
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../hack/gateway-crds.sh");
-    let out = Command::new(script)
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "hack/gateway-crds.sh failed");
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
 
 /// kube-controller-manager running only the garbage collector, so that owner references
 /// take effect as in a cluster.
@@ -375,6 +359,80 @@ async fn gateway_objects_pass_the_gateways_schemas_follow_edits_and_go_with_the_
             })
         },
     )
+    .await;
+
+    // A route of another namespace attached to the Gateway, with that namespace's own
+    // EnvoyExtensionPolicy on it: its traffic through this Gateway is not scanned either.
+    plane.kubectl(&["create", "namespace", "tenant-other"]);
+    let other_routes: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        "tenant-other",
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "HTTPRoute"),
+            "httproutes",
+        ),
+    );
+    let borrowed: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "borrowed", "namespace": "tenant-other"},
+        "spec": {
+            "parentRefs": [{"name": "web", "namespace": NS}],
+            "rules": [{"backendRefs": [{"name": "shop", "port": 80}]}]
+        }
+    }))
+    .unwrap();
+    other_routes
+        .create(&PostParams::default(), &borrowed)
+        .await
+        .unwrap();
+    let other_policies: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        "tenant-other",
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("gateway.envoyproxy.io", "v1alpha1", "EnvoyExtensionPolicy"),
+            "envoyextensionpolicies",
+        ),
+    );
+    let mut theirs_elsewhere = theirs.clone();
+    theirs_elsewhere.metadata = kube::api::ObjectMeta {
+        name: Some("other-lua".to_owned()),
+        namespace: Some("tenant-other".to_owned()),
+        ..Default::default()
+    };
+    theirs_elsewhere.data["spec"]["targetRefs"] = json!([
+        {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "borrowed"}
+    ]);
+    other_policies
+        .create(&PostParams::default(), &theirs_elsewhere)
+        .await
+        .unwrap();
+    touch("3").await;
+    eventually(
+        Duration::from_secs(30),
+        "a route policy of another namespace shows as an override",
+        || async {
+            let p = policies.get("web").await.unwrap();
+            p.status.is_some_and(|s| {
+                s.gateways.len() == 1
+                    && s.gateways[0].state == GatewayState::Overridden
+                    && s.gateways[0].message.contains(
+                        "EnvoyExtensionPolicy tenant-other/other-lua on HTTPRoute tenant-other/borrowed",
+                    )
+            })
+        },
+    )
+    .await;
+    other_policies
+        .delete("other-lua", &DeleteParams::default())
+        .await
+        .unwrap();
+    touch("4").await;
+    eventually(Duration::from_secs(30), "the override is gone", || async {
+        let p = policies.get("web").await.unwrap();
+        p.status
+            .is_some_and(|s| s.gateways.len() == 1 && s.gateways[0].state == GatewayState::NoPods)
+    })
     .await;
 
     // An edit: streamed, a shorter timeout, one opt-out fewer.

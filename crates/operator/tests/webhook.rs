@@ -159,6 +159,16 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_gateway_proxies_get_the_sidecar_of_their_gateways_namespace() {
     let (plane, client, _operator) = setup(&[]).await;
+    // Envoy Gateway's CRDs, so that the policy's objects are written: a gateway counts as
+    // protected only once they are.
+    let crds = support::gateway_crds().join("envoy-gateway.yaml");
+    plane.kubectl(&["apply", "--server-side", "-f", &crds.display().to_string()]);
+    plane.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/envoyextensionpolicies.gateway.envoyproxy.io",
+    ]);
     for ns in ["envoy-gateway-system", "tenant-b"] {
         plane.kubectl(&["create", "namespace", ns]);
         plane.kubectl(&[

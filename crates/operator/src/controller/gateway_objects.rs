@@ -3,7 +3,7 @@
 //! them), rewritten when they drift from what the policy renders, and removed when the
 //! policy no longer renders them (a route opt-out dropped, the gateway kind changed).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams};
@@ -15,7 +15,7 @@ use super::protection::{self, Override};
 use super::status::Generated;
 use super::writes::publish;
 use super::{Context, MANAGED_BY, MANAGER, POLICY_LABEL};
-use crate::crd::{GatewayKind, VirusScanPolicy};
+use crate::crd::{GatewayKind, GatewayState, VirusScanPolicy};
 use crate::error::Error;
 use crate::gateways::{self, Detected, KINDS};
 
@@ -174,12 +174,13 @@ async fn prune(
 
 const ROUTE_KINDS: [(&str, &str); 2] = [("HTTPRoute", "httproutes"), ("GRPCRoute", "grpcroutes")];
 
-/// What replaces the policy's EnvoyExtensionPolicy on `gateway`'s traffic: Envoy Gateway
-/// applies the most specific policy of a kind, so a tenant's own EnvoyExtensionPolicy on a
-/// route of the Gateway (one without `mergeType`) leaves that route unscanned; an older
-/// one of the tenant's on the Gateway itself wins over ours; and Envoy Gateway may refuse
-/// ours (`Accepted` False on one of its ancestors). The policy's own opt-out policies are
-/// not overrides.
+/// What keeps `gateway`'s traffic from the scan, in Envoy Gateway's own API: our
+/// EnvoyExtensionPolicy missing, or refused by Envoy Gateway (`Accepted` False on one of its
+/// ancestors); an older policy of the tenant's on the Gateway itself (Envoy Gateway keeps the
+/// oldest); and, since Envoy Gateway applies the most specific policy of a kind, any other
+/// EnvoyExtensionPolicy on a route attached to the Gateway, from whatever namespace the
+/// route is in, unless it merges into ours (`mergeType`) without an `extProc` of its own
+/// (a merge replaces the list). The policy's own opt-out policies are not overrides.
 pub(super) async fn overrides(
     ctx: &Context,
     policy: &VirusScanPolicy,
@@ -187,7 +188,104 @@ pub(super) async fn overrides(
     owner: &OwnerReference,
     gateway: &str,
 ) -> Result<Vec<Override>, Error> {
-    let policies: Api<DynamicObject> = Api::namespaced_with(
+    let Some(list) = extension_policies(ctx, namespace).await? else {
+        return Ok(Vec::new());
+    };
+    let ours_name = gateways::envoy_gateway::extension_policy_name(&policy.name_any());
+    let ours = list.iter().find(|p| p.name_any() == ours_name);
+    let status_name = protection::eg_gateway_name(gateway);
+    let found = |state: GatewayState, message: String| Override {
+        gateway: status_name.clone(),
+        state,
+        message,
+    };
+    let mut out = Vec::new();
+    match ours {
+        None => out.push(found(
+            GatewayState::NotConfigured,
+            format!("EnvoyExtensionPolicy {namespace}/{ours_name} does not exist"),
+        )),
+        Some(ours) => {
+            for refused in refused_by_envoy_gateway(ours) {
+                out.push(found(
+                    GatewayState::Overridden,
+                    format!(
+                        "Envoy Gateway does not accept EnvoyExtensionPolicy {namespace}/{ours_name}: {refused}"
+                    ),
+                ));
+            }
+        }
+    }
+    let foreign = |p: &&DynamicObject| {
+        let merges =
+            p.data["spec"].get("mergeType").is_some() && p.data["spec"].get("extProc").is_none();
+        !merges && !p.owner_references().iter().any(|r| r.uid == owner.uid)
+    };
+    // On the Gateway itself.
+    for other in list.iter().filter(foreign) {
+        let older = match (
+            ours.and_then(|o| o.creation_timestamp()),
+            other.creation_timestamp(),
+        ) {
+            (Some(ours), Some(theirs)) => theirs < ours,
+            _ => true,
+        };
+        let on_gateway = targets(&other.data["spec"])
+            .iter()
+            .any(|t| t.kind == "Gateway" && t.name.as_deref() == Some(gateway));
+        if on_gateway && older {
+            out.push(found(
+                GatewayState::Overridden,
+                format!(
+                    "EnvoyExtensionPolicy {namespace}/{} targets Gateway {gateway} too and is older, so Envoy Gateway applies it instead of ours: bodies through the Gateway are not scanned",
+                    other.name_any()
+                ),
+            ));
+        }
+    }
+    // On the routes attached to it, in any namespace.
+    let mut by_namespace: BTreeMap<String, Vec<DynamicObject>> = BTreeMap::new();
+    by_namespace.insert(namespace.to_owned(), list);
+    for (kind, route) in attached_routes(ctx, namespace, gateway).await? {
+        let route_ns = route.namespace().unwrap_or_default();
+        if !by_namespace.contains_key(&route_ns) {
+            let theirs = extension_policies(ctx, &route_ns)
+                .await?
+                .unwrap_or_default();
+            by_namespace.insert(route_ns.clone(), theirs);
+        }
+        for other in by_namespace[&route_ns].iter().filter(foreign) {
+            for target in targets(&other.data["spec"]) {
+                if target.kind != kind || !target.selects(&route) {
+                    continue;
+                }
+                let section = target
+                    .section
+                    .as_deref()
+                    .map(|s| format!(" rule {s}"))
+                    .unwrap_or_default();
+                out.push(found(
+                    GatewayState::Overridden,
+                    format!(
+                        "EnvoyExtensionPolicy {route_ns}/{} on {kind} {route_ns}/{}{section} replaces ours there, so that traffic is not scanned: put our extProc into it, or remove it",
+                        other.name_any(),
+                        route.name_any()
+                    ),
+                ));
+            }
+        }
+    }
+    out.dedup();
+    Ok(out)
+}
+
+/// The EnvoyExtensionPolicies of a namespace; `None` where the API server does not serve the
+/// kind.
+async fn extension_policies(
+    ctx: &Context,
+    namespace: &str,
+) -> Result<Option<Vec<DynamicObject>>, Error> {
+    let api: Api<DynamicObject> = Api::namespaced_with(
         ctx.client.clone(),
         namespace,
         &resource(
@@ -197,79 +295,11 @@ pub(super) async fn overrides(
             "envoyextensionpolicies",
         ),
     );
-    let list = match policies.list(&ListParams::default()).await {
-        Ok(l) => l.items,
-        Err(e) if not_found(&e) => return Ok(Vec::new()),
-        Err(e) => return Err(e.into()),
-    };
-    let ours_name = gateways::envoy_gateway::extension_policy_name(&policy.name_any());
-    let ours = list.iter().find(|p| p.name_any() == ours_name);
-    let status_name = protection::eg_gateway_name(gateway);
-    let mut found = Vec::new();
-    if let Some(ours) = ours {
-        for refused in refused_by_envoy_gateway(ours) {
-            found.push(Override {
-                gateway: status_name.clone(),
-                message: format!(
-                    "Envoy Gateway does not accept EnvoyExtensionPolicy {namespace}/{ours_name}: {refused}"
-                ),
-            });
-        }
+    match api.list(&ListParams::default()).await {
+        Ok(l) => Ok(Some(l.items)),
+        Err(e) if not_found(&e) => Ok(None),
+        Err(e) => Err(e.into()),
     }
-    let mut routes: Option<Vec<(String, DynamicObject)>> = None;
-    for other in &list {
-        if other.owner_references().iter().any(|r| r.uid == owner.uid)
-            || other.data["spec"].get("mergeType").is_some()
-        {
-            continue;
-        }
-        let other_name = other.name_any();
-        for target in targets(&other.data["spec"]) {
-            if target.kind == "Gateway" && target.name.as_deref() == Some(gateway) {
-                let older = match (ours, other.creation_timestamp()) {
-                    (Some(o), Some(t)) => o.creation_timestamp().is_some_and(|ot| t < ot),
-                    _ => true,
-                };
-                if older {
-                    found.push(Override {
-                        gateway: status_name.clone(),
-                        message: format!(
-                            "EnvoyExtensionPolicy {namespace}/{other_name} targets Gateway {gateway} too and is older, so Envoy Gateway applies it instead of ours: bodies through the Gateway are not scanned"
-                        ),
-                    });
-                }
-                continue;
-            }
-            if !ROUTE_KINDS.iter().any(|(k, _)| *k == target.kind) {
-                continue;
-            }
-            if routes.is_none() {
-                routes = Some(list_routes(ctx, namespace).await?);
-            }
-            for (kind, route) in routes.iter().flatten() {
-                if *kind != target.kind
-                    || !target.selects(route)
-                    || !attached_to(route, namespace, gateway)
-                {
-                    continue;
-                }
-                let section = target
-                    .section
-                    .as_deref()
-                    .map(|s| format!(" rule {s}"))
-                    .unwrap_or_default();
-                found.push(Override {
-                    gateway: status_name.clone(),
-                    message: format!(
-                        "EnvoyExtensionPolicy {namespace}/{other_name} on {kind} {namespace}/{}{section} replaces ours there, so that traffic is not scanned: put our extProc into it, or set its mergeType",
-                        route.name_any()
-                    ),
-                });
-            }
-        }
-    }
-    found.dedup();
-    Ok(found)
 }
 
 /// A target of an Envoy Gateway policy: by name (`targetRef`, `targetRefs`) or by labels
@@ -326,32 +356,41 @@ fn targets(spec: &serde_json::Value) -> Vec<Target> {
     out
 }
 
-/// Whether a route's `parentRefs` name the Gateway (same namespace unless it says another).
+/// Whether a route's `parentRefs` name the Gateway of `namespace` (a parent without a
+/// namespace is in the route's own).
 fn attached_to(route: &DynamicObject, namespace: &str, gateway: &str) -> bool {
+    let own = route.namespace().unwrap_or_default();
     route.data["spec"]["parentRefs"]
         .as_array()
         .is_some_and(|parents| {
             parents.iter().any(|p| {
                 p["name"].as_str() == Some(gateway)
                     && p["kind"].as_str().is_none_or(|k| k == "Gateway")
-                    && p["namespace"].as_str().is_none_or(|n| n == namespace)
+                    && p["namespace"].as_str().unwrap_or(own.as_str()) == namespace
             })
         })
 }
 
-async fn list_routes(
+/// The HTTPRoutes and GRPCRoutes of every namespace attached to the Gateway: a route in
+/// another namespace may attach to it where the listener allows.
+async fn attached_routes(
     ctx: &Context,
     namespace: &str,
+    gateway: &str,
 ) -> Result<Vec<(String, DynamicObject)>, Error> {
     let mut out = Vec::new();
     for (kind, plural) in ROUTE_KINDS {
-        let api: Api<DynamicObject> = Api::namespaced_with(
+        let api: Api<DynamicObject> = Api::all_with(
             ctx.client.clone(),
-            namespace,
             &resource("gateway.networking.k8s.io", "v1", kind, plural),
         );
         match api.list(&ListParams::default()).await {
-            Ok(l) => out.extend(l.items.into_iter().map(|r| (kind.to_owned(), r))),
+            Ok(l) => out.extend(
+                l.items
+                    .into_iter()
+                    .filter(|r| attached_to(r, namespace, gateway))
+                    .map(|r| (kind.to_owned(), r)),
+            ),
             Err(e) if not_found(&e) => {}
             Err(e) => return Err(e.into()),
         }

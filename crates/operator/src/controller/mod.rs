@@ -285,6 +285,11 @@ async fn reconcile_policy(policy: &VirusScanPolicy, ctx: &Context) -> Result<Act
         &namespace,
         &pods.selected,
         &overrides,
+        if generated.status {
+            Ok(())
+        } else {
+            Err(generated.message.as_str())
+        },
     );
 
     let status = status::status(

@@ -78,11 +78,13 @@ fn workload(pod: &Pod) -> String {
     }
 }
 
-/// Something in a gateway's own API that replaces the scan on some of its traffic.
+/// Something that keeps a gateway's traffic (or some of it) from the scan: an override in
+/// the gateway's own API (`Overridden`), or configuration that is missing (`NotConfigured`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Override {
     /// The gateway it concerns, as named in [`GatewayStatus::name`].
     pub gateway: String,
+    pub state: GatewayState,
     pub message: String,
 }
 
@@ -93,13 +95,16 @@ pub fn eg_gateway_name(gateway: &str) -> String {
 
 /// Each selected gateway and its state. For Envoy Gateway the Gateway the policy attaches
 /// to is listed even without pods; pods are grouped by the Gateway their owning-gateway
-/// label names. Other kinds group pods by workload.
+/// label names. Other kinds group pods by workload. `configured` is the outcome of writing
+/// the policy's configuration: `Err(why)` when it is not written, and then no gateway of it
+/// is protected.
 pub fn gateways(
     kind: GatewayKind,
     eg_gateway: Option<&str>,
     namespace: &str,
     pods: &[SelectedPod],
     overrides: &[Override],
+    configured: Result<(), &str>,
 ) -> Vec<GatewayStatus> {
     let mut groups: BTreeMap<String, (String, Vec<&SelectedPod>)> = BTreeMap::new();
     if kind == GatewayKind::EnvoyGateway
@@ -121,15 +126,34 @@ pub fn gateways(
         }
         group.1.push(pod);
     }
+    let attached = eg_gateway.map(eg_gateway_name);
     groups
         .into_iter()
         .map(|(name, (ns, pods))| {
-            let overridden: Vec<&str> = overrides
+            let mut against: Vec<(GatewayState, String)> = overrides
                 .iter()
                 .filter(|o| o.gateway == name)
-                .map(|o| o.message.as_str())
+                .map(|o| (o.state, o.message.clone()))
                 .collect();
-            judge(name, ns, &pods, &overridden)
+            if let Err(why) = configured {
+                against.push((
+                    GatewayState::NotConfigured,
+                    format!("the policy's configuration is not written: {why}"),
+                ));
+            }
+            if kind == GatewayKind::EnvoyGateway
+                && name.starts_with("gateway/")
+                && attached.as_deref() != Some(name.as_str())
+            {
+                against.push((
+                    GatewayState::NotConfigured,
+                    format!(
+                        "proxies of a Gateway the policy does not attach to (its EnvoyExtensionPolicy targets {}): nothing sends their bodies to the producer",
+                        attached.as_deref().unwrap_or("no Gateway")
+                    ),
+                ));
+            }
+            judge(name, ns, &pods, &against)
         })
         .collect()
 }
@@ -138,12 +162,12 @@ fn judge(
     name: String,
     namespace: String,
     pods: &[&SelectedPod],
-    overridden: &[&str],
+    against: &[(GatewayState, String)],
 ) -> GatewayStatus {
     let count = |f: &dyn Fn(PodState) -> bool| pods.iter().filter(|p| f(p.state)).count();
     let injected = count(&|s| matches!(s, PodState::Injected | PodState::OlderGeneration));
     let outdated = count(&|s| matches!(s, PodState::OlderGeneration | PodState::Mismatch));
-    let (state, message) = if pods.is_empty() && overridden.is_empty() {
+    let (state, message) = if pods.is_empty() && against.is_empty() {
         (
             GatewayState::NoPods,
             "no selected pod of it exists: nothing runs unscanned, nothing is protected yet"
@@ -176,9 +200,9 @@ fn judge(
                 list(&without)
             ));
         }
-        if !overridden.is_empty() {
-            state = state.max_severity(GatewayState::Overridden);
-            reasons.push(overridden.join("; "));
+        for (graver, why) in against {
+            state = state.max_severity(*graver);
+            reasons.push(why.clone());
         }
         let stale: Vec<String> = pods
             .iter()
@@ -217,6 +241,7 @@ impl GatewayState {
     /// protected.
     fn max_severity(self, other: GatewayState) -> GatewayState {
         let rank = |s: GatewayState| match s {
+            GatewayState::NotConfigured => 5,
             GatewayState::NotInjected => 4,
             GatewayState::Overridden => 3,
             GatewayState::Outdated => 2,
@@ -300,7 +325,7 @@ mod tests {
             selected("c-1", "deployment/c", PodState::Mismatch),
             selected("d-1", "deployment/d", PodState::OptedOut),
         ];
-        let g = gateways(GatewayKind::Envoy, None, "t", &pods, &[]);
+        let g = gateways(GatewayKind::Envoy, None, "t", &pods, &[], Ok(()));
         let by: BTreeMap<&str, &GatewayStatus> = g.iter().map(|g| (g.name.as_str(), g)).collect();
         assert_eq!(by["deployment/a"].state, GatewayState::Protected);
         assert_eq!(
@@ -330,7 +355,14 @@ mod tests {
 
     #[test]
     fn an_envoy_gateway_gateway_is_listed_without_pods_and_can_be_overridden() {
-        let none = gateways(GatewayKind::EnvoyGateway, Some("web"), "t", &[], &[]);
+        let none = gateways(
+            GatewayKind::EnvoyGateway,
+            Some("web"),
+            "t",
+            &[],
+            &[],
+            Ok(()),
+        );
         assert_eq!(none.len(), 1);
         assert_eq!(
             (none[0].name.as_str(), none[0].state),
@@ -347,6 +379,7 @@ mod tests {
         proxy.eg_gateway = Some("web".to_owned());
         let overrides = [Override {
             gateway: eg_gateway_name("web"),
+            state: GatewayState::Overridden,
             message: "EnvoyExtensionPolicy t/mine on HTTPRoute t/shop replaces the scan there"
                 .to_owned(),
         }];
@@ -356,6 +389,7 @@ mod tests {
             "t",
             &[proxy.clone()],
             &overrides,
+            Ok(()),
         );
         assert_eq!(g.len(), 1);
         assert_eq!(
@@ -367,10 +401,52 @@ mod tests {
             )
         );
         assert!(g[0].message.contains("t/mine"));
-        let no_pods = gateways(GatewayKind::EnvoyGateway, Some("web"), "t", &[], &overrides);
+        let no_pods = gateways(
+            GatewayKind::EnvoyGateway,
+            Some("web"),
+            "t",
+            &[],
+            &overrides,
+            Ok(()),
+        );
         assert_eq!(no_pods[0].state, GatewayState::Overridden);
-        let clean = gateways(GatewayKind::EnvoyGateway, Some("web"), "t", &[proxy], &[]);
+        let clean = gateways(
+            GatewayKind::EnvoyGateway,
+            Some("web"),
+            "t",
+            &[proxy.clone()],
+            &[],
+            Ok(()),
+        );
         assert_eq!(clean[0].state, GatewayState::Protected);
         assert_eq!(summary(&clean), "1/1");
+
+        // Not protected without the configuration that sends bodies to the producer.
+        let unwritten = gateways(
+            GatewayKind::EnvoyGateway,
+            Some("web"),
+            "t",
+            &[proxy.clone()],
+            &[],
+            Err("TransportUnsupported"),
+        );
+        assert_eq!(unwritten[0].state, GatewayState::NotConfigured);
+        assert!(unwritten[0].message.contains("TransportUnsupported"));
+        // Proxies of another Gateway the selector also matches: injected, but not attached.
+        let mut other = proxy;
+        other.name = "envoy-t-other-1".to_owned();
+        other.eg_gateway = Some("other".to_owned());
+        let g = gateways(
+            GatewayKind::EnvoyGateway,
+            Some("web"),
+            "t",
+            &[other],
+            &[],
+            Ok(()),
+        );
+        let by: BTreeMap<&str, GatewayState> =
+            g.iter().map(|g| (g.name.as_str(), g.state)).collect();
+        assert_eq!(by["gateway/other"], GatewayState::NotConfigured);
+        assert_eq!(by["gateway/web"], GatewayState::NoPods);
     }
 }

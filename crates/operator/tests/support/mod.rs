@@ -4,6 +4,7 @@
 pub mod stack;
 
 use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use virus_scanner_test_support::kube::ControlPlane;
@@ -128,4 +129,19 @@ pub fn envoy_validates(bootstrap: &str) {
             .arg(file.path()),
         &format!("envoy --mode validate of\n{bootstrap}\n"),
     );
+}
+
+/// The directory with `envoy-gateway.yaml` and `istio.yaml`: `$GATEWAY_CRDS_DIR`, or what
+/// `hack/gateway-crds.sh` prints (built once, then cached).
+pub fn gateway_crds() -> PathBuf {
+    if let Some(dir) = std::env::var_os("GATEWAY_CRDS_DIR") {
+        return PathBuf::from(dir);
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../hack/gateway-crds.sh");
+    let out = Command::new(script)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run hack/gateway-crds.sh");
+    assert!(out.status.success(), "hack/gateway-crds.sh failed");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
