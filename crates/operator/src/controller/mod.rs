@@ -47,6 +47,9 @@ pub const ANNOTATION_RESTART_OUTDATED: &str = "virusscan.aether-platform.io/rest
 pub const ANNOTATION_RESTARTED_FOR: &str = "virusscan.aether-platform.io/restarted-for-generation";
 
 const RESYNC: Duration = Duration::from_secs(300);
+/// How soon an Envoy Gateway policy is looked at again: the overrides in Envoy Gateway's API
+/// that its status reports are read, not watched (the kinds may not be served).
+const RESYNC_ENVOY_GATEWAY: Duration = Duration::from_secs(60);
 const RETRY_MISSING_BOOTSTRAP: Duration = Duration::from_secs(30);
 const RETRY_ERROR: Duration = Duration::from_secs(10);
 
@@ -317,7 +320,11 @@ async fn reconcile_policy(policy: &VirusScanPolicy, ctx: &Context) -> Result<Act
             .await?;
         ctx.metrics.wrote("status");
     }
-    Ok(Action::requeue(generated.requeue))
+    let requeue = match detected.kind {
+        GatewayKind::EnvoyGateway => generated.requeue.min(RESYNC_ENVOY_GATEWAY),
+        _ => generated.requeue,
+    };
+    Ok(Action::requeue(requeue))
 }
 
 /// An Envoy Gateway policy's proxies in Envoy Gateway's own namespace: its selector, and
