@@ -79,6 +79,23 @@ pub struct InjectDefaults {
     pub redis: RedisSettings,
 }
 
+impl InjectDefaults {
+    /// `image`, and a Redis at `host:6379` without TLS or credentials (a local stack, tests).
+    pub fn plain(image: &str, host: &str) -> InjectDefaults {
+        InjectDefaults {
+            image: image.to_owned(),
+            redis: RedisSettings {
+                host: host.to_owned(),
+                port: 6379,
+                tls: false,
+                username_secret_ref: None,
+                password_secret_ref: None,
+                ca_secret_ref: None,
+            },
+        }
+    }
+}
+
 #[derive(Debug, PartialEq)]
 pub enum Decision<'a> {
     /// Leave the pod as it is, for this reason.
@@ -640,17 +657,7 @@ mod tests {
     }
 
     fn defaults() -> InjectDefaults {
-        InjectDefaults {
-            image: "producer:1".to_owned(),
-            redis: RedisSettings {
-                host: "redis.vs.svc".to_owned(),
-                port: 6379,
-                tls: false,
-                password_secret_ref: None,
-                ca_secret_ref: None,
-                username_secret_ref: None,
-            },
-        }
+        InjectDefaults::plain("producer:1", "redis.vs.svc")
     }
 
     #[test]

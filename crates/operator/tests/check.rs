@@ -10,7 +10,7 @@ use kube::api::PostParams;
 use serde_json::json;
 use support::{EXAMPLES, plane_with_crd};
 use virus_scan_operator::check::{CheckArgs, check};
-use virus_scan_operator::crd::{RedisSettings, VirusScanPolicy};
+use virus_scan_operator::crd::VirusScanPolicy;
 use virus_scan_operator::inject::{InjectDefaults, inject};
 
 fn args(namespace: &str, target: &str) -> CheckArgs {
@@ -46,17 +46,7 @@ async fn check_says_why_a_pod_is_or_is_not_protected() {
     let client = plane.client().await;
     let policies: Api<VirusScanPolicy> = Api::namespaced(client.clone(), "tenant-a");
     let policy = policies.get("gateway").await.unwrap();
-    let defaults = InjectDefaults {
-        image: "virus-scanner:test".into(),
-        redis: RedisSettings {
-            host: "redis".into(),
-            port: 6379,
-            tls: false,
-            username_secret_ref: None,
-            password_secret_ref: None,
-            ca_secret_ref: None,
-        },
-    };
+    let defaults = InjectDefaults::plain("virus-scanner:test", "redis");
     let pods_a: Api<Pod> = Api::namespaced(client.clone(), "tenant-a");
     let gateway = json!({"app": "gateway"});
     pods_a

@@ -12,7 +12,7 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use support::{EXAMPLES, Operator, envoy_validates, eventually, plane_with_crd};
-use virus_scan_operator::crd::{RedisSettings, VirusScanPolicy};
+use virus_scan_operator::crd::VirusScanPolicy;
 use virus_scan_operator::envoy::EXT_PROC_FILTER;
 use virus_scan_operator::inject::{InjectDefaults, inject};
 
@@ -51,17 +51,7 @@ async fn create_injected_pod(client: &Client, name: &str) {
     let mut policy: VirusScanPolicy = serde_saphyr::from_str(&text).unwrap();
     policy.metadata.namespace = Some(NS.to_owned());
     policy.metadata.generation = Some(1);
-    let defaults = InjectDefaults {
-        image: PRODUCER_IMAGE.to_owned(),
-        redis: RedisSettings {
-            host: REDIS_HOST.to_owned(),
-            port: 6379,
-            tls: false,
-            password_secret_ref: None,
-            ca_secret_ref: None,
-            username_secret_ref: None,
-        },
-    };
+    let defaults = InjectDefaults::plain(PRODUCER_IMAGE, REDIS_HOST);
     let pod: Pod = serde_json::from_value(json!({
         "metadata": { "name": name, "labels": {"app": "gateway"} },
         "spec": { "containers": [{ "name": "envoy", "image": "envoyproxy/envoy:v1.40.0" }] }

@@ -28,7 +28,7 @@ use std::sync::OnceLock;
 
 use k8s_openapi::api::core::v1::{Container, Pod, Probe};
 use serde_json::{Value, json};
-use virus_scan_operator::crd::{RedisSettings, VirusScanPolicy};
+use virus_scan_operator::crd::VirusScanPolicy;
 use virus_scan_operator::envoy::SOCKET_DIR;
 use virus_scan_operator::inject::{
     self, ANNOTATION_GENERATION, ANNOTATION_HASH, ANNOTATION_POLICY, InjectDefaults, Injection,
@@ -183,17 +183,7 @@ fn kube_inject(pod: &Pod) -> Pod {
 }
 
 fn defaults() -> InjectDefaults {
-    InjectDefaults {
-        image: "virus-scanner:test".into(),
-        redis: RedisSettings {
-            host: "redis".into(),
-            port: 6379,
-            tls: false,
-            username_secret_ref: None,
-            password_secret_ref: None,
-            ca_secret_ref: None,
-        },
-    }
+    InjectDefaults::plain("virus-scanner:test", "redis")
 }
 
 /// An Istio policy for the ingress gateway's pods, with these producer settings and spec.

@@ -16,7 +16,7 @@ use kube::{Api, Client};
 use serde_json::{Value, json};
 use support::{EXAMPLES, Operator, eventually, plane_with_crd};
 use virus_scan_operator::controller::ANNOTATION_POLICY;
-use virus_scan_operator::crd::{GatewayState, RedisSettings, VirusScanPolicy};
+use virus_scan_operator::crd::{GatewayState, VirusScanPolicy};
 use virus_scan_operator::inject::{ANNOTATION_HASH, InjectDefaults, SIDECAR, injection_hash};
 use virus_scan_operator::{certs, inject, webhook};
 use virus_scanner_test_support::http_get;
@@ -772,17 +772,10 @@ async fn webhook_with_held_cache(
     });
     let injector = webhook::Injector {
         policies,
-        defaults: Arc::new(InjectDefaults {
-            image: "virus-scanner:test".to_owned(),
-            redis: RedisSettings {
-                host: "redis.virus-scanner.svc".to_owned(),
-                port: 6379,
-                tls: false,
-                password_secret_ref: None,
-                ca_secret_ref: None,
-                username_secret_ref: None,
-            },
-        }),
+        defaults: Arc::new(InjectDefaults::plain(
+            "virus-scanner:test",
+            "redis.virus-scanner.svc",
+        )),
         metrics: webhook::WebhookMetrics::register(&mut Default::default()),
         envoy_gateway_namespace: None,
     };

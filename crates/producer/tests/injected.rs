@@ -7,7 +7,7 @@ mod support;
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 use support::{Stack, StackOptions, post_file, temp_file};
-use virus_scan_operator::crd::{RedisSettings, VirusScanPolicy};
+use virus_scan_operator::crd::VirusScanPolicy;
 use virus_scan_operator::inject::{InjectDefaults, SIDECAR, inject};
 use virus_scanner_runtime::sidecar_env;
 use virus_scanner_test_support::{BodyMode, EICAR, clean_bytes};
@@ -44,17 +44,7 @@ const MAPPED: &[&str] = &[
 fn injected_sidecar() -> Container {
     let policy: VirusScanPolicy = serde_saphyr::from_str(POLICY).unwrap();
     let pod: Pod = serde_saphyr::from_str(POD).unwrap();
-    let defaults = InjectDefaults {
-        image: "virus-scanner:test".into(),
-        redis: RedisSettings {
-            host: "redis.virus-scanner.svc".into(),
-            port: 6379,
-            tls: false,
-            password_secret_ref: None,
-            ca_secret_ref: None,
-            username_secret_ref: None,
-        },
-    };
+    let defaults = InjectDefaults::plain("virus-scanner:test", "redis.virus-scanner.svc");
     let spec = inject(&pod, &policy, &defaults).spec.unwrap();
     spec.init_containers
         .unwrap_or_default()

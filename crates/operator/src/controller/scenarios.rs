@@ -15,7 +15,7 @@ use tower_test::mock;
 use super::{
     Context, RESYNC, RETRY_ERROR, RETRY_MISSING_BOOTSTRAP, error_policy, reconcile_policy,
 };
-use crate::crd::{RedisSettings, VirusScanPolicy};
+use crate::crd::VirusScanPolicy;
 use crate::envoy;
 use crate::inject::{InjectDefaults, inject};
 use crate::metrics::{KindLabel, Metrics, ReasonLabel};
@@ -84,17 +84,7 @@ fn context() -> (Arc<Context>, mock::Handle<Request<Body>, Response<Body>>) {
 }
 
 fn defaults() -> InjectDefaults {
-    InjectDefaults {
-        image: "producer:1".to_owned(),
-        redis: RedisSettings {
-            host: "redis".to_owned(),
-            port: 6379,
-            tls: false,
-            password_secret_ref: None,
-            ca_secret_ref: None,
-            username_secret_ref: None,
-        },
-    }
+    InjectDefaults::plain("producer:1", "redis")
 }
 
 fn policy(spec: Value) -> VirusScanPolicy {

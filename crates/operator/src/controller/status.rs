@@ -298,17 +298,7 @@ mod tests {
     }
 
     fn defaults() -> InjectDefaults {
-        InjectDefaults {
-            image: "producer:1".to_owned(),
-            redis: crate::crd::RedisSettings {
-                host: "redis".to_owned(),
-                port: 6379,
-                tls: false,
-                password_secret_ref: None,
-                ca_secret_ref: None,
-                username_secret_ref: None,
-            },
-        }
+        InjectDefaults::plain("producer:1", "redis")
     }
 
     /// A pod as the injector leaves it when `policy` selects it.

@@ -68,28 +68,16 @@ impl Scanner {
             stops: Vec::new(),
             tasks: Vec::new(),
         };
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = scanner.rt.spawn(async move {
-            let stop = async move {
-                let _ = rx.await;
-            };
+        scanner.spawn(|stop| async move {
             virus_scanner_consumer::run(consumer, stop)
                 .await
                 .map_err(anyhow::Error::from)
         });
-        scanner.stops.push(tx);
-        scanner.tasks.push(task);
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = scanner.rt.spawn(async move {
-            let stop = async move {
-                let _ = rx.await;
-            };
+        scanner.spawn(|stop| async move {
             virus_scanner_producer::run(producer, stop)
                 .await
                 .map_err(anyhow::Error::from)
         });
-        scanner.stops.push(tx);
-        scanner.tasks.push(task);
         // The producer binds its socket once it reached Redis.
         assert!(
             wait_for(Duration::from_secs(20), || {
@@ -99,6 +87,23 @@ impl Scanner {
             socket.display()
         );
         scanner
+    }
+}
+
+impl Scanner {
+    /// Runs a service until the scanner is dropped; `service` gets the future that resolves
+    /// then.
+    fn spawn<F, Fut>(&mut self, service: F)
+    where
+        F: FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let stop = Box::pin(async move {
+            let _ = rx.await;
+        });
+        self.tasks.push(self.rt.spawn(service(stop)));
+        self.stops.push(tx);
     }
 }
 
