@@ -534,9 +534,25 @@ pub async fn run(args: &Args) -> anyhow::Result<bool> {
     tokio::task::block_in_place(|| stack.shutdown());
     if let Some(path) = &args.records {
         write_csv(path, &summary)?;
-        std::fs::write(path.with_extension("producer.log"), producer_logs)?;
+        std::fs::write(path.with_extension("producer.log"), &producer_logs)?;
     }
-    Ok(report::print(&summary))
+    let held = report::print(&summary);
+    // Something infected got through: what the producer logged is the next clue.
+    if report::Invariants::of(&summary).infected_delivered > 0 {
+        let notable: Vec<&str> = producer_logs
+            .lines()
+            .filter(|l| !l.contains(" INFO ") && !l.contains(" DEBUG "))
+            .collect();
+        println!(
+            "\nThe producer's warnings, errors and detections ({} lines; the first 400):\n```",
+            notable.len()
+        );
+        for line in notable.iter().take(400) {
+            println!("{line}");
+        }
+        println!("```");
+    }
+    Ok(held)
 }
 
 /// Ids of uploads that reached the origin with EICAR or the hash sample in them, and of any
