@@ -539,12 +539,22 @@ pub async fn run(args: &Args) -> anyhow::Result<bool> {
     let held = report::print(&summary);
     // Something infected got through: what the producer logged is the next clue.
     if report::Invariants::of(&summary).infected_delivered > 0 {
+        // Each decision on a delivered body's bytes, and every warning and error.
+        let delivered: Vec<String> = report::Invariants::of(&summary)
+            .delivered
+            .iter()
+            .filter_map(|id| summary.records.iter().find(|r| r.id == *id))
+            .map(|r| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(r.spec.bytes())))
+            .collect();
         let notable: Vec<&str> = producer_logs
             .lines()
-            .filter(|l| !l.contains(" INFO ") && !l.contains(" DEBUG "))
+            .filter(|l| {
+                delivered.iter().any(|sha| l.contains(sha.as_str()))
+                    || (!l.contains(" INFO ") && !l.contains(" DEBUG "))
+            })
             .collect();
         println!(
-            "\nThe producer's warnings, errors and detections ({} lines; the first 400):\n```",
+            "\nThe producer's decisions on the delivered bodies' bytes, its warnings, errors and detections ({} lines; the first 400):\n```",
             notable.len()
         );
         for line in notable.iter().take(400) {

@@ -181,7 +181,8 @@ impl Stack {
             self.proxy.port(),
             &self.spool,
             &self.producer_extra,
-            &[("RUST_LOG", "warn,virus_scanner_producer=info".into())],
+            // Debug: each decision with its source, to trace a delivered body's verdict.
+            &[("RUST_LOG", "warn,virus_scanner_producer=debug".into())],
         );
         self.live.icap_port.store(started.icap, Ordering::Relaxed);
         self.live

@@ -141,7 +141,17 @@ impl ScanService {
                 allowed = outcome.decision == Decision::Allow,
                 "body not scanned clean"
             ),
-            _ => {}
+            // Where an allowed body's verdict came from, for tracing a wrong one back.
+            status => tracing::debug!(
+                task_id = %outcome.task_id,
+                verdict = status.label(),
+                cached = outcome.verdict.cached,
+                sha256 = %outcome.sha256_hex(),
+                route = %ctx.route,
+                direction = direction_label(ctx.direction),
+                mode = ctx.mode,
+                "body decided"
+            ),
         }
     }
 
