@@ -83,6 +83,7 @@ sed -e "s|\${LISTEN_PORT}|$ENVOY_PORT|; s|\${ADMIN_PORT}|$ENVOY_ADMIN_PORT|" \
     -e "s|\${UPSTREAM_PORT}|$UPSTREAM_PORT|; s|\${BUFFER_LIMIT}|$limit|g" \
     -e "s|\${PROCESSOR_ADDRESS}|socket_address: { address: 127.0.0.1, port_value: $GRPC_PORT }|" \
     -e "s|\${BODY_MODE}|$MODE|g; s|\${TRAILER_MODE}|$trailers|g; s|\${MESSAGE_TIMEOUT}|30s|g" \
+    -e "s|\${ACCESS_LOG}|$run/log/access.log|" \
     hack/envoy.yaml.in >"$run/envoy.yaml"
 "$envoy" -c "$run/envoy.yaml" --disable-hot-restart --concurrency 2 -l warning \
   --log-path "$run/log/envoy.log" >/dev/null 2>&1 &

@@ -25,6 +25,8 @@ pub struct HeaderFields {
     pub content_range: Option<String>,
     /// The request asks for part of a representation (`Range` or `If-Range`).
     pub range: bool,
+    /// `Content-Length`, when it is one decimal number.
+    pub content_length: Option<u64>,
 }
 
 impl HeaderFields {
@@ -62,6 +64,11 @@ impl HeaderFields {
                 (&mut f.content_range, false)
             } else if key.eq_ignore_ascii_case("range") || key.eq_ignore_ascii_case("if-range") {
                 f.range = true;
+                continue;
+            } else if key.eq_ignore_ascii_case("content-length") {
+                if f.content_length.is_none() {
+                    f.content_length = value.trim().parse().ok();
+                }
                 continue;
             } else {
                 continue;

@@ -1,4 +1,4 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
@@ -92,7 +92,9 @@ impl Envoy {
             let port = free_port();
             let admin = free_port();
             let config = dir.path().join("envoy.yaml");
-            std::fs::write(&config, config_yaml(options, port, admin)).expect("write envoy.yaml");
+            let access_log = dir.path().join("access.log");
+            std::fs::write(&config, config_yaml(options, port, admin, &access_log))
+                .expect("write envoy.yaml");
             let log = dir.path().join("envoy.log");
             let mut child = spawn(
                 clean_command(&binary)
@@ -143,6 +145,11 @@ impl Envoy {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
+    /// Envoy's access log: one line per request, with ext_proc's calls and their status.
+    pub fn access_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
+    }
+
     pub fn log_tail(&self) -> String {
         log_tail(&self.dir.path().join("envoy.log"))
     }
@@ -157,7 +164,7 @@ impl Drop for Envoy {
 }
 
 /// The Envoy bootstrap for tests, from `hack/envoy.yaml.in` (shared with the local stack).
-pub fn config_yaml(o: &EnvoyOptions, port: u16, admin: u16) -> String {
+pub fn config_yaml(o: &EnvoyOptions, port: u16, admin: u16, access_log: &Path) -> String {
     let (body_mode, trailer_mode) = match o.mode {
         BodyMode::Buffered => ("BUFFERED", "SKIP"),
         BodyMode::FullDuplexStreamed => ("FULL_DUPLEX_STREAMED", "SEND"),
@@ -173,6 +180,7 @@ pub fn config_yaml(o: &EnvoyOptions, port: u16, admin: u16) -> String {
     [
         ("${LISTEN_PORT}", port.to_string()),
         ("${ADMIN_PORT}", admin.to_string()),
+        ("${ACCESS_LOG}", access_log.display().to_string()),
         ("${UPSTREAM_PORT}", o.upstream_port.to_string()),
         ("${PROCESSOR_ADDRESS}", processor_address),
         ("${BODY_MODE}", body_mode.to_string()),

@@ -526,6 +526,12 @@ pub async fn run(args: &Args) -> anyhow::Result<bool> {
         .collect::<Vec<_>>()
         .join("\n"),
     };
+    // Envoy's line for each request (its answer and ext_proc's calls), before the Envoys go.
+    let access_logs = format!(
+        "{}{}",
+        stack.buffered.access_log(),
+        stack.duplex.access_log()
+    );
     let mut producer_logs = std::mem::take(&mut stack.producer_logs);
     if let Some(p) = stack.producer.take() {
         producer_logs.push_str(&p.log());
@@ -559,6 +565,27 @@ pub async fn run(args: &Args) -> anyhow::Result<bool> {
         );
         for line in notable.iter().take(400) {
             println!("{line}");
+        }
+        println!("```");
+        // Envoy's line of each delivered request, and what the producer logged under its
+        // request id (the body messages it was sent, its decisions).
+        println!(
+            "\nEnvoy's access-log lines of the delivered requests, and the producer's lines of their request ids:\n```"
+        );
+        for id in &report::Invariants::of(&summary).delivered {
+            let tag = format!("chaos-id={id}\"");
+            for line in access_logs.lines().filter(|l| l.contains(&tag)) {
+                println!("{line}");
+                let request_id = line
+                    .split(' ')
+                    .find_map(|f| f.strip_prefix("request_id="))
+                    .filter(|r| r.len() > 1);
+                if let Some(request_id) = request_id {
+                    for p in producer_logs.lines().filter(|p| p.contains(request_id)) {
+                        println!("  {p}");
+                    }
+                }
+            }
         }
         println!("```");
     }
@@ -714,7 +741,7 @@ async fn exchange(
                 load.buffered_port
             };
             let head = format!(
-                "POST /upload/{id} HTTP/1.1\r\nHost: origin.test\r\nContent-Type: application/octet-stream\r\n\
+                "POST /upload/{id}?chaos-id={id} HTTP/1.1\r\nHost: origin.test\r\nContent-Type: application/octet-stream\r\n\
                  Content-Length: {}\r\nX-Chaos-Id: {id}\r\n{priority}Connection: close\r\n\r\n",
                 body.len()
             );
@@ -736,7 +763,7 @@ async fn exchange(
                 load.buffered_port
             };
             let head = format!(
-                "GET /files/{} HTTP/1.1\r\nHost: origin.test\r\nX-Chaos-Id: {id}\r\n{priority}Connection: close\r\n\r\n",
+                "GET /files/{}?chaos-id={id} HTTP/1.1\r\nHost: origin.test\r\nX-Chaos-Id: {id}\r\n{priority}Connection: close\r\n\r\n",
                 spec.name()
             );
             match client::http(port, &head, &[]).await {

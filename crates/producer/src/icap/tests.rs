@@ -1,104 +1,15 @@
 //! The ICAP flow over an in-memory connection, with a scanner that needs no Redis: what
 //! each request shape is answered, byte for byte where it matters.
 
-use std::io::Read;
-use std::sync::Mutex;
-
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-use virus_scanner_protocol::task::{Priority, Verdict, VerdictStatus};
+use virus_scanner_protocol::task::Priority;
 
 use super::*;
-use crate::body::{Body, BodyLimits};
 use crate::config::RangeRequests;
-use crate::scan::{Decision, Outcome, ScanContext};
-use crate::unpack::BodyHeaders;
-
-/// Infected when the body holds `EVIL`; refused when its headers say so.
-struct FakeScan {
-    limits: BodyLimits,
-    range: RangeRequests,
-    counted: Mutex<Vec<(&'static str, &'static str)>>,
-    scanned: Mutex<Vec<(Vec<u8>, Priority)>>,
-    _dir: tempfile::TempDir,
-}
-
-fn outcome(status: VerdictStatus, detail: &str, block: Option<u16>) -> Outcome {
-    Outcome {
-        verdict: Verdict {
-            status: status as i32,
-            signature: if status == VerdictStatus::Infected {
-                "Test.Evil".into()
-            } else {
-                String::new()
-            },
-            detail: detail.into(),
-            ..Verdict::default()
-        },
-        decision: block.map_or(Decision::Allow, |status| Decision::Block { status }),
-        sha256: None,
-        task_id: "t1".into(),
-    }
-}
-
-impl BodyScan for FakeScan {
-    fn limits(&self) -> &BodyLimits {
-        &self.limits
-    }
-    fn priority_header(&self) -> &str {
-        "x-priority"
-    }
-    fn priority(&self, v: Option<&str>) -> Priority {
-        if v == Some("high") {
-            Priority::High
-        } else {
-            Priority::Normal
-        }
-    }
-    fn range_requests(&self) -> RangeRequests {
-        self.range
-    }
-    async fn scan(&self, body: &Body, headers: &BodyHeaders, ctx: &ScanContext) -> Outcome {
-        let mut bytes = Vec::new();
-        body.reader().unwrap().read_to_end(&mut bytes).unwrap();
-        let infected = bytes.windows(4).any(|w| w == b"EVIL");
-        self.scanned.lock().unwrap().push((bytes, ctx.priority));
-        if let Some(why) = &headers.refusal {
-            return outcome(VerdictStatus::Unscannable, why, Some(413));
-        }
-        if infected {
-            outcome(VerdictStatus::Infected, "", Some(406))
-        } else {
-            outcome(VerdictStatus::Clean, "", None)
-        }
-    }
-    fn refuse_unscanned(&self, why: String, _: &ScanContext) -> Outcome {
-        outcome(VerdictStatus::Unscannable, &why, Some(413))
-    }
-    fn scan_failed(&self, why: String, _: &ScanContext) -> Outcome {
-        outcome(VerdictStatus::Error, &why, Some(503))
-    }
-    fn front_end_error(&self, _: &'static str) {}
-    fn count_icap(&self, method: &'static str, verdict: &'static str) {
-        self.counted.lock().unwrap().push((method, verdict));
-    }
-    async fn signature_version(&self) -> Option<String> {
-        Some("27000".into())
-    }
-}
+use crate::scan::fake::FakeScan;
 
 fn server(range: RangeRequests) -> Arc<IcapServer<FakeScan>> {
-    let dir = tempfile::tempdir().unwrap();
-    let scan = FakeScan {
-        limits: BodyLimits {
-            spill_dir: dir.path().to_path_buf(),
-            spill_threshold: 1 << 20,
-            max: 64,
-        },
-        range,
-        counted: Mutex::default(),
-        scanned: Mutex::default(),
-        _dir: dir,
-    };
+    let scan = FakeScan::new(range, 64);
     let config = IcapConfig {
         service_path: "/avscan".into(),
         max_connections: 4,

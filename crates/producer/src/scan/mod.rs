@@ -15,6 +15,8 @@ use crate::unpack::{BodyHeaders, UnpackOptions, Unpacked, unpack};
 /// serving thread.
 const IN_PLACE_UNPACK_BYTES: u64 = 256 * 1024;
 
+#[cfg(test)]
+pub(crate) mod fake;
 mod front;
 mod policy;
 mod task;
@@ -148,6 +150,7 @@ impl ScanService {
                 cached = outcome.verdict.cached,
                 sha256 = %outcome.sha256_hex(),
                 route = %ctx.route,
+                request_id = %ctx.request_id,
                 direction = direction_label(ctx.direction),
                 mode = ctx.mode,
                 "body decided"

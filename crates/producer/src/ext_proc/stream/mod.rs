@@ -37,6 +37,8 @@ struct Message {
     too_large: bool,
     /// Headers to take out when the held headers answer goes.
     remove: &'static [&'static str],
+    /// The body's length as its headers declare it (`Content-Length`).
+    declared_length: Option<u64>,
 }
 
 pub(super) struct ExtProcStream<S: BodyScan> {
@@ -125,10 +127,24 @@ impl<S: BodyScan> ExtProcStream<S> {
     /// Envoy closed its side. With a body still waiting for its verdict that is no verdict
     /// at all, so the stream ends with an error status: an OK end would let Envoy pass on
     /// what it holds.
+    ///
+    /// Likewise before the response came at all, when Envoy said it sends response bodies:
+    /// a stream that ends OK tells Envoy that processing is done, and the response would
+    /// then pass unscanned. Where Envoy itself gave up on the exchange (the client went), the
+    /// status reaches no one.
     fn ended(&self) -> Result<(), Status> {
         if self.request.awaiting_body || self.response.awaiting_body {
             return Err(Status::aborted(
                 "the stream ended before the body was complete",
+            ));
+        }
+        let response_bodies = matches!(
+            self.response_mode,
+            BodySendMode::Buffered | BodySendMode::FullDuplexStreamed
+        );
+        if self.modes_known && response_bodies && !self.response.headers_seen {
+            return Err(Status::aborted(
+                "the stream ended before the response was processed",
             ));
         }
         Ok(())
@@ -221,6 +237,7 @@ impl<S: BodyScan> ExtProcStream<S> {
         message.headers_seen = true;
         message.headers = fields.body_headers();
         message.remove = remove;
+        message.declared_length = fields.content_length;
         if h.end_of_stream {
             self.send(respond::headers_continue(d, remove)).await?;
             return Ok(Flow::Continue);
@@ -268,6 +285,21 @@ impl<S: BodyScan> ExtProcStream<S> {
                 }
                 message.body_answered = true;
                 message.awaiting_body = false;
+                let declared = message.declared_length;
+                let received = b.body.len() as u64;
+                tracing::debug!(
+                    direction = d.label(),
+                    bytes = received,
+                    declared = ?declared,
+                    end_of_stream = b.end_of_stream,
+                    request_id = %self.ctx.request_id,
+                    route = %self.ctx.route,
+                    "buffered body message"
+                );
+                // Envoy lets its own copy of the body through on CONTINUE: the verdict must be
+                // about all of it, so a message that is not the body the headers declared is
+                // refused (the body's messages, not the sender, broke the framing).
+                check_length(d, declared, received)?;
                 let body = match Body::from_message(b.body, self.scan.limits()) {
                     Ok(body) => body,
                     Err(e) => return self.reject_unscannable(d, &e).await,
@@ -376,6 +408,27 @@ impl<S: BodyScan> ExtProcStream<S> {
     }
 }
 
+/// A body that is not as long as its `Content-Length` is not the body its message carries
+/// on: Envoy's codecs enforce the length, so a difference means the processor was handed
+/// another body than the one that would pass, and no verdict on it may let anything through.
+fn check_length(d: HttpDirection, declared: Option<u64>, received: u64) -> Result<(), Status> {
+    match declared {
+        Some(declared) if declared != received => {
+            tracing::warn!(
+                direction = d.label(),
+                declared,
+                received,
+                "body message is not the body its headers declared; refused"
+            );
+            Err(Status::data_loss(format!(
+                "the {} body holds {received} bytes, its Content-Length says {declared}",
+                d.label()
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn mode(raw: i32) -> Result<BodySendMode, Status> {
     BodySendMode::try_from(raw)
         .map_err(|_| Status::invalid_argument(format!("unknown body send mode {raw}")))
@@ -388,3 +441,6 @@ fn refused_mode(mode: BodySendMode) -> Status {
         mode.as_str_name()
     ))
 }
+
+#[cfg(test)]
+mod tests;

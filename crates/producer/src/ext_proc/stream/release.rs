@@ -33,6 +33,7 @@ impl<S: BodyScan> ExtProcStream<S> {
         let body = buffer
             .finish()
             .map_err(|e| Status::internal(format!("buffering the body: {e}")))?;
+        super::check_length(d, self.message(d).declared_length, body.len)?;
         let outcome = self.scan_body(d, &body, "full_duplex").await;
         if let Decision::Block { status } = outcome.decision {
             return self.block(d, &outcome, status).await;
