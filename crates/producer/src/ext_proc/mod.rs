@@ -120,12 +120,20 @@ impl Stream for Answers {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         loop {
+            let Some(work) = this.work.as_mut() else {
+                // The work is over: every answer it will give is queued. They go out first,
+                // then the stream ends. `try_recv`, not `poll_recv`: under tokio's
+                // cooperative budget `poll_recv` answers `Pending` with answers still queued
+                // once the task has used up its share, and ending the stream on that would
+                // drop a queued block and close with OK: Envoy would pass the body on.
+                return Poll::Ready(match this.rx.try_recv() {
+                    Ok(answer) => Some(answer),
+                    Err(_) => this.failed.take().map(Err),
+                });
+            };
             if let Poll::Ready(Some(answer)) = this.rx.poll_recv(cx) {
                 return Poll::Ready(Some(answer));
             }
-            let Some(work) = this.work.as_mut() else {
-                return Poll::Ready(this.failed.take().map(Err));
-            };
             // A panic must not end the stream quietly: Envoy would take that as done.
             let polled = std::panic::catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx)))
                 .unwrap_or_else(|_| {
@@ -198,6 +206,66 @@ mod tests {
         let mut stream = answers(work, rx);
         assert!(stream.next().await.unwrap().is_ok());
         assert!(stream.next().await.is_none());
+    }
+
+    /// Spends `n` units of tokio's cooperative budget of the current poll (all of it when
+    /// `n` is `None`); returns how many were spent.
+    fn spend_budget(cx: &mut Context<'_>, n: Option<usize>) -> usize {
+        use tokio::task::coop::{has_budget_remaining, poll_proceed};
+        let mut spent = 0;
+        while n.is_none_or(|n| spent < n) && has_budget_remaining() {
+            match poll_proceed(cx) {
+                Poll::Ready(unit) => unit.made_progress(),
+                Poll::Pending => break,
+            }
+            spent += 1;
+            assert!(spent < 100_000, "the test runs without a budget");
+        }
+        spent
+    }
+
+    #[tokio::test]
+    async fn a_block_queued_with_the_budget_spent_still_goes_out_before_the_stream_ends() {
+        // The work queues an answer (a block) and ends at once, as on a memo hit for an
+        // infected body. Polled with one unit of budget left, the send takes it, and the
+        // receiver cannot see the answer in that poll: the stream must wait, not end OK.
+        let (tx, rx) = mpsc::channel(4);
+        let work = async move {
+            tx.send(Ok(respond::body_continue(HttpDirection::Response)))
+                .await
+                .map_err(|_| Status::internal("closed"))?;
+            Ok(())
+        };
+        let mut stream = answers(work, rx);
+        // A first poll measures the budget a poll gets; the second spends all but one unit
+        // of it, then polls the answers once: whatever that says is what tonic acts on.
+        let mut budget = None;
+        let first = std::future::poll_fn(|cx| match budget {
+            None => {
+                budget = Some(spend_budget(cx, None));
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Some(n) => {
+                assert!(n > 1, "a poll's budget is {n}");
+                spend_budget(cx, Some(n - 1));
+                Poll::Ready(Pin::new(&mut stream).poll_next(cx))
+            }
+        })
+        .await;
+        assert!(
+            !matches!(first, Poll::Ready(None)),
+            "the stream ended with the answer still queued"
+        );
+        let mut got = match first {
+            Poll::Ready(Some(a)) => vec![a],
+            _ => Vec::new(),
+        };
+        while let Some(a) = stream.next().await {
+            got.push(a);
+        }
+        assert_eq!(got.len(), 1, "the queued answer went out");
+        assert!(got[0].is_ok());
     }
 
     #[tokio::test]

@@ -49,8 +49,9 @@ impl Producer {
             .arg(remaining.as_secs_f64().max(0.01));
 
         // An idle connection may have died since its last use (a server-side timeout, a
-        // proxy): on a broken connection the script cannot have run, so one more try on a
-        // fresh connection is safe.
+        // proxy): one more try on a fresh connection. Where the first call did run and only
+        // its reply was lost, the task is queued twice: two scans, and a second verdict in a
+        // list that expires unread, never a wrong answer.
         let mut fresh = false;
         loop {
             let conn = if fresh {
