@@ -167,6 +167,11 @@ pub struct RunArgs {
         default_value = "envoy-gateway-system"
     )]
     pub envoy_gateway_namespace: String,
+    /// Istio's root namespace (its `meshConfig.rootNamespace`): EnvoyFilters there apply to
+    /// gateways of every namespace, so they are read for a policy's status too. Empty turns
+    /// this off.
+    #[arg(long, env = "ISTIO_ROOT_NAMESPACE", default_value = "istio-system")]
+    pub istio_root_namespace: String,
     /// The MutatingWebhookConfiguration whose caBundle the operator keeps current.
     #[arg(
         long,

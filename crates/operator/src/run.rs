@@ -123,6 +123,9 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         controller::Context::new(client, &identity, metrics.clone(), defaults)
             .with_envoy_gateway_namespace(
                 Some(args.envoy_gateway_namespace.clone()).filter(|n| !n.is_empty()),
+            )
+            .with_istio_root_namespace(
+                Some(args.istio_root_namespace.clone()).filter(|n| !n.is_empty()),
             ),
     );
     let outcome = lead(&elector, ctx, tenant_users, stopped).await;

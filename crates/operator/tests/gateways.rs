@@ -9,6 +9,7 @@ mod support;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
@@ -511,6 +512,98 @@ async fn gateway_objects_pass_the_gateways_schemas_follow_edits_and_go_with_the_
             .all(|p| p["patch"]["value"]["typed_config"]["failure_mode_allow"] == false)
     );
     assert!(names(&apis.extension_policies, "mesh").await.is_empty());
+
+    // Istio reports nothing on an EnvoyFilter: a tenant's own filter that removes ext_proc
+    // from the gateway (in the policy's namespace, or in Istio's root namespace, which
+    // applies everywhere) is read from its patches and named in the gateway's status; one
+    // that only adds a Lua filter is not.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let gateway_pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "istio-gw", "labels": {"istio": "ingressgateway"}},
+        "spec": {"containers": [{"name": "istio-proxy", "image": "istio/proxyv2:1.28.0"}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &gateway_pod)
+        .await
+        .unwrap();
+    plane.kubectl(&["create", "namespace", "istio-system"]);
+    let envoy_filter = |namespace: &str, name: &str, selector: Value, patch: Value| {
+        let object: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "networking.istio.io/v1alpha3",
+            "kind": "EnvoyFilter",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"workloadSelector": {"labels": selector}, "configPatches": [patch]}
+        }))
+        .unwrap();
+        let gvk = GroupVersionKind::gvk("networking.istio.io", "v1alpha3", "EnvoyFilter");
+        let api: Api<DynamicObject> = Api::namespaced_with(
+            client.clone(),
+            namespace,
+            &ApiResource::from_gvk_with_plural(&gvk, "envoyfilters"),
+        );
+        async move { api.create(&PostParams::default(), &object).await.unwrap() }
+    };
+    let remove = json!({
+        "applyTo": "HTTP_FILTER",
+        "match": {"context": "GATEWAY", "listener": {"filterChain": {"filter": {
+            "name": "envoy.filters.network.http_connection_manager",
+            "subFilter": {"name": "envoy.filters.http.ext_proc"}
+        }}}},
+        "patch": {"operation": "REMOVE"}
+    });
+    let lua = json!({
+        "applyTo": "HTTP_FILTER",
+        "match": {"context": "GATEWAY"},
+        "patch": {"operation": "INSERT_BEFORE", "value": {"name": "envoy.filters.http.lua"}}
+    });
+    envoy_filter(NS, "tenant-lua", json!({"istio": "ingressgateway"}), lua).await;
+    envoy_filter(
+        NS,
+        "tenant-remove",
+        json!({"istio": "ingressgateway"}),
+        remove.clone(),
+    )
+    .await;
+    envoy_filter(
+        "istio-system",
+        "mesh-wide",
+        json!({"istio": "ingressgateway"}),
+        remove,
+    )
+    .await;
+    let touch_mesh = |value: &'static str| {
+        let policies = policies.clone();
+        async move {
+            policies
+                .patch(
+                    "mesh",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"annotations": {"test/touch": value}}})),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    touch_mesh("1").await;
+    eventually(
+        Duration::from_secs(30),
+        "the tenant's and the root namespace's EnvoyFilters show as overrides",
+        || async {
+            let p = policies.get("mesh").await.unwrap();
+            p.status.is_some_and(|s| {
+                s.gateways.iter().any(|g| {
+                    g.name == "pod/istio-gw"
+                        && g.message.contains(&format!(
+                            "EnvoyFilter {NS}/tenant-remove REMOVEs envoy.filters.http.ext_proc"
+                        ))
+                        && g.message.contains("EnvoyFilter istio-system/mesh-wide")
+                        && !g.message.contains("tenant-lua")
+                        && !g.message.contains("vsp-mesh")
+                })
+            })
+        },
+    )
+    .await;
 
     // Pinned to another gateway kind, the policy's objects of the old kind go.
     policies

@@ -279,6 +279,72 @@ pub(super) async fn overrides(
     Ok(out)
 }
 
+/// What other EnvoyFilters do to the policy's Istio gateways: those of the policy's namespace
+/// and of Istio's root namespace that apply to a selected pod and can take its bodies past
+/// our filter ([`gateways::istio::interference`]), per workload. The policy's own filter is
+/// not one of them.
+pub(super) async fn istio_overrides(
+    ctx: &Context,
+    namespace: &str,
+    owner: &OwnerReference,
+    pods: &[k8s_openapi::api::core::v1::Pod],
+) -> Result<Vec<Override>, Error> {
+    let mut namespaces = vec![namespace.to_owned()];
+    if let Some(root) = ctx
+        .istio_root_namespace
+        .as_ref()
+        .filter(|r| *r != namespace)
+    {
+        namespaces.push(root.clone());
+    }
+    let mut out = Vec::new();
+    for ns in namespaces {
+        let api: Api<DynamicObject> = Api::namespaced_with(
+            ctx.client.clone(),
+            &ns,
+            &resource(
+                gateways::istio::GROUP,
+                "v1alpha3",
+                "EnvoyFilter",
+                "envoyfilters",
+            ),
+        );
+        let filters = match api.list(&ListParams::default()).await {
+            Ok(l) => l.items,
+            Err(e) if not_found(&e) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let root = ns != namespace;
+        for filter in filters {
+            if filter.owner_references().iter().any(|r| r.uid == owner.uid) {
+                continue;
+            }
+            let Some(what) = gateways::istio::interference(&filter.data["spec"]) else {
+                continue;
+            };
+            for pod in pods {
+                let labels = pod.labels();
+                let same_namespace = pod.namespace().as_deref() == Some(ns.as_str());
+                if (root || same_namespace)
+                    && gateways::istio::applies_to(&filter.data["spec"], labels)
+                {
+                    out.push(Override {
+                        gateway: protection::workload(pod),
+                        state: GatewayState::Overridden,
+                        message: format!(
+                            "EnvoyFilter {ns}/{} {what}, so bodies through it may pass unscanned: take that patch out, or keep the gateway out of its selector",
+                            filter.name_any()
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| (&a.gateway, &a.message).cmp(&(&b.gateway, &b.message)));
+    out.dedup();
+    Ok(out)
+}
+
 /// The EnvoyExtensionPolicies of a namespace; `None` where the API server does not serve the
 /// kind.
 async fn extension_policies(

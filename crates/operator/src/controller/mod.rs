@@ -47,9 +47,9 @@ pub const ANNOTATION_RESTART_OUTDATED: &str = "virusscan.aether-platform.io/rest
 pub const ANNOTATION_RESTARTED_FOR: &str = "virusscan.aether-platform.io/restarted-for-generation";
 
 const RESYNC: Duration = Duration::from_secs(300);
-/// How soon an Envoy Gateway policy is looked at again: the overrides in Envoy Gateway's API
-/// that its status reports are read, not watched (the kinds may not be served).
-const RESYNC_ENVOY_GATEWAY: Duration = Duration::from_secs(60);
+/// How soon an Envoy Gateway or Istio policy is looked at again: the overrides in the
+/// gateway's API that its status reports are read, not watched (the kinds may not be served).
+const RESYNC_GATEWAY_API: Duration = Duration::from_secs(60);
 const RETRY_MISSING_BOOTSTRAP: Duration = Duration::from_secs(30);
 const RETRY_ERROR: Duration = Duration::from_secs(10);
 
@@ -64,6 +64,8 @@ pub struct Context {
     /// `GatewayNamespace`: they belong to the Envoy Gateway policies of the namespace their
     /// owning-gateway label names.
     pub envoy_gateway_namespace: Option<String>,
+    /// Istio's root namespace: its EnvoyFilters apply to the workloads of every namespace.
+    pub istio_root_namespace: Option<String>,
 }
 
 impl Context {
@@ -83,7 +85,13 @@ impl Context {
             metrics,
             defaults,
             envoy_gateway_namespace: None,
+            istio_root_namespace: None,
         }
+    }
+
+    pub fn with_istio_root_namespace(mut self, namespace: Option<String>) -> Context {
+        self.istio_root_namespace = namespace;
+        self
     }
 
     pub fn with_envoy_gateway_namespace(mut self, namespace: Option<String>) -> Context {
@@ -259,6 +267,12 @@ async fn reconcile_policy(policy: &VirusScanPolicy, ctx: &Context) -> Result<Act
         }
         generated = outcome;
     }
+    let istio_overrides = match detected.kind {
+        GatewayKind::Istio => {
+            gateway_objects::istio_overrides(ctx, &namespace, &owner, &pods).await?
+        }
+        _ => Vec::new(),
+    };
     let pods = PodCounts::of(policy, &ctx.defaults, pods);
     // Only the policy's own namespace: Envoy Gateway rolls out the proxies it runs itself.
     let restartable: Vec<Pod> = pods
@@ -280,7 +294,7 @@ async fn reconcile_policy(policy: &VirusScanPolicy, ctx: &Context) -> Result<Act
         (GatewayKind::EnvoyGateway, Some(gateway)) => {
             gateway_objects::overrides(ctx, policy, &namespace, &owner, gateway).await?
         }
-        _ => Vec::new(),
+        _ => istio_overrides,
     };
     let gateway_states = protection::gateways(
         detected.kind,
@@ -321,7 +335,7 @@ async fn reconcile_policy(policy: &VirusScanPolicy, ctx: &Context) -> Result<Act
         ctx.metrics.wrote("status");
     }
     let requeue = match detected.kind {
-        GatewayKind::EnvoyGateway => generated.requeue.min(RESYNC_ENVOY_GATEWAY),
+        GatewayKind::EnvoyGateway | GatewayKind::Istio => generated.requeue.min(RESYNC_GATEWAY_API),
         _ => generated.requeue,
     };
     Ok(Action::requeue(requeue))

@@ -57,7 +57,7 @@ impl SelectedPod {
 
 /// The workload a pod belongs to: a ReplicaSet's pods are its Deployment's when the
 /// ReplicaSet's name is a Deployment's name and the pod's template hash.
-fn workload(pod: &Pod) -> String {
+pub(super) fn workload(pod: &Pod) -> String {
     let owner = pod
         .owner_references()
         .iter()

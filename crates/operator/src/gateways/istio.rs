@@ -110,6 +110,89 @@ pub fn render(
     )])
 }
 
+/// What another EnvoyFilter does that can take a gateway's bodies past the policy's filter,
+/// if anything. Of the patches Istio applies to gateways (context `GATEWAY` or `ANY`): one
+/// that removes or replaces the ext_proc filter (or every HTTP filter), the connection
+/// manager, the filter chain or the listener that carry it; a merge that brings its own
+/// list of HTTP filters or filter chains; anything that configures ext_proc itself (a
+/// per-route `disabled: true`, another processing mode). Istio reports nothing on an
+/// EnvoyFilter, so this is read from its patches.
+pub fn interference(spec: &Value) -> Option<String> {
+    let patches = spec.get("configPatches")?.as_array()?;
+    let mut found = Vec::new();
+    for p in patches {
+        let context = p["match"]["context"].as_str().unwrap_or("ANY");
+        if !matches!(context, "ANY" | "GATEWAY") {
+            continue;
+        }
+        let apply_to = p["applyTo"].as_str().unwrap_or("");
+        let operation = p["patch"]["operation"].as_str().unwrap_or("");
+        let value = p["patch"]["value"].to_string();
+        let filter = &p["match"]["listener"]["filterChain"]["filter"];
+        let removes = matches!(operation, "REMOVE" | "REPLACE");
+        let inserts = operation.starts_with("INSERT") || operation == "ADD";
+        // Another ext_proc filter beside ours scans too; a setting of ext_proc elsewhere
+        // (a route's `typed_per_filter_config` is keyed by the filter's name, so it is ours
+        // as well) can turn ours off.
+        let what = if !inserts && (value.contains("ext_proc") || value.contains("ExtProc")) {
+            Some(format!("configures ext_proc ({apply_to} {operation})"))
+        } else {
+            match apply_to {
+                "HTTP_FILTER" if removes => {
+                    let sub = filter["subFilter"]["name"].as_str();
+                    sub.is_none_or(|n| n == envoy::EXT_PROC_FILTER)
+                        .then(|| format!("{operation}s {}", sub.unwrap_or("every HTTP filter")))
+                }
+                "NETWORK_FILTER" if removes => {
+                    let name = filter["name"].as_str();
+                    name.is_none_or(|n| n == HCM)
+                        .then(|| format!("{operation}s the HTTP connection manager"))
+                }
+                "NETWORK_FILTER" | "LISTENER" | "FILTER_CHAIN"
+                    if operation == "MERGE"
+                        && (value.contains("http_filters") || value.contains("filter_chains")) =>
+                {
+                    Some(format!("merges its own filters into the {apply_to}"))
+                }
+                "LISTENER" | "FILTER_CHAIN" if removes => {
+                    Some(format!("{operation}s a {apply_to}"))
+                }
+                _ => None,
+            }
+        };
+        if let Some(what) = what
+            && !found.contains(&what)
+        {
+            found.push(what);
+        }
+    }
+    (!found.is_empty()).then(|| found.join(", "))
+}
+
+/// Whether an EnvoyFilter applies to a pod with these labels: its `workloadSelector`, or its
+/// `targetRefs` (a Gateway by the `gateway.networking.k8s.io/gateway-name` label; any other
+/// kind is taken to apply), or every workload of its namespace without either.
+pub fn applies_to(spec: &Value, labels: &std::collections::BTreeMap<String, String>) -> bool {
+    if let Some(selector) = spec["workloadSelector"]["labels"].as_object() {
+        return selector.iter().all(|(k, v)| {
+            v.as_str()
+                .is_some_and(|v| labels.get(k).map(String::as_str) == Some(v))
+        });
+    }
+    if let Some(refs) = spec["targetRefs"].as_array().filter(|r| !r.is_empty()) {
+        return refs.iter().any(|r| match r["kind"].as_str() {
+            Some("Gateway") => {
+                labels
+                    .get("gateway.networking.k8s.io/gateway-name")
+                    .map(String::as_str)
+                    == r["name"].as_str()
+            }
+            _ => true,
+        });
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,5 +262,79 @@ mod tests {
             {"key": "app", "operator": "In", "values": ["a", "b"]}
         ]}}));
         assert_eq!(render("gw", "t", &s), Err(RenderError::SelectorNotLabels));
+    }
+
+    #[test]
+    fn envoy_filters_that_can_take_bodies_past_ext_proc_are_named_and_others_are_not() {
+        // Another policy's filter on the same pods: its ext_proc beside ours is no override,
+        // its opt-out (keyed by the filter's name, so ours too) is.
+        let plain = render(
+            "p",
+            "t",
+            &spec(json!({"selector": {"matchLabels": {"istio": "ingressgateway"}}})),
+        )
+        .unwrap();
+        assert_eq!(interference(&plain[0]["spec"]), None, "{}", plain[0]);
+        let opting_out = render("p", "t", &spec(json!({"selector": {"matchLabels": {"istio": "ingressgateway"}}, "routes": [{"name": "health", "path": "/healthz"}]})))
+            .unwrap();
+        assert_eq!(
+            interference(&opting_out[0]["spec"]).as_deref(),
+            Some("configures ext_proc (HTTP_ROUTE MERGE)")
+        );
+        let patch = |p: Value| json!({ "configPatches": [p] });
+        let harmful = [
+            json!({"applyTo": "HTTP_FILTER", "match": {"context": "GATEWAY", "listener": {"filterChain": {"filter": {"name": HCM, "subFilter": {"name": "envoy.filters.http.ext_proc"}}}}}, "patch": {"operation": "REMOVE"}}),
+            json!({"applyTo": "HTTP_FILTER", "match": {"context": "ANY"}, "patch": {"operation": "REMOVE"}}),
+            json!({"applyTo": "HTTP_ROUTE", "match": {"context": "GATEWAY"}, "patch": {"operation": "MERGE", "value": {"typed_per_filter_config": {"envoy.filters.http.ext_proc": {"@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute", "disabled": true}}}}}),
+            json!({"applyTo": "NETWORK_FILTER", "match": {"listener": {"filterChain": {"filter": {"name": HCM}}}}, "patch": {"operation": "REPLACE", "value": {}}}),
+            json!({"applyTo": "NETWORK_FILTER", "match": {"context": "GATEWAY"}, "patch": {"operation": "MERGE", "value": {"typed_config": {"http_filters": [{"name": ROUTER}]}}}}),
+            json!({"applyTo": "LISTENER", "match": {"context": "GATEWAY"}, "patch": {"operation": "REMOVE"}}),
+            json!({"applyTo": "FILTER_CHAIN", "match": {"context": "GATEWAY"}, "patch": {"operation": "REPLACE", "value": {}}}),
+        ];
+        for p in harmful {
+            assert!(interference(&patch(p.clone())).is_some(), "{p}");
+        }
+        let harmless = [
+            // Another filter removed, a Lua filter added, sidecars only, a listener setting.
+            json!({"applyTo": "HTTP_FILTER", "match": {"context": "GATEWAY", "listener": {"filterChain": {"filter": {"name": HCM, "subFilter": {"name": "envoy.filters.http.lua"}}}}}, "patch": {"operation": "REMOVE"}}),
+            json!({"applyTo": "HTTP_FILTER", "match": {"context": "GATEWAY"}, "patch": {"operation": "INSERT_BEFORE", "value": {"name": "envoy.filters.http.lua"}}}),
+            json!({"applyTo": "HTTP_FILTER", "match": {"context": "SIDECAR_INBOUND"}, "patch": {"operation": "REMOVE"}}),
+            json!({"applyTo": "LISTENER", "match": {"context": "GATEWAY"}, "patch": {"operation": "MERGE", "value": {"per_connection_buffer_limit_bytes": 1024}}}),
+        ];
+        for p in harmless {
+            assert_eq!(interference(&patch(p.clone())), None, "{p}");
+        }
+    }
+
+    #[test]
+    fn an_envoy_filter_applies_by_workload_selector_target_ref_or_to_the_whole_namespace() {
+        let labels: std::collections::BTreeMap<String, String> = [
+            ("istio", "ingressgateway"),
+            ("gateway.networking.k8s.io/gateway-name", "web"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        assert!(applies_to(&json!({}), &labels));
+        assert!(applies_to(
+            &json!({"workloadSelector": {"labels": {"istio": "ingressgateway"}}}),
+            &labels
+        ));
+        assert!(!applies_to(
+            &json!({"workloadSelector": {"labels": {"istio": "egressgateway"}}}),
+            &labels
+        ));
+        assert!(applies_to(
+            &json!({"targetRefs": [{"kind": "Gateway", "name": "web"}]}),
+            &labels
+        ));
+        assert!(!applies_to(
+            &json!({"targetRefs": [{"kind": "Gateway", "name": "other"}]}),
+            &labels
+        ));
+        assert!(applies_to(
+            &json!({"targetRefs": [{"kind": "Service", "name": "x"}]}),
+            &labels
+        ));
     }
 }
