@@ -543,3 +543,83 @@ fn without_a_shared_spool_large_bodies_are_scanned_through_redis_and_leave_nothi
     );
     assert!(stack.leftovers().is_empty(), "{:?}", stack.leftovers());
 }
+
+/// One HTTP/1.1 exchange on a fresh connection (`Connection: close`): the status and the body
+/// after the head, as far as it came.
+fn raw_exchange(port: u16, head: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    use std::io::Read;
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, Vec::new());
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+    if s.write_all(head.as_bytes()).is_err() || s.write_all(body).is_err() {
+        return (0, Vec::new());
+    }
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(raw.len());
+    let status = String::from_utf8_lossy(&raw[..end])
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, raw[(end + 4).min(raw.len())..].to_vec())
+}
+
+/// A block that needs no wait (the hash-only sample, once its verdict is cached) is decided in
+/// the same poll that read the body, and the stream's work ends right after queuing it. Many
+/// of them at once, beside large uploads that keep the producer's connection with Envoy busy
+/// (and so the serving task's cooperative budget low), must all be refused: a block left in
+/// the queue while the stream ended OK would let Envoy pass the whole body as a 200.
+#[test]
+fn cached_infected_downloads_under_load_are_never_passed() {
+    let stack = Stack::start(StackOptions::new(BodyMode::Buffered));
+    let sample = hash_signature_sample();
+    stack.upstream.serve("sample", sample.clone(), &[]);
+    // The first one is scanned; the rest are answered from the producer's memo.
+    assert_eq!(curl(&[&stack.url("/files/sample")]).status, 406);
+    let port = stack.envoy.port();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut threads = Vec::new();
+    for t in 0..12 {
+        let sample = sample.clone();
+        threads.push(std::thread::spawn(move || {
+            let mut seen = (0u32, 0u32, 0u32); // refused, passed, other
+            let upload = clean_bytes(6 << 20, t);
+            let mut n = 0u64;
+            while Instant::now() < deadline && seen.0 + seen.1 + seen.2 < 400 {
+                n += 1;
+                if t % 3 == 2 {
+                    // A large clean upload: many body frames on the producer's connection.
+                    let head = format!(
+                        "POST /upload/load-{t}-{n} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        upload.len()
+                    );
+                    raw_exchange(port, &head, &upload);
+                    continue;
+                }
+                let head = "GET /files/sample HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+                match raw_exchange(port, head, &[]) {
+                    (406, _) => seen.0 += 1,
+                    (200, body) if body == sample => seen.1 += 1,
+                    _ => seen.2 += 1,
+                }
+            }
+            seen
+        }));
+    }
+    let (mut refused, mut passed, mut other) = (0, 0, 0);
+    for t in threads {
+        let (r, p, o) = t.join().unwrap();
+        (refused, passed, other) = (refused + r, passed + p, other + o);
+    }
+    assert_eq!(
+        passed, 0,
+        "infected downloads passed ({refused} refused, {other} other)"
+    );
+    assert_eq!(other, 0, "answers other than 406 ({refused} refused)");
+    assert!(refused >= 1000, "only {refused} downloads made");
+}
