@@ -127,36 +127,48 @@ pub fn interference(spec: &Value) -> Option<String> {
         }
         let apply_to = p["applyTo"].as_str().unwrap_or("");
         let operation = p["patch"]["operation"].as_str().unwrap_or("");
-        let value = p["patch"]["value"].to_string();
+        let value = &p["patch"]["value"];
+        // Istio reads patch values as protobuf JSON: `http_filters` and `httpFilters` alike.
+        let text = value.to_string().to_ascii_lowercase().replace('_', "");
         let filter = &p["match"]["listener"]["filterChain"]["filter"];
         let removes = matches!(operation, "REMOVE" | "REPLACE");
-        let inserts = operation.starts_with("INSERT") || operation == "ADD";
-        // Another ext_proc filter beside ours scans too; a setting of ext_proc elsewhere
-        // (a route's `typed_per_filter_config` is keyed by the filter's name, so it is ours
-        // as well) can turn ours off.
-        let what = if !inserts && (value.contains("ext_proc") || value.contains("ExtProc")) {
+        // Another HTTP filter (another ext_proc too) or a cluster beside ours takes nothing
+        // away; anything else that sets ext_proc can turn ours off (a route's or a virtual
+        // host's `typed_per_filter_config` is keyed by the filter's name, so it is ours too,
+        // and a route inserted first can carry it).
+        let adds_filter = matches!(apply_to, "HTTP_FILTER" | "CLUSTER")
+            && (operation.starts_with("INSERT") || operation == "ADD");
+        let what = if !adds_filter && text.contains("extproc") {
             Some(format!("configures ext_proc ({apply_to} {operation})"))
         } else {
             match apply_to {
-                "HTTP_FILTER" if removes => {
+                // Istio skips a REMOVE or REPLACE that names no filter. A merge may rename
+                // the filter (so that a later patch removes it under another name), and
+                // without the router ours is never inserted.
+                "HTTP_FILTER" if !adds_filter => {
                     let sub = filter["subFilter"]["name"].as_str();
-                    sub.is_none_or(|n| n == envoy::EXT_PROC_FILTER)
-                        .then(|| format!("{operation}s {}", sub.unwrap_or("every HTTP filter")))
+                    sub.filter(|n| *n == envoy::EXT_PROC_FILTER || *n == ROUTER)
+                        .map(|n| format!("{operation}s {n}"))
                 }
-                "NETWORK_FILTER" if removes => {
-                    let name = filter["name"].as_str();
-                    name.is_none_or(|n| n == HCM)
-                        .then(|| format!("{operation}s the HTTP connection manager"))
-                }
+                "NETWORK_FILTER" if removes => (filter["name"].as_str() == Some(HCM))
+                    .then(|| format!("{operation}s the HTTP connection manager")),
                 "NETWORK_FILTER" | "LISTENER" | "FILTER_CHAIN"
                     if operation == "MERGE"
-                        && (value.contains("http_filters") || value.contains("filter_chains")) =>
+                        && (text.contains("httpfilters")
+                            || text.contains("filterchains")
+                            || (apply_to == "NETWORK_FILTER" && value.get("name").is_some())) =>
                 {
-                    Some(format!("merges its own filters into the {apply_to}"))
+                    Some(format!(
+                        "merges its own filters or names into the {apply_to}"
+                    ))
                 }
                 "LISTENER" | "FILTER_CHAIN" if removes => {
                     Some(format!("{operation}s a {apply_to}"))
                 }
+                // Added after every other patch: ours is not inserted into it.
+                "LISTENER" | "FILTER_CHAIN" if operation == "ADD" => Some(format!(
+                    "ADDs a {apply_to}, which carries no ext_proc of ours"
+                )),
                 _ => None,
             }
         };
@@ -284,7 +296,13 @@ mod tests {
         let patch = |p: Value| json!({ "configPatches": [p] });
         let harmful = [
             json!({"applyTo": "HTTP_FILTER", "match": {"context": "GATEWAY", "listener": {"filterChain": {"filter": {"name": HCM, "subFilter": {"name": "envoy.filters.http.ext_proc"}}}}}, "patch": {"operation": "REMOVE"}}),
-            json!({"applyTo": "HTTP_FILTER", "match": {"context": "ANY"}, "patch": {"operation": "REMOVE"}}),
+            json!({"applyTo": "HTTP_FILTER", "match": {"context": "GATEWAY", "listener": {"filterChain": {"filter": {"name": HCM, "subFilter": {"name": "envoy.filters.http.ext_proc"}}}}}, "patch": {"operation": "MERGE", "value": {"name": "renamed"}}}),
+            json!({"applyTo": "HTTP_FILTER", "match": {"context": "GATEWAY", "listener": {"filterChain": {"filter": {"name": HCM, "subFilter": {"name": ROUTER}}}}}, "patch": {"operation": "REPLACE", "value": {"name": "other.router"}}}),
+            json!({"applyTo": "HTTP_ROUTE", "match": {"context": "GATEWAY"}, "patch": {"operation": "INSERT_FIRST", "value": {"match": {"prefix": "/"}, "typed_per_filter_config": {"envoy.filters.http.ext_proc": {"disabled": true}}}}}),
+            json!({"applyTo": "VIRTUAL_HOST", "match": {"context": "GATEWAY"}, "patch": {"operation": "ADD", "value": {"name": "v", "typed_per_filter_config": {"envoy.filters.http.ext_proc": {"disabled": true}}}}}),
+            json!({"applyTo": "FILTER_CHAIN", "match": {"context": "GATEWAY"}, "patch": {"operation": "ADD", "value": {}}}),
+            json!({"applyTo": "LISTENER", "match": {"context": "ANY"}, "patch": {"operation": "ADD", "value": {}}}),
+            json!({"applyTo": "NETWORK_FILTER", "match": {"context": "GATEWAY"}, "patch": {"operation": "MERGE", "value": {"typedConfig": {"httpFilters": [{"name": ROUTER}]}}}}),
             json!({"applyTo": "HTTP_ROUTE", "match": {"context": "GATEWAY"}, "patch": {"operation": "MERGE", "value": {"typed_per_filter_config": {"envoy.filters.http.ext_proc": {"@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute", "disabled": true}}}}}),
             json!({"applyTo": "NETWORK_FILTER", "match": {"listener": {"filterChain": {"filter": {"name": HCM}}}}, "patch": {"operation": "REPLACE", "value": {}}}),
             json!({"applyTo": "NETWORK_FILTER", "match": {"context": "GATEWAY"}, "patch": {"operation": "MERGE", "value": {"typed_config": {"http_filters": [{"name": ROUTER}]}}}}),
@@ -299,6 +317,9 @@ mod tests {
             json!({"applyTo": "HTTP_FILTER", "match": {"context": "GATEWAY", "listener": {"filterChain": {"filter": {"name": HCM, "subFilter": {"name": "envoy.filters.http.lua"}}}}}, "patch": {"operation": "REMOVE"}}),
             json!({"applyTo": "HTTP_FILTER", "match": {"context": "GATEWAY"}, "patch": {"operation": "INSERT_BEFORE", "value": {"name": "envoy.filters.http.lua"}}}),
             json!({"applyTo": "HTTP_FILTER", "match": {"context": "SIDECAR_INBOUND"}, "patch": {"operation": "REMOVE"}}),
+            // A REMOVE that names no filter: Istio skips it.
+            json!({"applyTo": "HTTP_FILTER", "match": {"context": "ANY"}, "patch": {"operation": "REMOVE"}}),
+            json!({"applyTo": "CLUSTER", "match": {"context": "GATEWAY"}, "patch": {"operation": "ADD", "value": {"name": "c"}}}),
             json!({"applyTo": "LISTENER", "match": {"context": "GATEWAY"}, "patch": {"operation": "MERGE", "value": {"per_connection_buffer_limit_bytes": 1024}}}),
         ];
         for p in harmless {

@@ -347,7 +347,12 @@ impl<S: BodyScan> ExtProcStream<S> {
             return self.release_or_block(d, true).await;
         }
         // Trailers end the message: a BUFFERED body that never came was empty, and no byte
-        // of it can pass unseen.
+        // of it can pass unseen (unless its headers declared one).
+        let buffered = self.body_mode(d) == BodySendMode::Buffered;
+        let message = self.message(d);
+        if buffered && !message.body_answered {
+            check_length(d, message.declared_length, 0)?;
+        }
         self.message(d).awaiting_body = false;
         self.send(respond::trailers_continue(d)).await?;
         Ok(Flow::Continue)

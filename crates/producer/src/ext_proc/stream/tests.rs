@@ -227,3 +227,42 @@ async fn a_stream_that_ends_before_the_response_came_ends_with_an_error_not_ok()
     assert!(failed.is_none(), "{failed:?}");
     assert!(lets_response_body_through(&answers));
 }
+
+#[tokio::test]
+async fn buffered_trailers_without_the_declared_body_are_refused() {
+    use envoy_types::pb::envoy::service::ext_proc::v3::HttpTrailers;
+    let scan = Arc::new(FakeScan::new(RangeRequests::Strip, 1 << 20));
+    let config = ProtocolConfiguration {
+        request_body_mode: BodySendMode::Buffered as i32,
+        response_body_mode: BodySendMode::Buffered as i32,
+        ..Default::default()
+    };
+    let messages = [
+        ProcessingRequest {
+            request: Some(R::RequestHeaders(headers(&[(":method", "GET")], true))),
+            protocol_config: Some(config),
+            ..Default::default()
+        },
+        ProcessingRequest {
+            request: Some(R::ResponseHeaders(headers(
+                &[(":status", "200"), ("content-length", "10")],
+                false,
+            ))),
+            ..Default::default()
+        },
+        ProcessingRequest {
+            request: Some(R::ResponseTrailers(HttpTrailers::default())),
+            ..Default::default()
+        },
+    ];
+    let answers: Vec<_> = ExtProcService::new(scan)
+        .process_messages(tokio_stream::iter(messages.into_iter().map(Ok)))
+        .collect()
+        .await;
+    let end = answers.last().unwrap().as_ref().unwrap_err();
+    assert_eq!(end.code(), tonic::Code::DataLoss, "{answers:?}");
+    assert!(!answers.iter().any(|a| matches!(
+        a.as_ref().map(|a| &a.response),
+        Ok(Some(A::ResponseTrailers(_)))
+    )));
+}
