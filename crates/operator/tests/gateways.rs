@@ -310,12 +310,13 @@ async fn gateway_objects_pass_the_gateways_schemas_follow_edits_and_go_with_the_
         .create(&PostParams::default(), &theirs)
         .await
         .unwrap();
-    let touch = |value: &'static str| {
+    // A policy edit that changes nothing but makes the controller look again.
+    let touch_policy = |name: &'static str, value: &'static str| {
         let policies = policies.clone();
         async move {
             policies
                 .patch(
-                    "web",
+                    name,
                     &PatchParams::default(),
                     &Patch::Merge(json!({"metadata": {"annotations": {"test/touch": value}}})),
                 )
@@ -323,7 +324,7 @@ async fn gateway_objects_pass_the_gateways_schemas_follow_edits_and_go_with_the_
                 .unwrap();
         }
     };
-    touch("1").await;
+    touch_policy("web", "1").await;
     eventually(
         Duration::from_secs(30),
         "the tenant's route policy shows as an override",
@@ -349,7 +350,7 @@ async fn gateway_objects_pass_the_gateways_schemas_follow_edits_and_go_with_the_
         )
         .await
         .unwrap();
-    touch("2").await;
+    touch_policy("web", "2").await;
     eventually(
         Duration::from_secs(30),
         "a merging route policy is not an override",
@@ -408,7 +409,7 @@ async fn gateway_objects_pass_the_gateways_schemas_follow_edits_and_go_with_the_
         .create(&PostParams::default(), &theirs_elsewhere)
         .await
         .unwrap();
-    touch("3").await;
+    touch_policy("web", "3").await;
     eventually(
         Duration::from_secs(30),
         "a route policy of another namespace shows as an override",
@@ -428,7 +429,7 @@ async fn gateway_objects_pass_the_gateways_schemas_follow_edits_and_go_with_the_
         .delete("other-lua", &DeleteParams::default())
         .await
         .unwrap();
-    touch("4").await;
+    touch_policy("web", "4").await;
     eventually(Duration::from_secs(30), "the override is gone", || async {
         let p = policies.get("web").await.unwrap();
         p.status
@@ -571,20 +572,7 @@ async fn gateway_objects_pass_the_gateways_schemas_follow_edits_and_go_with_the_
         remove,
     )
     .await;
-    let touch_mesh = |value: &'static str| {
-        let policies = policies.clone();
-        async move {
-            policies
-                .patch(
-                    "mesh",
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({"metadata": {"annotations": {"test/touch": value}}})),
-                )
-                .await
-                .unwrap();
-        }
-    };
-    touch_mesh("1").await;
+    touch_policy("mesh", "1").await;
     eventually(
         Duration::from_secs(30),
         "the tenant's and the root namespace's EnvoyFilters show as overrides",

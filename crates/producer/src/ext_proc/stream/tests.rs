@@ -41,6 +41,31 @@ fn body(bytes: &[u8], end_of_stream: bool) -> HttpBody {
     }
 }
 
+/// A GET's headers, first message of a stream in which Envoy says its body modes.
+fn get(request_mode: BodySendMode, response_mode: BodySendMode) -> ProcessingRequest {
+    ProcessingRequest {
+        request: Some(R::RequestHeaders(headers(
+            &[(":method", "GET"), (":path", "/files/x")],
+            true,
+        ))),
+        protocol_config: Some(ProtocolConfiguration {
+            request_body_mode: request_mode as i32,
+            response_body_mode: response_mode as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Every answer of a stream of these messages, its ending status included.
+async fn answers_to(messages: Vec<ProcessingRequest>) -> Vec<Result<ProcessingResponse, Status>> {
+    let scan = Arc::new(FakeScan::new(RangeRequests::Strip, 1 << 20));
+    ExtProcService::new(scan)
+        .process_messages(tokio_stream::iter(messages.into_iter().map(Ok)))
+        .collect()
+        .await
+}
+
 /// A download: the GET's headers, then the response's headers and body, in `mode`.
 async fn download(
     mode: BodySendMode,
@@ -48,18 +73,7 @@ async fn download(
     bodies: Vec<HttpBody>,
 ) -> (Vec<ProcessingResponse>, Option<Status>, Vec<Vec<u8>>) {
     let scan = Arc::new(FakeScan::new(RangeRequests::Strip, 1 << 20));
-    let mut messages = vec![ProcessingRequest {
-        request: Some(R::RequestHeaders(headers(
-            &[(":method", "GET"), (":path", "/files/x")],
-            true,
-        ))),
-        protocol_config: Some(ProtocolConfiguration {
-            request_body_mode: mode as i32,
-            response_body_mode: mode as i32,
-            ..Default::default()
-        }),
-        ..Default::default()
-    }];
+    let mut messages = vec![get(mode, mode)];
     messages.push(ProcessingRequest {
         request: Some(R::ResponseHeaders(headers(response_fields, false))),
         ..Default::default()
@@ -175,23 +189,7 @@ async fn a_stream_that_ends_before_the_response_came_ends_with_an_error_not_ok()
     // Envoy said it sends response bodies; the GET's headers were answered, then the stream
     // ended: an OK end would tell Envoy that the response needs no processing.
     for mode in [BodySendMode::Buffered, BodySendMode::FullDuplexStreamed] {
-        let scan = Arc::new(FakeScan::new(RangeRequests::Strip, 1 << 20));
-        let inbound = tokio_stream::iter([Ok(ProcessingRequest {
-            request: Some(R::RequestHeaders(headers(
-                &[(":method", "GET"), (":path", "/files/x")],
-                true,
-            ))),
-            protocol_config: Some(ProtocolConfiguration {
-                request_body_mode: mode as i32,
-                response_body_mode: mode as i32,
-                ..Default::default()
-            }),
-            ..Default::default()
-        })]);
-        let answers: Vec<_> = ExtProcService::new(scan)
-            .process_messages(inbound)
-            .collect()
-            .await;
+        let answers = answers_to(vec![get(mode, mode)]).await;
         assert!(
             answers[0].is_ok(),
             "{mode:?}: the request headers are answered"
@@ -201,20 +199,7 @@ async fn a_stream_that_ends_before_the_response_came_ends_with_an_error_not_ok()
     }
 
     // Response bodies not sent (uploads only): nothing is left to process, the end is OK.
-    let scan = Arc::new(FakeScan::new(RangeRequests::Strip, 1 << 20));
-    let inbound = tokio_stream::iter([Ok(ProcessingRequest {
-        request: Some(R::RequestHeaders(headers(&[(":method", "GET")], true))),
-        protocol_config: Some(ProtocolConfiguration {
-            request_body_mode: BodySendMode::Buffered as i32,
-            response_body_mode: BodySendMode::None as i32,
-            ..Default::default()
-        }),
-        ..Default::default()
-    })]);
-    let answers: Vec<_> = ExtProcService::new(scan)
-        .process_messages(inbound)
-        .collect()
-        .await;
+    let answers = answers_to(vec![get(BodySendMode::Buffered, BodySendMode::None)]).await;
     assert!(answers.iter().all(|a| a.is_ok()), "{answers:?}");
 
     // A whole exchange, response included, ends OK.
@@ -231,18 +216,9 @@ async fn a_stream_that_ends_before_the_response_came_ends_with_an_error_not_ok()
 #[tokio::test]
 async fn buffered_trailers_without_the_declared_body_are_refused() {
     use envoy_types::pb::envoy::service::ext_proc::v3::HttpTrailers;
-    let scan = Arc::new(FakeScan::new(RangeRequests::Strip, 1 << 20));
-    let config = ProtocolConfiguration {
-        request_body_mode: BodySendMode::Buffered as i32,
-        response_body_mode: BodySendMode::Buffered as i32,
-        ..Default::default()
-    };
-    let messages = [
-        ProcessingRequest {
-            request: Some(R::RequestHeaders(headers(&[(":method", "GET")], true))),
-            protocol_config: Some(config),
-            ..Default::default()
-        },
+    let buffered = BodySendMode::Buffered;
+    let answers = answers_to(vec![
+        get(buffered, buffered),
         ProcessingRequest {
             request: Some(R::ResponseHeaders(headers(
                 &[(":status", "200"), ("content-length", "10")],
@@ -254,11 +230,8 @@ async fn buffered_trailers_without_the_declared_body_are_refused() {
             request: Some(R::ResponseTrailers(HttpTrailers::default())),
             ..Default::default()
         },
-    ];
-    let answers: Vec<_> = ExtProcService::new(scan)
-        .process_messages(tokio_stream::iter(messages.into_iter().map(Ok)))
-        .collect()
-        .await;
+    ])
+    .await;
     let end = answers.last().unwrap().as_ref().unwrap_err();
     assert_eq!(end.code(), tonic::Code::DataLoss, "{answers:?}");
     assert!(!answers.iter().any(|a| matches!(
